@@ -1,0 +1,3 @@
+"""curry_train: runnable, tested LLM-training primitives on torch.distributed."""
+
+__version__ = "0.1.0"

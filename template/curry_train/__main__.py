@@ -1,0 +1,65 @@
+"""Command line: ``python -m curry_train {train,bench,config} [NAME ...] [hydra.overrides=...]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EPILOG = """examples:
+  python -m curry_train train                                  # tiny GPT on the embedded stdlib corpus
+  python -m curry_train train model=small train.steps=500 train.gradient_accumulation_steps=4
+  python -m curry_train train data.path=/path/to/your.txt
+  torchrun --nproc-per-node 2 -m curry_train train             # DDP (gloo on CPU, nccl on GPU)
+  python -m curry_train bench                                  # every benchmark
+  python -m curry_train bench loop ga                          # only these
+  python -m curry_train config train.lr=1e-3                   # print the composed config
+
+Overrides are Hydra syntax (key=value); `python -m curry_train config` lists every key.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .benchmark import BENCHES
+
+    parser = argparse.ArgumentParser(
+        prog="python -m curry_train", description="curry_train: LLM-training primitives you can run, test and measure.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,bench,config}")
+    p_train = sub.add_parser("train", help="train the configured model", epilog=EPILOG,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_train.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.steps=100 model=small")
+    p_bench = sub.add_parser("bench", help=f"run benchmarks ({', '.join(BENCHES)})")
+    p_bench.add_argument("args", nargs="*", metavar="NAME|OVERRIDE",
+                         help=f"bench names (default: all of {', '.join(BENCHES)}) and Hydra overrides")
+    p_config = sub.add_parser("config", help="print the composed config")
+    p_config.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+
+    from .config import load_config, to_yaml
+
+    if args.command == "bench":
+        names = [a for a in args.args if "=" not in a]
+        overrides = [a for a in args.args if "=" in a]
+        unknown = [n for n in names if n not in BENCHES]
+        if unknown:
+            parser.error(f"unknown bench {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
+        from .benchmark import run_benches
+
+        run_benches(load_config(overrides), names)
+        return 0
+    cfg = load_config(args.overrides)
+    if args.command == "config":
+        print(to_yaml(cfg))
+        return 0
+    from . import distributed
+    from .train import train
+
+    train(cfg)
+    if distributed.world_size() > 1:
+        distributed.exit_cleanly(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Process-group plumbing: torchrun environment, spawned local launches, and a clean exit.
+
+Two ways in:
+
+* ``torchrun --nproc-per-node N -m curry_train train``: ``init_from_env()`` reads ``RANK``/``WORLD_SIZE``
+  set by torchrun and starts the default group (nccl when CUDA is available, gloo otherwise).
+* ``launch(fn, world_size, *args)``: tests and benches start ``world_size`` local ranks with
+  ``torch.multiprocessing.spawn`` on 127.0.0.1, run ``fn(rank, world_size, *args)`` in each and return the
+  per-rank return values. A hard timeout kills every rank: a hang is reported as a failure, never waited on.
+
+Gloo worker threads can abort the interpreter at exit (``terminate called without an active exception``,
+about 2-5% of runs on PyTorch 2.13) *after* ``destroy_process_group`` has returned. ``exit_cleanly()``
+is the measured fix: barrier, destroy, flush, ``os._exit``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_world_size() -> int:
+    """World size announced by torchrun (1 when not launched by it). Readable before any group starts."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_from_env() -> bool:
+    """Start the default process group if torchrun launched us with WORLD_SIZE > 1. Returns True if it did."""
+    if env_world_size() <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    if os.environ.get("MASTER_ADDR") in ("127.0.0.1", "localhost"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // env_world_size()))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(default_backend())
+    return True
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def exit_cleanly(code: int = 0) -> None:
+    """Barrier, destroy the group, flush, and leave without interpreter finalisation (see module docstring)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _spawn_entry(local_rank, fn, world_size, port, result_dir, args):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
+        RANK=str(local_rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
+    )
+    torch.set_num_threads(1)
+    code = 0
+    try:
+        dist.init_process_group("gloo", rank=local_rank, world_size=world_size)
+        result = fn(local_rank, world_size, *args)
+        torch.save(result, os.path.join(result_dir, f"rank{local_rank}.pt"))
+    except BaseException:
+        with open(os.path.join(result_dir, f"rank{local_rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        code = 1
+    if code:
+        # A failed rank must not wait in a barrier for peers that may be stuck; the launcher kills them.
+        sys.stderr.flush()
+        os._exit(code)
+    exit_cleanly(0)
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def launch(fn, world_size: int, *args, timeout: float = 180.0) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks; return each rank's result.
+
+    ``fn`` must be importable by name (a module-level function). Raises ``LaunchError`` with the failing
+    rank's traceback, or after ``timeout`` seconds with every rank killed.
+    """
+    with tempfile.TemporaryDirectory(prefix="curry_train_launch_") as result_dir:
+        ctx = mp.spawn(
+            _spawn_entry, args=(fn, world_size, free_port(), result_dir, args), nprocs=world_size, join=False
+        )
+        deadline = time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=0.5):
+                if time.monotonic() > deadline:
+                    raise LaunchError(f"{getattr(fn, '__name__', fn)} at world size {world_size} timed out after {timeout:.0f}s")
+        except mp.ProcessExitedException as e:
+            errors = sorted(f for f in os.listdir(result_dir) if f.endswith(".err"))
+            detail = "\n".join(open(os.path.join(result_dir, f)).read() for f in errors[:1])
+            raise LaunchError(f"rank {e.error_index} exited with code {e.exit_code}\n{detail}") from None
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+        return [torch.load(os.path.join(result_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+

@@ -1,0 +1,176 @@
+"""Reference decoder-only GPT: the model every curry_train primitive is tested and benchmarked on.
+
+Plain PyTorch, nanoGPT-shaped: token + learned position embedding, ``n_layer`` pre-norm blocks
+(causal ``scaled_dot_product_attention`` + GELU MLP), a final LayerNorm and an output head tied to the
+token embedding. The blocks live in ``GPT.blocks`` (an ``nn.ModuleList``) so that recompute, FSDP and
+pipeline splitting can wrap or move them one by one without touching this file.
+
+``GPT.forward(idx)`` returns logits; the loss is computed outside (``token_loss``) as a *sum* over valid
+tokens plus the count, because gradient accumulation normalises by the global token count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class GPTConfig:
+    """Shape of the reference GPT. Every field is validated in ``__post_init__``."""
+
+    vocab_size: int = 256
+    """Byte-level tokens by default (the embedded corpus is raw UTF-8 bytes)."""
+    block_size: int = 128
+    """Maximum sequence length (size of the learned position table)."""
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    mlp_ratio: int = 4
+    """Hidden width of the MLP is ``mlp_ratio * n_embd``."""
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    """Output head shares its weight with the token embedding (GPT-2, nanoGPT)."""
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+
+    @classmethod
+    def from_config(cls, cfg) -> "GPTConfig":
+        """Build from a mapping or attribute object (e.g. Hydra's ``cfg.model``); unknown keys are an error."""
+        data = dict(cfg.items()) if hasattr(cfg, "items") else dict(vars(cfg))
+        data.pop("name", None)
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ValueError(f"unknown model key(s) {unknown}; allowed: {sorted(allowed)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, cfg.mlp_ratio * cfg.n_embd)
+        self.proj = nn.Linear(cfg.mlp_ratio * cfg.n_embd, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))``."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer).
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """``idx``: (B, T) int64 token ids -> logits (B, T, vocab_size)."""
+        T = idx.shape[1]
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds model.block_size {self.cfg.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+    def n_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters (a tied head is counted once); ``non_embedding`` drops both embedding tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Model FLOPs for one token of forward + backward (no recompute), following PaLM appendix B:
+
+        ``6 * N + 6 * n_layer * n_embd * T``: 6N for the weight matmuls (2 forward + 4 backward per
+        parameter, N excluding the embedding tables but including the tied head) plus causal attention
+        ``QK^T`` and ``AV``: 12 * L * d * T halved because the causal mask skips half the scores.
+        """
+        T = seq_len or self.cfg.block_size
+        n = self.n_params(non_embedding=True)
+        if self.cfg.tie_embeddings:
+            n += self.head.weight.numel()  # the head matmul is real compute even though the weight is shared
+        return 6 * n + 6 * self.cfg.n_layer * self.cfg.n_embd * T
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of per-token cross-entropy over valid targets, and the number of valid targets.
+
+    Targets equal to ``IGNORE_INDEX`` (padding) contribute nothing. Returning the *sum* lets the caller
+    divide by the right count: the global number of valid tokens in the optimizer step
+    (see ``GradientAccumulation``), not the count of this micro-batch.
+    """
+    loss_sum = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss_sum, (targets != IGNORE_INDEX).sum()
