@@ -19,6 +19,17 @@ Overrides are Hydra syntax (key=value); `python -m curry_train config` lists eve
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad input (config errors, missing files) prints one ``error:`` line and exits 2, no traceback."""
+    from hydra.errors import HydraException
+
+    try:
+        return _main(argv)
+    except (ValueError, FileNotFoundError, HydraException) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     from .benchmark import BENCHES
 
     parser = argparse.ArgumentParser(

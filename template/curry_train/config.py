@@ -31,7 +31,10 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     from .primitives import GradientAccumulation
 
     GPTConfig.from_config(cfg.model)
-    GradientAccumulation.from_config(cfg.train)  # raises naming train.gradient_accumulation_steps
+    try:
+        GradientAccumulation.from_config(cfg.train)
+    except ValueError as e:
+        raise ValueError(f"train.{e}") from None
     t = cfg.train
     for key in ("steps", "batch_size", "seq_len"):
         value = t[key]

@@ -1,0 +1,33 @@
+# Two commands on a fresh machine:
+#   make bench   set up .venv (CPU torch 2.13.0 + curry_train) and run the benchmarks on the embedded model and data
+#   make test    set up .venv if needed and run the test suite
+# Re-running skips the install unless template/pyproject.toml or this Makefile changed.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.curry-train-installed
+BENCH  ?=
+
+.PHONY: bench test train setup clean
+
+setup: $(STAMP)
+
+$(STAMP): template/pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0 numpy
+	$(PY) -m pip install --quiet -e 'template[dev]'
+	touch $(STAMP)
+
+bench: $(STAMP)
+	$(PY) -m curry_train bench $(BENCH)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+train: $(STAMP)
+	$(PY) -m curry_train train
+
+clean:
+	rm -rf $(VENV) bench-results .pytest_cache

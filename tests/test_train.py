@@ -1,0 +1,94 @@
+"""Training end to end: smoke run, Hydra overrides, bad input before any process group, DDP == one process."""
+
+import subprocess
+import sys
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from curry_train.config import load_config, validate
+from curry_train.data import load_tokens, stdlib_files
+from curry_train.distributed import launch
+from curry_train.train import train
+
+SMALL = ["model.n_layer=2", "model.n_embd=64", "model.n_head=2", "train.seq_len=64", "train.progress=false", "train.log_every=0"]
+
+
+def test_embedded_corpus_is_the_stdlib_source():
+    files = stdlib_files()
+    names = [f.name for f in files]
+    assert "os.py" in names and "functools.py" in names
+    assert not any("site-packages" in f.parts for f in files)
+    tokens = load_tokens(None, max_bytes=200_000)
+    assert tokens.numel() == 200_000 and tokens.dtype.is_floating_point is False
+    assert b"def " in bytes(tokens[:200_000].tolist())
+
+
+def test_30_step_training_loss_falls():
+    history = train(load_config(["train.steps=30", "train.warmup_steps=5", *SMALL]))
+    assert len(history) == 30
+    first, last = history[0]["loss"], sum(h["loss"] for h in history[-5:]) / 5
+    assert first > 5.0  # ~ln(256) at init
+    assert last < first - 1.5, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    assert all(h["tokens_per_s"] > 0 and h["grad_norm"] > 0 for h in history)
+
+
+def test_user_text_file(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("hello curry train\n" * 500)
+    history = train(load_config([f"data.path={text}", "train.steps=3", *SMALL]))
+    assert len(history) == 3
+
+
+def test_hydra_overrides_and_model_group():
+    cfg = load_config(["model=small", "train.lr=1e-3", "train.gradient_accumulation_steps=4"])
+    assert cfg.model.name == "small" and cfg.model.n_embd == 384
+    assert cfg.train.lr == pytest.approx(1e-3) and cfg.train.gradient_accumulation_steps == 4
+
+
+def test_unknown_model_lists_the_choices():
+    with pytest.raises(MissingConfigException, match=r"(?s)Available options in 'model'.*small.*tiny"):
+        load_config(["model=nope"])
+
+
+def test_unknown_key_is_a_hydra_error():
+    with pytest.raises(ConfigCompositionException, match="train.step"):
+        load_config(["train.step=5"])
+
+
+@pytest.mark.parametrize(
+    "override,world_size,message",
+    [
+        ("train.gradient_accumulation_steps=0", 1, r"gradient_accumulation_steps must be a positive integer"),
+        ("train.gradient_accumulation_steps=-2", 1, r"gradient_accumulation_steps must be a positive integer"),
+        ("train.gradient_accumulation_steps=1.5", 1, r"gradient_accumulation_steps must be a positive integer"),
+        ("data.path=/nonexistent/corpus.txt", 1, r"data.path='/nonexistent/corpus.txt'"),
+        ("train.batch_size=15", 2, r"train.batch_size=15 is not divisible by the data-parallel world size 2"),
+        ("train.gradient_accumulation_steps=3", 1, r"16 rows per rank, not divisible by train.gradient_accumulation_steps=3"),
+    ],
+)
+def test_bad_input_is_rejected_before_any_process_group(override, world_size, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        validate(load_config([override]), world_size)
+
+
+def test_cli_help_and_bad_input_exit_nonzero():
+    out = subprocess.run([sys.executable, "-m", "curry_train", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "train" in out.stdout and "bench" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "curry_train", "train", "train.gradient_accumulation_steps=0"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "gradient_accumulation_steps must be a positive integer" in bad.stderr
+
+
+DP_RUN = ["train.steps=4", "train.batch_size=8", "train.gradient_accumulation_steps=2", "data.variable_length=true", *SMALL]
+
+
+def _dp_train(rank, world_size, overrides):
+    return [h["loss"] for h in train(load_config(overrides))]
+
+
+def test_ddp_world_size_2_losses_match_single_process():
+    single = [h["loss"] for h in train(load_config(DP_RUN))]
+    ranks = launch(_dp_train, 2, DP_RUN, timeout=300)
+    for losses in ranks:
+        assert losses == pytest.approx(single, abs=1e-5)
