@@ -99,6 +99,14 @@ class LaunchError(RuntimeError):
     pass
 
 
+def _first_traceback(result_dir: str) -> str:
+    """The root cause: the non-empty error file written first (peers fail later, with 'connection closed')."""
+    time.sleep(0.5)  # let a rank that is still writing its traceback finish
+    paths = [os.path.join(result_dir, f) for f in os.listdir(result_dir) if f.endswith(".err")]
+    written = sorted((os.path.getmtime(p), p) for p in paths if os.path.getsize(p))
+    return open(written[0][1]).read() if written else ""
+
+
 def launch(fn, world_size: int, *args, timeout: float = 180.0) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks; return each rank's result.
 
@@ -115,9 +123,7 @@ def launch(fn, world_size: int, *args, timeout: float = 180.0) -> list:
                 if time.monotonic() > deadline:
                     raise LaunchError(f"{getattr(fn, '__name__', fn)} at world size {world_size} timed out after {timeout:.0f}s")
         except mp.ProcessExitedException as e:
-            errors = sorted(f for f in os.listdir(result_dir) if f.endswith(".err"))
-            detail = "\n".join(open(os.path.join(result_dir, f)).read() for f in errors[:1])
-            raise LaunchError(f"rank {e.error_index} exited with code {e.exit_code}\n{detail}") from None
+            raise LaunchError(f"rank {e.error_index} exited with code {e.exit_code}\n{_first_traceback(result_dir)}") from None
         finally:
             for p in ctx.processes:
                 if p.is_alive():
