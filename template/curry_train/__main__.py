@@ -13,6 +13,7 @@ EPILOG = """examples:
   python -m curry_train bench                                  # every benchmark
   python -m curry_train bench loop ga                          # only these
   python -m curry_train config train.lr=1e-3                   # print the composed config
+  python -m curry_train scaffold ../my-llm                     # new repo with this code, its tests, make test/bench
 
 Overrides are Hydra syntax (key=value); `python -m curry_train config` lists every key.
 """
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _main(argv)
-    except (ValueError, FileNotFoundError, HydraException) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, HydraException) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -36,7 +37,7 @@ def _main(argv: list[str] | None) -> int:
         prog="python -m curry_train", description="curry_train: LLM-training primitives you can run, test and measure.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,bench,config}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,bench,config,scaffold}")
     p_train = sub.add_parser("train", help="train the configured model", epilog=EPILOG,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p_train.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.steps=100 model=small")
@@ -45,7 +46,19 @@ def _main(argv: list[str] | None) -> int:
                          help=f"bench names (default: all of {', '.join(BENCHES)}) and Hydra overrides")
     p_config = sub.add_parser("config", help="print the composed config")
     p_config.add_argument("overrides", nargs="*")
+    p_scaffold = sub.add_parser("scaffold", help="start a new training repo with this code and its tests")
+    p_scaffold.add_argument("dest", help="folder to create (must be new or empty)")
+    p_scaffold.add_argument("--name", help="project name (default: the folder name)")
+    p_scaffold.add_argument("--description", help="one-line project description for README and pyproject")
+    p_scaffold.add_argument("--force", action="store_true", help="write into a non-empty folder")
     args = parser.parse_args(argv)
+
+    if args.command == "scaffold":
+        from .scaffold import scaffold
+
+        dest = scaffold(args.dest, args.name, args.description, args.force)
+        print(f"created {dest}\nnext: cd {dest} && make test")
+        return 0
 
     from .config import load_config, to_yaml
 
