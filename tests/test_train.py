@@ -92,3 +92,18 @@ def test_ddp_world_size_2_losses_match_single_process():
     ranks = launch(_dp_train, 2, DP_RUN, timeout=300)
     for losses in ranks:
         assert losses == pytest.approx(single, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides,world_size,message",
+    [
+        (["parallel.sharding=zero9"], 2, r"parallel.sharding must be one of"),
+        (["parallel.sharding=full"], 1, r"launch with `torchrun"),
+        (["train.recompute=sometimes"], 1, r"train.recompute must be false, true"),
+        (["parallel.pp=2", "parallel.n_microbatches=1"], 2, r"n_microbatches=1 < 2 stages"),
+        (["parallel.pp=3"], 4, r"world size 4 is not divisible by parallel.pp\*cp\*tp = 3\*1\*1"),
+    ],
+)
+def test_parallel_config_errors_come_from_validate(overrides, world_size, message):
+    with pytest.raises(ValueError, match=message):
+        validate(load_config(overrides), world_size)

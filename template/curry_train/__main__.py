@@ -10,6 +10,8 @@ EPILOG = """examples:
   python -m curry_train train model=small train.steps=500 train.gradient_accumulation_steps=4
   python -m curry_train train data.path=/path/to/your.txt
   torchrun --nproc-per-node 2 -m curry_train train             # DDP (gloo on CPU, nccl on GPU)
+  python -m curry_train train checkpoint.dir=ckpt checkpoint.every=50   # a rerun resumes from ckpt/latest
+  torchrun --nproc-per-node 4 --max-restarts 1 -m curry_train train parallel.dp=2 parallel.pp=2 checkpoint.dir=ckpt checkpoint.every=50
   python -m curry_train bench                                  # every benchmark
   python -m curry_train bench loop ga                          # only these
   python -m curry_train config train.lr=1e-3                   # print the composed config

@@ -31,6 +31,10 @@ from .primitives import GradientAccumulation
 BENCHES = {
     "loop": "curry_train.benchmark:bench_loop",
     "ga": "curry_train.benchmark:bench_ga_parity",
+    "checkpoint": "curry_train.bench_checkpoint:bench_checkpoint",
+    "pipeline": "curry_train.bench_pipeline:bench_pipeline",
+    "recompute": "curry_train.bench_memory:bench_recompute",
+    "sharding": "curry_train.bench_memory:bench_sharding",
 }
 
 

@@ -28,6 +28,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     """Raise ``ValueError``/``FileNotFoundError`` naming the bad key and what is allowed."""
     from .data import check_batch_split
     from .model import GPTConfig
+    from .parallelize import check_config as check_parallel_config
     from .primitives import GradientAccumulation
 
     GPTConfig.from_config(cfg.model)
@@ -48,22 +49,22 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         raise FileNotFoundError(f"data.path={cfg.data.path!r}: no such file")
     dp = data_parallel_size(cfg, world_size)
     check_batch_split(t.batch_size, dp, t.gradient_accumulation_steps)
+    check_parallel_config(cfg, world_size)  # train.recompute*, parallel.sharding / mixed_precision / cpu_offload
+    if cfg.parallel.pp > 1:
+        from .pipeline_train import pipeline_settings
+
+        pipeline_settings(cfg, world_size, dp)  # schedule kind, micro-batches vs stages, layer split
 
 
 def data_parallel_size(cfg: DictConfig, world_size: int) -> int:
-    """Ranks that hold different rows of the batch: the world size over the model-parallel dims."""
-    p = cfg.parallel
-    model_parallel = p.pp * p.tp * p.cp
-    if world_size % model_parallel:
-        raise ValueError(
-            f"world size {world_size} is not divisible by parallel.pp*tp*cp = {p.pp}*{p.tp}*{p.cp} = {model_parallel}"
-        )
-    dp = world_size // model_parallel
-    if p.dp not in (-1, dp):
-        raise ValueError(
-            f"parallel.dp={p.dp} * pp={p.pp} * tp={p.tp} * cp={p.cp} = {p.dp * model_parallel} != world size {world_size}"
-        )
-    return dp
+    """Ranks that hold different rows of the batch: the world size over the model-parallel dims.
+
+    The whole rank grid (``parallel.dp/pp/cp/tp/order``) is checked here, without a process group, by
+    ``ParallelState.resolve_sizes``: a grid whose product is not the world size is an error naming every size.
+    """
+    from .primitives.parallel_state import ParallelState
+
+    return ParallelState.sizes_from_config(cfg.parallel, world_size)["dp"]
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -51,8 +51,36 @@ def init_from_env() -> bool:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // env_world_size()))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(default_backend())
+    store = _restart_safe_store()
+    if store is None:
+        dist.init_process_group(default_backend())
+    else:
+        dist.init_process_group(default_backend(), store=store, rank=int(os.environ["RANK"]), world_size=env_world_size())
     return True
+
+
+def _restart_safe_store():
+    """After a torchelastic restart, a store whose keys cannot be stale; None = let torch build the store.
+
+    torchrun keeps one TCPStore across restarts (the agent's, shared with the workers), so the keys the
+    failed attempt wrote are still there: a restarted gloo rank can read its dead peer's address and fail
+    with ``connectFullMesh ... Connection refused`` (seen in 1 of 3 restarts here on torch 2.13). Prefixing
+    every key with ``TORCHELASTIC_RESTART_COUNT`` isolates the attempts. Only on one node, where every
+    worker shares that count; multi-node jobs keep torch's default (or set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1).
+    """
+    env = os.environ
+    restart = env.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or env.get("LOCAL_WORLD_SIZE") != env.get("WORLD_SIZE") or "MASTER_PORT" not in env:
+        return None
+    from datetime import timedelta
+
+    agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(
+        env["MASTER_ADDR"], int(env["MASTER_PORT"]), env_world_size(),
+        is_master=not agent_store and env.get("RANK") == "0", timeout=timedelta(minutes=10),
+        multi_tenant=not agent_store,
+    )
+    return dist.PrefixStore(f"curry_train/attempt_{restart}/", store)
 
 
 def rank() -> int:

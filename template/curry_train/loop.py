@@ -99,13 +99,15 @@ def run_training_steps(
     log_every: int = 10,
     progress: bool = True,
     forward_backward=accumulate_gradients,
+    clip_grad_norm=grad_norm_and_clip,
     on_step=None,
 ) -> list[dict]:
     """Train from ``start_step`` up to ``steps``; returns one metrics dict per step.
 
     Metrics: ``step``, ``loss`` (mean token loss of the global batch), ``lr``, ``grad_norm``,
     ``tokens`` (valid tokens in the global batch) and ``tokens_per_s``. ``on_step(step, metrics)`` runs after
-    each optimizer step (checkpointing hooks in here).
+    each optimizer step (checkpointing hooks in here). ``forward_backward`` and ``clip_grad_norm(model, max_norm)
+    -> pre-clip global norm`` are the extension points a pipeline-parallel run replaces.
     """
     model.train()
     history = []
@@ -117,7 +119,7 @@ def run_training_steps(
             for x, y in batches.microbatches(step, dp_rank, dp_size, ga.steps)
         ]
         loss_sum, n_tokens = forward_backward(model, micro, ga, dp_group)
-        norm = grad_norm_and_clip(model, grad_clip)
+        norm = clip_grad_norm(model, grad_clip)
         optimizer.step()
         scheduler.step()
         loss, global_tokens = _global_mean_loss(loss_sum, n_tokens, dp_group, device)

@@ -11,13 +11,13 @@ import random
 import numpy as np
 import torch
 
-from . import distributed
-from .config import data_parallel_size, to_yaml, validate
+from . import distributed, train_state
+from .config import validate
 from .data import Batches, load_tokens, split
 from .loop import build_optimizer, build_scheduler, run_training_steps
 from .model import GPT, GPTConfig
 from .parallelize import parallelize
-from .primitives import GradientAccumulation
+from .primitives import GradientAccumulation, ParallelState
 
 
 def seed_everything(seed: int) -> None:
@@ -49,9 +49,12 @@ def train(cfg) -> list[dict]:
     """Run training as configured; returns the per-step metrics (on every rank)."""
     world_size = distributed.env_world_size()
     validate(cfg, world_size)  # before any process group exists
+    ckpt = train_state.prepare_checkpointing(cfg)  # checkpoint.* checked, dir writable: still before init
+    fault_step = train_state.fault_step_from_env()
     distributed.init_from_env()
     rank = distributed.rank()
-    dp_size = data_parallel_size(cfg, world_size)
+    ps = ParallelState.from_config(cfg.parallel)
+    dp_size = ps.dp
     device = resolve_device(cfg.device)
 
     seed_everything(cfg.seed)  # same initial weights on every rank
@@ -60,20 +63,30 @@ def train(cfg) -> list[dict]:
     ga = GradientAccumulation.from_config(cfg.train)
     if rank == 0:
         print(f"model: {model.n_params():,} parameters | world size {world_size} (dp {dp_size}) | {ga} | device {device}")
+        if world_size > 1:
+            print(ps)
 
-    model = parallelize(model, cfg)
+    pipeline_kwargs = {}
+    if cfg.parallel.pp > 1:  # pipeline parallelism: this rank keeps its stages, the loop runs the schedule
+        from .pipeline_train import PipelineTraining
+
+        pipe = PipelineTraining(model, cfg, pp_group=ps.pp_group, dp_group=ps.dp_group, device=device)
+        model, dist_opt = pipe.module, pipe
+        pipeline_kwargs = {"forward_backward": pipe.forward_backward, "clip_grad_norm": pipe.clip_grad_norm}
+    else:
+        model, dist_opt = parallelize(model, cfg, dp_group=ps.dp_group)
     t = cfg.train
-    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2))
+    optimizer = dist_opt.shard_optimizer(build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2)))
     scheduler = build_scheduler(optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
+    start_step = train_state.resume(ckpt, model, optimizer, scheduler, cfg)
     history = run_training_steps(
-        model, optimizer, scheduler, batches, ga, t.steps,
-        dp_rank=rank, dp_size=dp_size, device=device, grad_clip=t.grad_clip,
+        model, optimizer, scheduler, batches, ga, t.steps, start_step=start_step,
+        dp_rank=ps.dp_rank, dp_size=dp_size, dp_group=ps.dp_group, device=device, grad_clip=t.grad_clip,
         log_every=t.log_every if rank == 0 else 0, progress=t.progress and rank == 0,
+        on_step=train_state.step_hook(cfg, ckpt, model, optimizer, scheduler, fault_step), **pipeline_kwargs,
     )
+    train_state.finish(ckpt)  # an async save still in flight is waited for and committed
     if rank == 0 and history:
         first, last = history[0], history[-1]
         print(f"done: loss {first['loss']:.4f} -> {last['loss']:.4f} in {len(history)} steps")
     return history
-
-
-__all__ = ["train", "to_yaml"]

@@ -1,0 +1,130 @@
+"""``python -m curry_train bench checkpoint``: checkpoint size and save/load time, and the save interval they imply.
+
+Size. A checkpoint holds the fp32 weights (4 B/param) and AdamW's ``exp_avg`` and ``exp_avg_sq`` (4 + 4 B/param),
+so ``bytes ~= 12 * params`` plus a fixed cost per checkpoint entry (every tensor, and every per-parameter
+hyperparameter of the flattened optimizer state: a few hundred bytes to ~1 KB each, plus DCP ``.metadata``),
+which matters only for tiny models. The tied head is stored under both names. The bench sums the file sizes
+actually written by ``Checkpointer.save`` and reports ``(bytes - 12 * params) / entries``.
+
+Time. ``save`` is timed end to end (state dict, DCP write with fsync, rename, ``latest``), median of
+``bench.repeats`` saves; ``async_save=True`` is timed twice: until ``save()`` returns (the training stall: staging
+copies the state to CPU memory) and until the background write is committed. ``load`` is timed into a fresh model.
+
+Interval (Young 1974, Daly 2006, first order). With blocking save cost ``C``, mean time between failures ``M``
+and restart cost ``R``, checkpointing every ``T`` seconds wastes the fraction ``C/T + (T/2 + R)/M`` of the run
+(the save itself, plus on average half an interval of lost work and a restart per failure). It is smallest at
+``T* = sqrt(2 C M)``, where the waste is ``sqrt(2 C / M) + R / M``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+
+from .loop import build_optimizer, build_scheduler
+from .model import GPT, GPTConfig, token_loss
+from .primitives.checkpoint import Checkpointer, step_dirname
+
+ADAMW_FP32_BYTES_PER_PARAM = 12  # weights + exp_avg + exp_avg_sq, fp32
+
+
+def young_daly_interval(save_seconds: float, mtbf_seconds: float) -> float:
+    """Optimal seconds between checkpoints, ``sqrt(2 * C * M)`` (first order, C << M)."""
+    if save_seconds <= 0 or mtbf_seconds <= 0:
+        raise ValueError(f"save_seconds and mtbf_seconds must be > 0, got {save_seconds!r}, {mtbf_seconds!r}")
+    return math.sqrt(2.0 * save_seconds * mtbf_seconds)
+
+
+def expected_waste(interval_seconds: float, save_seconds: float, mtbf_seconds: float, restart_seconds: float = 0.0) -> float:
+    """Fraction of wall time lost to saving and to failures: ``C/T + (T/2 + R)/M``."""
+    return save_seconds / interval_seconds + (interval_seconds / 2.0 + restart_seconds) / mtbf_seconds
+
+
+def checkpoint_bytes(n_params: int, bytes_per_param: float = ADAMW_FP32_BYTES_PER_PARAM) -> float:
+    return n_params * bytes_per_param
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _trained(cfg, seed: int):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.from_config(cfg.model))
+    opt = build_optimizer(model, 1e-3)
+    sched = build_scheduler(opt, 1, 10)
+    x = torch.randint(0, model.cfg.vocab_size, (2, min(16, model.cfg.block_size)))
+    loss_sum, n = token_loss(model(x), x)
+    (loss_sum / n).backward()
+    opt.step()  # creates the AdamW state that the checkpoint carries
+    sched.step()
+    return model, opt, sched
+
+
+def measure(cfg, repeats: int = 5, directory=None) -> dict:
+    """Save/load the configured GPT + AdamW ``repeats`` times in one process; sizes in bytes, times in seconds."""
+    model, opt, sched = _trained(cfg, 0)
+    n_params = model.n_params()
+    with tempfile.TemporaryDirectory(prefix="curry_train_ckpt_bench_", dir=directory) as tmp:
+        ckpt = Checkpointer(Path(tmp) / "sync", keep_last=1)
+        saves = []
+        for step in range(1, repeats + 1):
+            t0 = time.perf_counter()
+            path = ckpt.save(step, model, opt, sched)
+            saves.append(time.perf_counter() - t0)
+        total = dir_bytes(path)
+        data = sum(p.stat().st_size for p in path.glob("*.distcp"))
+        entries = len(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        async_ckpt = Checkpointer(Path(tmp) / "async", keep_last=1, async_save=True)
+        blocking, committed = [], []
+        for step in range(1, repeats + 1):
+            t0 = time.perf_counter()
+            async_ckpt.save(step, model, opt, sched)
+            blocking.append(time.perf_counter() - t0)
+            async_ckpt.wait()
+            committed.append(time.perf_counter() - t0)
+        assert (Path(tmp) / "async" / step_dirname(repeats) / ".metadata").is_file()
+        loads = []
+        for _ in range(repeats):
+            fresh, fresh_opt, fresh_sched = _trained(cfg, 1)
+            t0 = time.perf_counter()
+            ckpt.load(fresh, fresh_opt, fresh_sched)
+            loads.append(time.perf_counter() - t0)
+    save_s = statistics.median(saves)
+    return {
+        "model": str(cfg.model.get("name", "custom")), "params": n_params, "bytes": total, "data_bytes": data,
+        "bytes_per_param": total / n_params, "entries": entries,
+        "overhead_bytes_per_entry": (total - ADAMW_FP32_BYTES_PER_PARAM * n_params) / entries, "save_s": save_s, "save_s_all": saves,
+        "async_blocking_s": statistics.median(blocking), "async_total_s": statistics.median(committed),
+        "load_s": statistics.median(loads), "write_MB_per_s": total / save_s / 1e6, "repeats": repeats,
+    }
+
+
+def bench_checkpoint(cfg, mtbf_hours=(1.0, 24.0), restart_seconds: float = 60.0) -> dict:
+    r = measure(cfg, repeats=max(3, int(cfg.bench.repeats) // 2))
+    print(f"checkpoint of the {r['model']} GPT + AdamW (fp32), one process, median of {r['repeats']} saves")
+    print(f"  params              {r['params']:>12,}")
+    print(f"  size on disk        {r['bytes']:>12,} B  = {r['bytes_per_param']:.2f} B/param "
+          f"(weights + 2 AdamW moments = {ADAMW_FP32_BYTES_PER_PARAM} B/param; the rest: {r['entries']} entries, "
+          f"{r['overhead_bytes_per_entry']:.0f} B each)")
+    print(f"  save (sync)         {r['save_s'] * 1e3:>12.1f} ms  ({r['write_MB_per_s']:.0f} MB/s end to end)")
+    print(f"  save (async) stall  {r['async_blocking_s'] * 1e3:>12.1f} ms, committed after {r['async_total_s'] * 1e3:.1f} ms")
+    print(f"  load                {r['load_s'] * 1e3:>12.1f} ms")
+    rows = []
+    for hours in mtbf_hours:
+        m = hours * 3600.0
+        t = young_daly_interval(r["save_s"], m)
+        rows.append({"mtbf_h": hours, "interval_s": t, "waste": expected_waste(t, r["save_s"], m, restart_seconds)})
+    print(f"  Young/Daly interval sqrt(2 * save * MTBF), waste C/T + (T/2 + R)/M with R = {restart_seconds:.0f} s:")
+    for row in rows:
+        print(f"    MTBF {row['mtbf_h']:5.1f} h -> save every {row['interval_s']:8.1f} s, waste {row['waste'] * 100:.3f} %")
+    sizes = {n: checkpoint_bytes(n) for n in (124_000_000, 1_300_000_000, 7_000_000_000)}
+    print(f"  size at {ADAMW_FP32_BYTES_PER_PARAM} B/param:  "
+          + ", ".join(f"{n / 1e9:g}B params -> {b / 1e9:.1f} GB" for n, b in sizes.items()))
+    return {**r, "young_daly": rows, "restart_s": restart_seconds, "sizes_fp32_adamw": sizes}

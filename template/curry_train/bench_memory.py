@@ -1,0 +1,192 @@
+"""``python -m curry_train bench recompute`` and ``bench sharding``: memory saved against time spent.
+
+``recompute``: the configured GPT and batch (``cfg.model``, ``train.batch_size`` x ``train.seq_len``) under
+no recompute, full, selective, and full on every 2nd block. Per mode: bytes kept for backward after the
+forward and peak bytes over forward + backward (``activation_memory``), and the time of one training step
+(forward, backward, AdamW) as the median of per-round ratios to no recompute over ``bench.repeats``
+interleaved rounds of ``bench.steps_per_repeat`` steps after ``bench.burn_in``. Target: full keeps <= 25% of
+the activations at <= 1.4x the step time.
+
+``sharding``: ``launch`` N = 2 and 4 gloo ranks; each trains the same GPT under every sharding mode (fp32, and
+bf16 for the FSDP2 modes), interleaved round by round, and reports the largest per-rank bytes (MiB) of parameters,
+gradients and optimizer state (``memory_report``), the unsharded parameter bytes held from forward to backward,
+and the step time against DDP. Next to them: the ZeRO paper's formulas for this model's Psi. Target: FSDP2
+per-rank totals within 1% of 1/N of DDP's.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+
+from .model import GPT, GPTConfig, token_loss
+from .primitives import DistributedOptimizer, GradientAccumulation, activation_memory, apply_recompute
+from .primitives.distributed_optimizer import zero_bytes_per_rank
+
+RECOMPUTE_MODES = {"none": None, "full": ("full", 1), "selective": ("selective", 1), "full every 2nd": ("full", 2)}
+SHARDING_MODES = [("no_shard", None), ("zero1", None), ("shard_grad_op", None), ("full", None),
+                  ("shard_grad_op", "bf16"), ("full", "bf16")]
+ZERO_NAME = {"no_shard": "DDP", "zero1": "ZeRO-1", "shard_grad_op": "ZeRO-2", "full": "ZeRO-3"}
+MIB = 2**20
+
+
+def _setup(cfg):
+    from .train import build_batches, seed_everything
+
+    seed_everything(cfg.seed)
+    return GPT(GPTConfig.from_config(cfg.model)), build_batches(cfg)
+
+
+def _step(model, optimizer, x, y):
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum, n = token_loss(model(x), y)
+    (loss_sum / n).backward()
+    optimizer.step()
+
+
+def bench_recompute(cfg) -> dict:
+    base, batches = _setup(cfg)
+    x, y = batches.global_batch(0)
+    b, t = cfg.bench, cfg.train
+    sides = {}
+    for name, spec in RECOMPUTE_MODES.items():
+        m = copy.deepcopy(base)
+        if spec:
+            apply_recompute(m, spec[0], every_n=spec[1])
+        sides[name] = {"model": m, "opt": torch.optim.AdamW(m.parameters(), lr=t.lr)}
+        sides[name].update(activation_memory(m, (x, y)))
+
+    def run(name, n):
+        s = sides[name]
+        t0 = time.perf_counter()
+        for _ in range(n):
+            _step(s["model"], s["opt"], x, y)
+        return time.perf_counter() - t0
+
+    names = list(sides)
+    for name in names:
+        run(name, b.burn_in)
+    ratios = {name: [] for name in names}
+    for r in range(b.repeats):
+        order = names if r % 2 == 0 else names[::-1]
+        seconds = {name: run(name, b.steps_per_repeat) for name in order}
+        for name in names:
+            sides[name]["rounds"] = sides[name].get("rounds", []) + [seconds[name]]
+            ratios[name].append(seconds[name] / seconds["none"])
+    ref = sides["none"]
+    rows = []
+    for name in names:
+        s = sides[name]
+        rows.append({
+            "mode": name,
+            "activation_bytes": s["activation_bytes"],
+            "activation_ratio": s["activation_bytes"] / ref["activation_bytes"],
+            "peak_bytes": s["peak_bytes"],
+            "peak_ratio": s["peak_bytes"] / ref["peak_bytes"],
+            "step_ms": 1000 * statistics.median(s["rounds"]) / b.steps_per_repeat,  # robust to load spikes
+            "time_ratio": statistics.median(ratios[name]),
+        })
+    full = next(r for r in rows if r["mode"] == "full")
+    ok = full["activation_ratio"] <= 0.25 and full["time_ratio"] <= 1.4
+    print(f"recompute on {cfg.model.name} GPT ({cfg.model.n_layer} blocks, d={cfg.model.n_embd}), batch "
+          f"{t.batch_size}x{t.seq_len}, fp32, device {x.device}; step (fwd+bwd+AdamW): median over {b.repeats} "
+          f"interleaved rounds of {b.steps_per_repeat} steps, ratio = median of per-round ratios to none")
+    print(f"  {'mode':15s} {'activations':>12s} {'ratio':>6s} {'peak fwd+bwd':>13s} {'ratio':>6s} {'step':>9s} {'ratio':>6s}")
+    for r in rows:
+        print(f"  {r['mode']:15s} {r['activation_bytes'] / MIB:8.1f} MiB {r['activation_ratio']:6.3f} "
+              f"{r['peak_bytes'] / MIB:9.1f} MiB {r['peak_ratio']:6.3f} {r['step_ms']:6.1f} ms {r['time_ratio']:6.2f}")
+    print(f"  target: full keeps <= 25% of activations at <= 1.4x step time: {'PASS' if ok else 'MISS'}")
+    return {"rows": rows, "target_pass": ok, "batch": [t.batch_size, t.seq_len], "model": cfg.model.name}
+
+
+def _sharding_rank(rank, ws, cfg):
+    from .data import Batches, load_tokens, split
+
+    t, b = cfg["train"], cfg["bench"]
+    torch.manual_seed(cfg["seed"])
+    model = GPT(GPTConfig.from_config({k: v for k, v in cfg["model"].items() if k != "name"}))
+    tokens, _ = split(load_tokens(cfg["data"]["path"], cfg["data"]["max_bytes"]), cfg["data"]["val_fraction"])
+    batches = Batches(tokens, t["batch_size"], t["seq_len"], seed=cfg["seed"])
+    x, y = batches.microbatches(0, rank, ws, 1)[0]
+    ga = GradientAccumulation(1)
+    sides = {}
+    for sharding, precision in SHARDING_MODES:
+        d = DistributedOptimizer.wrap(copy.deepcopy(model), sharding, mixed_precision=precision, lr=t["lr"])
+        sides[(sharding, precision)] = {"d": d, "seconds": []}
+
+    def step(d):
+        d.optimizer.zero_grad(set_to_none=True)
+        ga.plan([int((y != -100).sum())])
+        loss_sum, n = token_loss(d.model(x), y)
+        held = d.memory_report()["unsharded_param_bytes"]
+        ga.backward_loss(loss_sum, n, 0).backward()
+        d.optimizer.step()
+        return held
+
+    keys = list(sides)
+    for key in keys:
+        for _ in range(b["burn_in"]):
+            step(sides[key]["d"])
+    for r in range(b["repeats"]):
+        for key in (keys if r % 2 == 0 else keys[::-1]):
+            torch.distributed.barrier()
+            t0 = time.perf_counter()
+            sides[key]["held"] = step(sides[key]["d"])
+            sides[key]["seconds"].append(time.perf_counter() - t0)
+    return {f"{s}|{p}": {"memory": v["d"].memory_report(), "held": v["held"], "seconds": v["seconds"]}
+            for (s, p), v in sides.items()}
+
+
+def bench_sharding(cfg, world_sizes=(2, 4)) -> dict:
+    from omegaconf import OmegaConf
+
+    from .distributed import launch
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    psi = GPT(GPTConfig.from_config(cfg.model)).n_params()
+    results = {}
+    print(f"sharding on {cfg.model.name} GPT, Psi = {psi:,} parameters ({4 * psi / MIB:.2f} MiB fp32), AdamW, batch "
+          f"{cfg.train.batch_size}x{cfg.train.seq_len} split over N gloo ranks; bytes: largest rank, after backward + step;"
+          f" time: median of {cfg.bench.repeats} interleaved steps, ratio to DDP")
+    print(f"  {'mode':27s} {'N':>2s} {'params':>7s} {'grads':>7s} {'optim':>7s} {'total':>7s} {'/(DDP/N)':>8s} "
+          f"{'optim/(DDP/N)':>13s} {'held f->b':>9s} {'ZeRO fp32':>9s} {'ZeRO mixed':>10s} {'step':>8s} {'vs DDP':>6s}")
+    ok = True
+    for ws in world_sizes:
+        ranks = launch(_sharding_rank, ws, plain, timeout=600)
+        ddp_total = max(r["no_shard|None"]["memory"]["total"] for r in ranks)
+        ddp_optim = max(r["no_shard|None"]["memory"]["optimizer_state"] for r in ranks)
+        ddp_round = [max(ts) for ts in zip(*(r["no_shard|None"]["seconds"] for r in ranks))]
+        rows = []
+        for sharding, precision in SHARDING_MODES:
+            key = f"{sharding}|{precision}"
+            mems = [r[key]["memory"] for r in ranks]
+            worst = max(mems, key=lambda m: m["total"])
+            times = [max(ts) for ts in zip(*(r[key]["seconds"] for r in ranks))]  # a step ends when the slowest rank does
+            row = {
+                "mode": f"{sharding}{' bf16' if precision else ''}", "sharding": sharding, "precision": precision or "fp32",
+                "world_size": ws, "params": worst["params"], "grads": worst["grads"],
+                "optimizer_state": worst["optimizer_state"], "total": worst["total"],
+                "ratio_to_ddp_over_n": worst["total"] / (ddp_total / ws),
+                "optim_ratio_to_ddp_over_n": max(m["optimizer_state"] for m in mems) / (ddp_optim / ws),
+                "held_fwd_bwd": max(r[key]["held"] for r in ranks),
+                "zero_fp32": zero_bytes_per_rank(psi, ws, sharding, "fp32")["total"],
+                "zero_mixed": zero_bytes_per_rank(psi, ws, sharding, "mixed")["total"],
+                "step_ms": 1000 * statistics.median(times),
+                "time_ratio": statistics.median(a / b_ for a, b_ in zip(times, ddp_round)),
+            }
+            rows.append(row)
+            if sharding in ("shard_grad_op", "full") and row["ratio_to_ddp_over_n"] > 1.01:
+                ok = False
+            print(f"  {ZERO_NAME[sharding] + ' ' + row['mode']:27s} {ws:2d} {row['params'] / MIB:7.3f} "
+                  f"{row['grads'] / MIB:7.3f} {row['optimizer_state'] / MIB:7.3f} {row['total'] / MIB:7.3f} "
+                  f"{row['ratio_to_ddp_over_n']:8.3f} {row['optim_ratio_to_ddp_over_n']:13.3f} "
+                  f"{row['held_fwd_bwd'] / MIB:9.3f} {row['zero_fp32'] / MIB:9.3f} "
+                  f"{row['zero_mixed'] / MIB:10.3f} {row['step_ms']:5.0f} ms {row['time_ratio']:6.2f}")
+        results[str(ws)] = rows
+    print(f"  target: FSDP2 per-rank totals within 1% of DDP/N: {'PASS' if ok else 'MISS'}")
+    print("  ZeRO formulas (Adam): fp32 DDP 16Psi, ZeRO-1 8Psi+8Psi/N, ZeRO-2 4Psi+12Psi/N, ZeRO-3 16Psi/N; mixed "
+          "DDP 16Psi, ZeRO-1 4Psi+12Psi/N, ZeRO-2 2Psi+14Psi/N, ZeRO-3 16Psi/N")
+    return {"n_params": psi, "rows": results, "target_pass": ok}

@@ -1,0 +1,131 @@
+"""``python -m curry_train bench pipeline``: every pipeline schedule, simulated and measured, side by side.
+
+For each kind at p = 2 and 4 pipeline ranks (spawned gloo ranks; v = 2 stages per rank for the multi-stage
+kinds) and m = 8 micro-batches, on the configured GPT widened to ``n_layer = 8`` blocks (divisible by every
+p x v used) and the global batch ``train.batch_size x train.seq_len`` of the embedded corpus:
+
+* ``analytic``: closed form, ``(p-1)/(m+p-1)`` for GPipe/1F1B, ``(p-1)/(v*m+p-1)`` interleaved/looped BFS;
+* ``simulated``: ``pipeline_sim.simulate`` with F=1, B=2 (I=W=1);
+* ``sim@measured``: the same simulator fed the per-stage mean F/B/I/W durations measured in the run (it sees
+  stage imbalance, e.g. the embedding and head stages, but still assumes free communication);
+* ``measured``: idle fraction of the real run, ``1 - busy / makespan`` averaged over ranks, where busy is the
+  time inside stage forward (+ loss) / backward calls; median over ``steps`` timed steps after one warm-up;
+* ``step ms``: wall time of ``train_step`` (max over ranks), median.
+
+Target: measured within 0.05 of simulated for GPipe and 1F1B. Ranks share the machine's cores: with more ranks
+than free cores, busy intervals stretch and the comparison loses meaning (the table prints the core count).
+Writes ``timeline-{kind}-p{p}-m{m}.png`` (simulated above measured) under ``bench.out_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .distributed import launch
+from .model import GPT, GPTConfig, IGNORE_INDEX, token_loss
+from .primitives.pipeline_schedule import PipelineSchedule, split_model
+from .primitives.pipeline_sim import (
+    KINDS, Event, Timeline, analytic_bubble, check_schedule, default_stages_per_rank, simulate,
+)
+
+TARGET = 0.05
+
+
+def _stage_costs(timeline: Timeline, n_stages: int) -> dict:
+    """Per-stage mean durations for ``simulate``: f, b (= B, or I + W when backward is split) and w."""
+    def mean(stage, kind):
+        d = [e.end - e.start for e in timeline.events if e.stage == stage and e.kind == kind]
+        return sum(d) / len(d) if d else None
+
+    f, b, w = [], [], []
+    for s in range(n_stages):
+        f.append(mean(s, "F") or 0.0)
+        full, i, wt = mean(s, "B"), mean(s, "I"), mean(s, "W")
+        b.append(full if full is not None else (i or 0.0) + (wt or 0.0))
+        w.append(wt if wt is not None else b[-1] / 2)
+    return {"f": f, "b": b, "w": w}
+
+
+def _allowed(kind: str, p: int, m: int) -> bool:
+    try:
+        check_schedule(kind, p, m)
+        return True
+    except ValueError as e:
+        print(f"  skipping {kind} at p={p}: {e}")
+        return False
+
+
+def _run_kinds(rank, world_size, kinds, m, model_cfg, batch, steps):
+    x, y = batch
+    out = {}
+    for kind in kinds:
+        v = default_stages_per_rank(kind)
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**model_cfg))
+        stages = split_model(model, world_size * v)
+        n_valid = (y != IGNORE_INDEX).sum()
+        sched = PipelineSchedule(kind, m, stages, None, lambda o, t: token_loss(o, t)[0] / n_valid, record=True)
+        records = []
+        for step in range(steps + 1):  # step 0 warms up (shape inference, allocator)
+            for p in sched.parameters():
+                p.grad = None
+            t0 = time.perf_counter()
+            sched.train_step(x, y)
+            wall = torch.tensor([time.perf_counter() - t0])
+            dist.all_reduce(wall, op=dist.ReduceOp.MAX)
+            timeline = sched.measured_timeline()
+            if step:
+                records.append((timeline.bubble_fraction, wall.item(), timeline))
+        records.sort(key=lambda r: r[0])
+        idle, _, timeline = records[len(records) // 2]
+        out[kind] = {"v": v, "measured": idle, "step_ms": 1e3 * statistics.median(r[1] for r in records),
+                     "events": [[e.rank, e.stage, e.kind, e.mb, e.start, e.end] for e in timeline.events]}
+    return out if rank == 0 else None
+
+
+def bench_pipeline(cfg, pp_sizes=(2, 4), kinds=tuple(KINDS), m: int = 8, n_layer: int = 8, steps: int = 5) -> dict:
+    from .timeline_plot import plot_timeline
+    from .train import build_batches
+
+    model_cfg = {k: v for k, v in dict(cfg.model).items() if k != "name"}
+    model_cfg["n_layer"] = n_layer
+    batches = build_batches(cfg)
+    batch = batches.global_batch(0)
+    out_dir = Path(cfg.bench.out_dir)
+    rows = []
+    for p in pp_sizes:
+        runnable = [k for k in kinds if _allowed(k, p, m)]
+        measured = launch(_run_kinds, p, runnable, m, model_cfg, batch, steps, timeout=600)[0]
+        for kind in runnable:
+            r = measured[kind]
+            v, n_stages = r["v"], p * r["v"]
+            timeline = Timeline([Event(*e) for e in r["events"]], p,
+                                label=f"{kind} measured (p={p}, m={m}, v={v})")
+            sim = simulate(kind, p, m, v)
+            sim_measured = simulate(kind, p, m, v, **_stage_costs(timeline, n_stages))
+            png = plot_timeline([sim, timeline], out_dir / f"timeline-{kind}-p{p}-m{m}.png",
+                                title=f"{kind}: simulated (F=1, B=2) vs measured, {cfg.model.name} GPT n_layer={n_layer}")
+            rows.append({"kind": kind, "p": p, "v": v, "m": m, "analytic": analytic_bubble(kind, p, m, v),
+                         "simulated": sim.bubble_fraction, "sim_at_measured": sim_measured.bubble_fraction,
+                         "measured": r["measured"], "step_ms": r["step_ms"], "png": str(png)})
+    cores = os.cpu_count()
+    print(f"pipeline schedules: {cfg.model.name} GPT with n_layer={n_layer}, global batch {cfg.train.batch_size}x"
+          f"{cfg.train.seq_len}, m={m} micro-batches, gloo on CPU, {cores} cores; median of {steps} steps")
+    print(f"  {'kind':11s} {'p':>2s} {'v':>2s} {'analytic':>9s} {'simulated':>10s} {'sim@meas':>9s} {'measured':>9s} "
+          f"{'step ms':>8s}  target")
+    for r in rows:
+        analytic = f"{r['analytic']:.3f}" if r["analytic"] is not None else "-"
+        verdict = ""
+        if r["kind"] in ("gpipe", "1f1b"):
+            ok = abs(r["measured"] - r["simulated"]) <= TARGET
+            verdict = f"|meas-sim| {abs(r['measured'] - r['simulated']):.3f} {'PASS' if ok else 'MISS'}"
+        print(f"  {r['kind']:11s} {r['p']:2d} {r['v']:2d} {analytic:>9s} {r['simulated']:10.3f} {r['sim_at_measured']:9.3f} "
+              f"{r['measured']:9.3f} {r['step_ms']:8.1f}  {verdict}")
+    print(f"  timelines: {out_dir}/timeline-KIND-pP-m{m}.png")
+    return {"m": m, "n_layer": n_layer, "cores": cores, "target": TARGET, "rows": rows}

@@ -1,0 +1,401 @@
+"""``Checkpointer``: atomic, resharding, optionally asynchronous checkpoints on ``torch.distributed.checkpoint``.
+
+Layout of ``dir``::
+
+    step-00000010/          one complete checkpoint (the step = optimizer steps done = next step to run)
+        .metadata, __0_0.distcp, ...   DCP: model + optimizer, every rank writes its own shards
+        meta.json           step, world size, ``extra`` (e.g. the data position), written by rank 0
+        scheduler.pt        LR scheduler state, rank 0
+        rng-rank0.pt ...    torch / cuda / numpy / python RNG states, one file per rank
+    latest                  text file naming the newest complete step directory
+    .tmp-step-00000020/     a save in progress (or one that crashed: ignored, removed by the next save)
+
+Atomicity: every rank writes into ``.tmp-step-N`` (DCP fsyncs each file, rank 0 writes ``.metadata`` only
+after every rank reported its writes done). Rank 0 then fsyncs the directory, renames it to ``step-N`` and
+only then replaces ``latest`` (write ``latest.tmp``, fsync, ``os.replace``). A crash at any point leaves the
+previous ``latest`` and its directory untouched. Pruning (``keep_last``) runs after ``latest`` moved and
+never removes the directory ``latest`` names.
+
+Model and optimizer go through ``get_state_dict``/``set_state_dict``: keys are plain FQNs with no wrapper
+prefixes (DDP ``module.``, FSDP, ``_checkpoint_wrapped_module.``), and DTensor shards are saved with their
+global shapes, so a checkpoint written at world size 4 with FSDP2 loads at world size 2, 1, or into a plain
+``nn.Module``. The optimizer state is flattened per parameter FQN, so pipeline stages and ZeRO-1 partitions
+(each rank holding different parameters' state) save their part and load at any layout. RNG states are per
+rank: they are restored only when the world size is unchanged (a resharded load reports that it skipped them;
+curry_train's data order depends only on ``(seed, step)``, so the resume is still exact).
+
+``async_save=True`` uses ``dcp.async_save`` (state staged to CPU memory before it returns, written by a
+background thread over a dedicated gloo group so it never interleaves with training collectives). The
+pending save is committed (rename + ``latest``) by ``poll()`` once done, and always waited on before the
+next save and by ``wait()``/``close()`` at exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
+)
+
+LATEST = "latest"
+STEP_PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+
+# One process without a process group is a supported mode (``no_dist``); DCP warns about it on every call.
+_NO_DIST_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
+warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)  # also covers async saves' background thread
+
+
+@contextlib.contextmanager
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
+        yield
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's tensors do not match the model's (different shape, missing or unexpected keys)."""
+
+
+def step_dirname(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if _distributed() else 1
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_file(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def rng_state() -> dict:
+    """This process's RNG states: torch CPU, every CUDA device, numpy (if loaded) and python ``random``."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    np = sys.modules.get("numpy")  # primitives import only torch; numpy's state matters only if it is in use
+    if np is not None:
+        state["numpy"] = np.random.get_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np = sys.modules.get("numpy")
+    if "numpy" in state and np is not None:
+        np.random.set_state(state["numpy"])
+
+
+# Optimizer state flattened to one entry per parameter FQN, hyperparameters included
+# (``state.blocks.0.attn.qkv.weight.exp_avg``, ``param_groups.blocks.0.attn.qkv.weight.lr``): under pipeline
+# parallelism every rank holds different parameters, and the nested form's single ``param_groups`` list would
+# be deduplicated to one rank's copy (torchtitan does the same for PP).
+STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _zero1_inner(optimizer):
+    """``ZeroRedundancyOptimizer`` (ZeRO-1) keeps each parameter's state on one rank, in a plain optimizer
+    (``.optim``) over that rank's parameters; ``get_state_dict`` cannot read the wrapper, but the inner one is
+    checkpointed like a pipeline stage: FQN keys, union over ranks, re-partitioned at any world size."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else None
+
+
+def training_state(model, optimizer=None) -> dict:
+    """``{"model": ..., "optim": ...}`` from ``get_state_dict``: wrapper-free FQNs, DTensor shards for FSDP2."""
+    if optimizer is None:
+        return {"model": get_model_state_dict(model, options=STATE_DICT_OPTIONS)}
+    inner = _zero1_inner(optimizer)
+    if inner is not None:  # the wrapper copies lr etc. to the inner optimizer only at step(): copy them now
+        type(optimizer)._sync_param_groups(optimizer.param_groups, inner.param_groups)
+    msd, osd = get_state_dict(model, inner or optimizer, options=STATE_DICT_OPTIONS)
+    return {"model": msd, "optim": osd}
+
+
+def check_compatible(metadata, model_state: dict, path, limit: int = 5) -> None:
+    """Compare the checkpoint's tensor shapes with the model's *before* loading; raise listing the first mismatches.
+
+    Under pipeline parallelism each rank holds part of the model, so the model side is the union of every
+    rank's keys. ``dcp.load`` itself would silently keep missing keys (or fail deep inside planning).
+    """
+    ours = {k: list(v.shape) for k, v in model_state.items() if isinstance(v, torch.Tensor)}
+    if _distributed():
+        everyone = [None] * _world_size()
+        dist.all_gather_object(everyone, ours)
+        ours = {k: v for d in everyone for k, v in d.items()}
+    theirs = {k[len("model."):]: list(getattr(m, "size", [])) for k, m in metadata.state_dict_metadata.items()
+              if k.startswith("model.") and hasattr(m, "size")}
+    shape = [f"{k}: checkpoint {theirs[k]} vs model {ours[k]}" for k in ours if k in theirs and theirs[k] != ours[k]]
+    missing = [k for k in ours if k not in theirs]
+    unexpected = [k for k in theirs if k not in ours]
+    if shape or missing or unexpected:
+        parts = []
+        if shape:
+            parts.append(f"{len(shape)} shape mismatch(es), first: " + "; ".join(shape[:limit]))
+        if missing:
+            parts.append(f"{len(missing)} model key(s) missing from the checkpoint, first: {missing[:limit]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} checkpoint key(s) not in the model, first: {unexpected[:limit]}")
+        raise CheckpointMismatchError(f"checkpoint {path} does not match the model (nothing was loaded): " + " | ".join(parts))
+
+
+class Checkpointer:
+    """Save / load / prune checkpoints under one directory. Every rank calls every method (they are collective)."""
+
+    def __init__(self, dir, keep_last: int = 2, async_save: bool = False, process_group=None):
+        if dir is None or str(dir) == "":
+            raise ValueError("checkpoint.dir must be a directory path")
+        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
+            raise ValueError(f"checkpoint.keep_last must be an integer >= 0 (0 keeps every checkpoint), got {keep_last!r}")
+        if not isinstance(async_save, bool):
+            raise ValueError(f"checkpoint.async_save must be true or false, got {async_save!r}")
+        self.dir = Path(str(dir)).expanduser()
+        self.keep_last = keep_last
+        self.async_save = async_save
+        self._group = process_group
+        self._group_ready = process_group is not None
+        self._pending = None  # (future, step, tmp_dir, final_dir) of an async save not yet committed
+        self.last_save_seconds = None  # blocking time of the last save() call
+
+    @classmethod
+    def from_config(cls, cfg, process_group=None) -> "Checkpointer":
+        """From ``cfg.checkpoint`` (mapping or attribute object): ``dir``, ``keep_last``, ``async_save``."""
+        get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
+        return cls(get("dir"), keep_last=get("keep_last", 2), async_save=get("async_save", False),
+                   process_group=process_group)
+
+    # -- paths ---------------------------------------------------------------------------------------
+    def check_writable(self) -> None:
+        """Create ``dir`` and write/remove a probe file; ``ValueError`` naming ``checkpoint.dir`` if that fails."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = self.dir / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            raise ValueError(f"checkpoint.dir={str(self.dir)!r} is not writable: {e}") from None
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints in ``dir`` (directories that were renamed into place), ascending."""
+        if not self.dir.is_dir():
+            return []
+        found = []
+        for p in self.dir.iterdir():
+            if p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX):].isdigit() and (p / ".metadata").is_file():
+                found.append(int(p.name[len(STEP_PREFIX):]))
+        return sorted(found)
+
+    def latest_path(self) -> Path | None:
+        """The directory ``latest`` names; if that is missing or dangling, the newest complete step directory."""
+        pointer = self.dir / LATEST
+        if pointer.is_file():
+            target = self.dir / pointer.read_text().strip()
+            if (target / ".metadata").is_file() and (target / "meta.json").is_file():
+                return target
+        steps = self.steps()
+        return self.dir / step_dirname(steps[-1]) if steps else None
+
+    # -- save ----------------------------------------------------------------------------------------
+    def _ensure_group(self):
+        if not self._group_ready:
+            if _distributed() and self.async_save:
+                # Async saves run collectives from a background thread: give them their own gloo group.
+                self._group = dist.new_group(backend="gloo")
+            self._group_ready = True
+        return self._group
+
+    def _barrier(self) -> None:
+        if _distributed():
+            dist.barrier(group=self._group)
+
+    def save(self, step: int, model, optimizer=None, scheduler=None, extra: dict | None = None) -> Path:
+        """Checkpoint the state after ``step`` optimizer steps; returns ``dir/step-N`` (committed unless async)."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        extra = dict(extra or {})
+        json.dumps(extra)  # extra must be JSON: fail here, not after half a save
+        t0 = time.perf_counter()
+        self.wait()
+        group = self._ensure_group()
+        rank, world = _rank(), _world_size()
+        tmp, final = self.dir / f"{TMP_PREFIX}{step_dirname(step)}", self.dir / step_dirname(step)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
+            tmp.mkdir(parents=True)
+        self._barrier()
+        _save_file(rng_state(), tmp / f"rng-rank{rank}.pt")
+        if rank == 0:
+            if scheduler is not None:
+                _save_file(scheduler.state_dict(), tmp / "scheduler.pt")
+            meta = {"step": step, "world_size": world, "extra": extra, "has_optimizer": optimizer is not None,
+                    "has_scheduler": scheduler is not None, "saved_at": time.time()}
+            with open(tmp / "meta.json", "w") as f:
+                json.dump(meta, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+        state = training_state(model, optimizer)
+        writer = FileSystemWriter(str(tmp), sync_files=True)
+        if self.async_save:
+            with _quiet():
+                future = dcp.async_save(state, storage_writer=writer, process_group=group, no_dist=not _distributed())
+            self._pending = (future, step, tmp, final)
+        else:
+            with _quiet():
+                dcp.save(state, storage_writer=writer, process_group=group, no_dist=not _distributed())
+            if rank == 0:
+                self._commit(tmp, final)
+            self._barrier()
+        self.last_save_seconds = time.perf_counter() - t0
+        return final
+
+    def _commit(self, tmp: Path, final: Path) -> None:
+        """Rank 0, after every rank's files are written: rename into place, move ``latest``, prune."""
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving a step (after a rollback): move the old copy aside first
+            old = self.dir / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(self.dir)
+        pointer_tmp = self.dir / f"{LATEST}.tmp-{os.getpid()}"
+        with open(pointer_tmp, "w") as f:
+            f.write(final.name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(pointer_tmp, self.dir / LATEST)
+        _fsync_dir(self.dir)
+        self._prune(int(final.name[len(STEP_PREFIX):]))
+
+    def _prune(self, latest_step: int) -> None:
+        """Keep ``latest`` and the ``keep_last - 1`` newest checkpoints before it; drop crashed temporaries.
+
+        Checkpoints *after* ``latest`` (left over from before a rollback) are never touched.
+        """
+        for p in self.dir.iterdir():
+            if p.name.startswith(TMP_PREFIX) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+        if self.keep_last == 0:
+            return
+        older = [s for s in self.steps() if s <= latest_step]
+        for s in older[: -self.keep_last]:
+            if s != latest_step:
+                shutil.rmtree(self.dir / step_dirname(s), ignore_errors=True)
+
+    def poll(self) -> bool:
+        """Commit a finished async save without blocking; True if nothing is pending any more."""
+        if self._pending is not None and self._pending[0].done():
+            self.wait()
+        return self._pending is None
+
+    def wait(self) -> Path | None:
+        """Block until a pending async save finished and commit it; returns its directory (None if none)."""
+        if self._pending is None:
+            return None
+        future, step, tmp, final = self._pending
+        self._pending = None
+        future.result()  # re-raises a failed background save: latest was not moved
+        if _rank() == 0:
+            # Rank 0's DCP future completes only after every rank reported its writes done (finish()).
+            self._commit(tmp, final)
+        return final
+
+    def close(self) -> None:
+        """Wait for the last async save (call at exit: an unwaited save is lost)."""
+        self.wait()
+
+    # -- load ----------------------------------------------------------------------------------------
+    def load(self, model, optimizer=None, scheduler=None, path=None, restore_rng: bool = True) -> dict | None:
+        """Load ``path`` (default: ``latest``) into model/optimizer/scheduler; returns its ``meta`` or None if none.
+
+        ``meta`` gains ``path`` and ``rng_restored`` (False with ``rng_note`` when the world size changed).
+        """
+        self.wait()
+        path = Path(path) if path is not None else self.latest_path()
+        if path is None:
+            return None
+        if not (path / ".metadata").is_file() or not (path / "meta.json").is_file():
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no .metadata / meta.json)")
+        reader = FileSystemReader(str(path))
+        state = training_state(model, optimizer)
+        check_compatible(reader.read_metadata(), state["model"], path)
+        meta = json.loads((path / "meta.json").read_text())
+        if optimizer is not None and not meta.get("has_optimizer", True):
+            raise ValueError(f"checkpoint {path} holds no optimizer state; load it with optimizer=None")
+        with _quiet():
+            dcp.load(state, storage_reader=reader, process_group=self._group if self._group_ready else None,
+                     no_dist=not _distributed())
+        if optimizer is None:
+            set_model_state_dict(model, state["model"], options=STATE_DICT_OPTIONS)
+        else:
+            inner = _zero1_inner(optimizer)
+            set_state_dict(model, inner or optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                           options=STATE_DICT_OPTIONS)
+            if inner is not None:
+                type(optimizer)._sync_param_groups(inner.param_groups, optimizer.param_groups)
+        if scheduler is not None:
+            sched_file = path / "scheduler.pt"
+            if not sched_file.is_file():
+                raise ValueError(f"checkpoint {path} holds no LR scheduler state; load it with scheduler=None")
+            scheduler.load_state_dict(torch.load(sched_file, weights_only=False))
+        meta["path"] = str(path)
+        meta["rng_restored"] = False
+        rng_file = path / f"rng-rank{_rank()}.pt"
+        if not restore_rng:
+            meta["rng_note"] = "not requested"
+        elif meta["world_size"] != _world_size():
+            meta["rng_note"] = (f"saved at world size {meta['world_size']}, loading at {_world_size()}: per-rank RNG "
+                                f"states skipped (model, optimizer, scheduler and step are resharded exactly)")
+        elif rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+            meta["rng_restored"] = True
+        return meta
+
+
+def save(directory, step: int, model, optimizer=None, scheduler=None, extra: dict | None = None,
+         keep_last: int = 2) -> Path:
+    """One synchronous save into ``directory`` (see ``Checkpointer.save``)."""
+    return Checkpointer(directory, keep_last=keep_last).save(step, model, optimizer, scheduler, extra)
+
+
+def load(directory, model, optimizer=None, scheduler=None, path=None) -> dict | None:
+    """Load ``directory``'s latest checkpoint (or ``path``); returns its meta, or None when there is none."""
+    return Checkpointer(directory).load(model, optimizer, scheduler, path=path)

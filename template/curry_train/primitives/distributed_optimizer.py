@@ -1,0 +1,313 @@
+"""Data-parallel state sharding (ZeRO 1/2/3) on PyTorch: DDP, ``ZeroRedundancyOptimizer`` and FSDP2.
+
+Per-rank bytes for ``Psi`` parameters trained with Adam over ``N`` data-parallel ranks (ZeRO paper, Rajbhandari
+et al. 2019). fp32 training holds params 4 Psi + grads 4 Psi + Adam moments 8 Psi = 16 Psi; mixed precision
+holds half-precision params 2 Psi + grads 2 Psi + fp32 master copy, moments 12 Psi = 16 Psi. Sharding divides:
+
+=================  =========================  ======================  ============================
+``sharding``       built on                   divides by N            per rank (mixed precision)
+=================  =========================  ======================  ============================
+``no_shard``       DDP                        nothing                 16 Psi
+``zero1``          DDP + ZeroRedundancyOpt.   optimizer state         4 Psi + 12 Psi / N
+``shard_grad_op``  FSDP2, no reshard after    grads + optimizer,      2 Psi + 14 Psi / N
+                   forward                    params between steps
+``full``           FSDP2 (ZeRO-3)             everything              16 Psi / N
+=================  =========================  ======================  ============================
+
+FSDP2's ``shard_grad_op`` is not DeepSpeed's ZeRO-2: parameters are sharded at rest too; the whole parameter
+set is gathered in forward and kept until backward (``reshard_after_forward=False``), which saves the second
+all-gather. Between steps it holds ``16 Psi / N``; from forward to backward ``Psi`` more unsharded params.
+
+``DistributedOptimizer.wrap(model, sharding=...)`` shards every transformer block (the children of each
+``nn.ModuleList``, or ``block_types``), then the root, and builds the optimizer for the wrapped model.
+FSDP2 keeps averaging gradients over the group (like DDP), which ``GradientAccumulation``'s ``T / N`` loss
+divisor relies on. ``memory_report()`` counts the bytes each rank really holds (``DTensor.to_local()``).
+
+Seed (FSDP1) arguments: ``use_orig_params=True`` is what FSDP2 always does (``False`` is rejected);
+``backward_prefetch="backward_pre"`` is FSDP2's built-in behaviour (other values are rejected: use
+``FSDPModule.set_modules_to_backward_prefetch``); FSDP1 strategy names ``FULL_SHARD``/``SHARD_GRAD_OP``/
+``NO_SHARD`` and ``zero2``/``zero3`` map to the modes above; ``fp16`` is rejected (it needs a gradient scaler).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .recompute import transformer_blocks
+
+SHARDINGS = ("no_shard", "zero1", "shard_grad_op", "full")
+ALIASES = {"ddp": "no_shard", "zero1": "zero1", "zero2": "shard_grad_op", "zero3": "full", "fsdp": "full",
+           "full_shard": "full", "no_shard": "no_shard", "shard_grad_op": "shard_grad_op", "full": "full"}
+PRECISIONS = (None, "fp32", "bf16")
+FSDP_MODES = ("shard_grad_op", "full")
+
+# bytes per parameter: (params, grads, optimizer state) for Adam; see the module docstring.
+BYTES_PER_PARAM = {"fp32": (4, 4, 8), "mixed": (2, 2, 12)}
+DIVIDED = {"no_shard": (False, False, False), "zero1": (False, False, True),
+           "shard_grad_op": (False, True, True), "full": (True, True, True)}
+
+
+def zero_bytes_per_rank(n_params: int, world_size: int, sharding: str, precision: str = "fp32") -> dict:
+    """The ZeRO paper's per-rank bytes for ``n_params`` (Psi) Adam-trained parameters over ``world_size`` ranks.
+
+    ``precision``: ``"fp32"`` (4 + 4 + 8 bytes per parameter) or ``"mixed"`` (2 + 2 + 12).
+    """
+    sharding = normalize_sharding(sharding)
+    if precision not in BYTES_PER_PARAM:
+        raise ValueError(f"precision must be one of {tuple(BYTES_PER_PARAM)}, got {precision!r}")
+    parts = {}
+    for name, b, divided in zip(("params", "grads", "optimizer_state"), BYTES_PER_PARAM[precision], DIVIDED[sharding]):
+        parts[name] = b * n_params / world_size if divided else float(b * n_params)
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def normalize_sharding(sharding) -> str:
+    key = sharding.lower() if isinstance(sharding, str) else sharding
+    if key not in ALIASES:
+        raise ValueError(
+            f"sharding must be one of {SHARDINGS} (aliases: {sorted(set(ALIASES) - set(SHARDINGS))}), got {sharding!r}"
+        )
+    return ALIASES[key]
+
+
+def check_options(sharding, mixed_precision=None, cpu_offload=False, reshard_after_forward=None,
+                  use_orig_params=None, backward_prefetch=None) -> tuple[str, str | None]:
+    """Validate ``wrap``'s options without a model or a process group; returns (sharding, mixed_precision)
+    normalised. Call it before ``init_process_group`` to fail in one process with one message."""
+    sharding = normalize_sharding(sharding)
+    if mixed_precision == "fp16":
+        raise ValueError("mixed_precision='fp16' needs a gradient scaler, which curry_train does not implement; "
+                         "use mixed_precision='bf16' (no loss scaling needed) or None")
+    if mixed_precision not in PRECISIONS:
+        raise ValueError(f"mixed_precision must be one of {PRECISIONS}, got {mixed_precision!r}")
+    mixed_precision = None if mixed_precision == "fp32" else mixed_precision
+    fsdp = sharding in FSDP_MODES
+    if cpu_offload and not fsdp:
+        raise ValueError(f"cpu_offload=True needs an FSDP2 sharding {FSDP_MODES}, got sharding={sharding!r}")
+    if reshard_after_forward is not None and not fsdp:
+        raise ValueError(f"reshard_after_forward applies to FSDP2 shardings {FSDP_MODES}, not {sharding!r}")
+    if use_orig_params is False:
+        raise ValueError("use_orig_params=False is FSDP1's flat-parameter mode; FSDP2 always keeps the original "
+                         "parameters (sharded per parameter as DTensors): drop the argument")
+    if backward_prefetch not in (None, "backward_pre", "BACKWARD_PRE"):
+        raise ValueError(
+            f"backward_prefetch={backward_prefetch!r} is an FSDP1 option; FSDP2 always prefetches the next "
+            "block's all-gather in backward (= 'backward_pre'). For explicit control call "
+            "FSDPModule.set_modules_to_backward_prefetch on the wrapped blocks"
+        )
+    return sharding, mixed_precision
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _nbytes(tensors) -> int:
+    return sum(_local(t).numel() * _local(t).element_size() for t in tensors if t is not None)
+
+
+def _unique_params(model: nn.Module) -> list[nn.Parameter]:
+    return list(model.parameters())  # parameters() already yields a tied weight once
+
+
+def unsharded_param_bytes(model: nn.Module) -> int:
+    """Bytes of FSDP-managed parameters currently registered unsharded (plain tensors, not ``DTensor``).
+
+    Zero at rest. Between forward and backward it is what ``reshard_after_forward=False`` keeps gathered.
+    """
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    seen, total = set(), 0
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        for p in module.parameters():
+            if id(p) not in seen and not isinstance(p, DTensor):
+                seen.add(id(p))
+                total += p.numel() * p.element_size()
+    return total
+
+
+class DistributedOptimizer:
+    """A data-parallel model and its optimizer, sharded as requested. Build with ``wrap``/``from_config``.
+
+    Attributes: ``model`` (DDP module, FSDP2 root, or the plain model in one process), ``optimizer``,
+    ``sharding``, ``group``, ``world_size``.
+    """
+
+    def __init__(self, model, optimizer, sharding: str, group=None, mixed_precision=None, cpu_offload=False):
+        self.model = model
+        self.optimizer = optimizer
+        self.sharding = sharding
+        self.group = group
+        self.mixed_precision = mixed_precision
+        self.cpu_offload = cpu_offload
+        self.world_size = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+    @classmethod
+    def wrap(
+        cls,
+        model: nn.Module,
+        sharding: str = "full",
+        mixed_precision: str | None = None,
+        cpu_offload: bool = False,
+        reshard_after_forward: bool | int | None = None,
+        *,
+        process_group=None,
+        block_types=None,
+        optimizer_class=torch.optim.AdamW,
+        param_groups=None,
+        backward_prefetch: str | None = None,
+        use_orig_params: bool | None = None,
+        **optimizer_kwargs,
+    ) -> "DistributedOptimizer":
+        """Shard ``model`` over ``process_group`` (default: the world) and build its optimizer.
+
+        * ``sharding``: ``no_shard`` | ``zero1`` | ``shard_grad_op`` | ``full`` (see the module docstring).
+        * ``mixed_precision``: ``None``/``"fp32"`` or ``"bf16"``. FSDP2 modes use ``MixedPrecisionPolicy(
+          param_dtype=bf16, reduce_dtype=fp32)`` (fp32 shards, bf16 compute, fp32 gradient reduction);
+          DDP modes run the forward under ``torch.autocast(bf16)`` (fp32 params, grads and all-reduce).
+        * ``cpu_offload``: FSDP2 ``CPUOffloadPolicy`` (params, grads and optimizer state live on CPU; the
+          optimizer step runs there). FSDP2 modes only.
+        * ``reshard_after_forward``: overrides the mode's choice for the blocks (True for ``full``, False for
+          ``shard_grad_op``; an int reshards to that smaller world size). FSDP2 modes only.
+        * ``optimizer_class(param_groups(model) or model.parameters(), **optimizer_kwargs)`` is built on the
+          wrapped model; for ``zero1`` it is wrapped in ``ZeroRedundancyOptimizer``. ``optimizer_class=None``
+          builds none: build your own on ``.model`` and hand it to ``shard_optimizer``.
+
+        One process without ``torch.distributed`` initialised: ``no_shard`` returns the model unchanged;
+        every other mode is an error that says how to launch. ``no_shard`` over a group of one rank (e.g. a
+        pure pipeline-parallel run) also leaves the model unwrapped.
+        """
+        sharding, mixed_precision = check_options(sharding, mixed_precision, cpu_offload, reshard_after_forward,
+                                                  use_orig_params, backward_prefetch)
+        fsdp = sharding in FSDP_MODES
+        device = next(iter(model.parameters()), torch.zeros(0)).device
+        if mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"mixed_precision='bf16' but {torch.cuda.get_device_name(device)} has no bf16 support; "
+                             "use mixed_precision=None (fp32)")
+
+        initialised = dist.is_available() and dist.is_initialized()
+        if not initialised or (sharding == "no_shard" and dist.get_world_size(process_group) == 1):
+            if sharding != "no_shard":
+                raise ValueError(
+                    f"sharding={sharding!r} needs torch.distributed initialised (one rank per process). Launch with "
+                    f"`torchrun --nproc-per-node N -m curry_train train parallel.sharding={sharding}` (or call "
+                    "torch.distributed.init_process_group first); in one process use sharding='no_shard'"
+                )
+            if mixed_precision == "bf16":
+                _autocast_forward(model, device)
+            return cls(model, _build_optimizer(model, optimizer_class, param_groups, optimizer_kwargs), sharding,
+                       process_group, mixed_precision, cpu_offload)
+
+        if fsdp:
+            wrapped = _fully_shard(model, sharding, mixed_precision, cpu_offload, reshard_after_forward,
+                                   process_group, block_types, device)
+        else:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            if mixed_precision == "bf16":
+                _autocast_forward(model, device)
+            device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+                if device.type == "cuda" else None
+            wrapped = DDP(model, process_group=process_group, device_ids=device_ids)
+        self = cls(wrapped, None, sharding, process_group, mixed_precision, cpu_offload)
+        optimizer = _build_optimizer(wrapped, optimizer_class, param_groups, optimizer_kwargs)
+        if optimizer is not None:
+            self.shard_optimizer(optimizer)
+        return self
+
+    @classmethod
+    def from_config(cls, cfg, model: nn.Module, process_group=None, **kwargs) -> "DistributedOptimizer":
+        """``wrap`` with ``sharding``, ``mixed_precision`` and ``cpu_offload`` read from ``cfg`` (any mapping or
+        attribute object, e.g. Hydra's ``cfg.parallel``); ``kwargs`` go to ``wrap`` (optimizer settings)."""
+        get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
+        try:
+            return cls.wrap(model, get("sharding", "no_shard"), get("mixed_precision", None),
+                            bool(get("cpu_offload", False)), process_group=process_group, **kwargs)
+        except ValueError as e:
+            raise ValueError(f"parallel.{e}") from None
+
+    def shard_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """An optimizer built on ``self.model`` made right for this sharding: for ``zero1`` the same class,
+        param groups and settings inside ``ZeroRedundancyOptimizer`` (each rank keeps state for ~1/N of the
+        parameters); otherwise ``optimizer`` itself (FSDP2 params are already shards). Becomes ``self.optimizer``."""
+        if self.sharding == "zero1" and dist.is_available() and dist.is_initialized():
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            cls = type(optimizer)
+            accepted = inspect.signature(cls.__init__).parameters  # AdamW.defaults holds keys AdamW() rejects
+            defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+            groups = [{k: v for k, v in g.items() if k == "params" or k in accepted} for g in optimizer.param_groups]
+            optimizer = ZeroRedundancyOptimizer(groups, optimizer_class=cls, process_group=self.group, **defaults)
+        self.optimizer = optimizer
+        return optimizer
+
+    def optimizer_state_bytes(self) -> int:
+        opt = self.optimizer
+        if opt is None:
+            return 0
+        state = opt.optim.state if hasattr(opt, "optim") else opt.state  # ZeRO keeps the local optimizer in .optim
+        return sum(_nbytes(v for v in s.values() if torch.is_tensor(v)) for s in state.values())
+
+    def memory_report(self) -> dict:
+        """This rank's bytes of parameters, gradients and optimizer state, as held now.
+
+        Call it after backward and before ``zero_grad(set_to_none=True)`` to see gradients, after at least one
+        ``optimizer.step()`` to see optimizer state. ``full_param_bytes`` is the unsharded parameter size
+        (``n_params`` x element size) for comparison; ``unsharded_param_bytes`` counts FSDP2 parameters
+        currently gathered (nonzero only between forward and backward).
+        """
+        params = _unique_params(self.model)
+        report = {
+            "sharding": self.sharding,
+            "world_size": self.world_size,
+            "n_params": sum(p.numel() for p in params),
+            "full_param_bytes": sum(p.numel() * p.element_size() for p in params),
+            "params": _nbytes(params),
+            "grads": _nbytes(p.grad for p in params),
+            "optimizer_state": self.optimizer_state_bytes(),
+        }
+        report["total"] = report["params"] + report["grads"] + report["optimizer_state"]
+        report["unsharded_param_bytes"] = unsharded_param_bytes(self.model) if self.sharding in FSDP_MODES else 0
+        return report
+
+    def __repr__(self) -> str:
+        return (f"DistributedOptimizer(sharding={self.sharding!r}, world_size={self.world_size}, "
+                f"mixed_precision={self.mixed_precision!r}, cpu_offload={self.cpu_offload})")
+
+
+def _build_optimizer(model, optimizer_class, param_groups, kwargs):
+    if optimizer_class is None:
+        return None
+    groups = param_groups(model) if callable(param_groups) else model.parameters()
+    return optimizer_class(groups, **kwargs)
+
+
+def _autocast_forward(model: nn.Module, device: torch.device) -> None:
+    model.forward = torch.autocast(device_type=device.type, dtype=torch.bfloat16)(model.forward)
+
+
+def _fully_shard(model, sharding, mixed_precision, cpu_offload, reshard_after_forward, group, block_types, device):
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mesh_device = "cuda" if (device.type == "cuda" or (cpu_offload and torch.cuda.is_available())) else "cpu"
+    mesh = DeviceMesh.from_group(group if group is not None else dist.group.WORLD, mesh_device)
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if mixed_precision == "bf16" else MixedPrecisionPolicy())
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
+    block_reshard = (sharding == "full") if reshard_after_forward is None else reshard_after_forward
+    kw = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
+    for block in transformer_blocks(model, block_types):
+        fully_shard(block, reshard_after_forward=block_reshard, **kw)
+    # Root (embeddings, final norm, tied head): FSDP2's default for the root is not to reshard after forward,
+    # since backward needs it first; under shard_grad_op nothing is resharded after forward.
+    fully_shard(model, reshard_after_forward=None if sharding == "full" else False, **kw)
+    return model

@@ -1,0 +1,178 @@
+"""``ParallelState``: one rank grid for data, pipeline, context and tensor parallelism.
+
+The world's ranks are laid out as ``torch.arange(world_size).view(*sizes)`` with the dims in ``order``,
+**outermost first**: with the default ``order="pp-dp-cp-tp"`` the tp coordinate varies fastest (ranks 0 and 1
+are tp neighbours, so tensor-parallel traffic stays on one node), then cp, then dp, and pp varies slowest.
+This is picotron's ``arange(world).view(dp, pp, cp, tp)`` with the order made a parameter, and Megatron's
+``RankGenerator(order=...)`` string written outermost-first. Every group is a slice of that one grid: the dp
+group of a rank is the set of ranks that share its pp, cp and tp coordinates, and so on.
+
+After the process group exists, the grid becomes a ``torch.distributed.device_mesh.DeviceMesh`` with the
+four named dims (size-1 dims are kept, so ``state.mesh["dp"]`` always works) and ``dp_group`` ...
+``tp_group`` are that mesh's per-dim process groups. In one process (no process group) there is no mesh:
+every group is ``None`` (collectives are skipped) and every coordinate is 0.
+
+``dp=-1`` means "whatever the other dims leave": ``dp = world_size / (pp * cp * tp)``. Sizes are checked by
+``ParallelState.resolve_sizes`` without any process group, so a bad grid fails before ranks start.
+No module-level state: build one object and pass it around.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+DIMS = ("pp", "dp", "cp", "tp")
+DEFAULT_ORDER = "pp-dp-cp-tp"
+
+
+def _positive(name: str, value, allow_minus_one: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not (value >= 1 or (allow_minus_one and value == -1)):
+        allowed = "a positive integer or -1 (= what the other dims leave)" if allow_minus_one else "a positive integer"
+        raise ValueError(f"parallel.{name} must be {allowed}, got {value!r}")
+    return value
+
+
+def parse_order(order: str) -> tuple[str, ...]:
+    """``"pp-dp-cp-tp"`` -> ``("pp", "dp", "cp", "tp")``; each of pp, dp, cp, tp exactly once."""
+    dims = tuple(str(order).split("-"))
+    if sorted(dims) != sorted(DIMS):
+        raise ValueError(
+            f"parallel.order={order!r} must name each of {', '.join(DIMS)} exactly once, joined by '-', "
+            f"outermost first (e.g. {DEFAULT_ORDER!r})"
+        )
+    return dims
+
+
+class ParallelState:
+    """The rank grid, its ``DeviceMesh`` and one process group per dim.
+
+    Attributes: ``sizes`` (dict dim -> size), ``order`` (tuple of dims, outermost first), ``world_size``,
+    ``rank``, ``coords`` (dict dim -> this rank's coordinate), ``mesh`` (``DeviceMesh`` or ``None``),
+    ``dp``/``pp``/``cp``/``tp`` (sizes), ``dp_rank``... (coordinates), ``dp_group``... (process groups).
+    """
+
+    def __init__(self, dp: int = -1, pp: int = 1, tp: int = 1, cp: int = 1, order: str = DEFAULT_ORDER,
+                 world_size: int | None = None, device_type: str | None = None):
+        distributed = dist.is_available() and dist.is_initialized()
+        if world_size is None:
+            world_size = dist.get_world_size() if distributed else 1
+        elif distributed and world_size != dist.get_world_size():
+            raise ValueError(f"world_size={world_size} but the process group has {dist.get_world_size()} ranks")
+        self.order = parse_order(order)
+        self.sizes = self.resolve_sizes(world_size, dp=dp, pp=pp, tp=tp, cp=cp, order=order)
+        self.world_size = world_size
+        self.rank = dist.get_rank() if distributed else 0
+        if self.rank >= world_size:
+            raise ValueError(f"rank {self.rank} is outside a grid of world size {world_size}")
+        self.grid = torch.arange(world_size).view(*[self.sizes[d] for d in self.order])
+        self.coords = self.coordinates(self.rank)
+        self.mesh = None
+        if distributed:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            if device_type is None:
+                device_type = "cuda" if torch.cuda.is_available() else "cpu"
+            self.mesh = init_device_mesh(device_type, tuple(self.sizes[d] for d in self.order), mesh_dim_names=self.order)
+
+    # -- sizes, without a process group -------------------------------------------------------------
+    @staticmethod
+    def resolve_sizes(world_size: int, dp: int = -1, pp: int = 1, tp: int = 1, cp: int = 1,
+                      order: str = DEFAULT_ORDER) -> dict[str, int]:
+        """Sizes of every dim for ``world_size`` ranks; ``dp=-1`` takes what pp*cp*tp leave.
+
+        Raises ``ValueError`` naming every size when the product is not the world size.
+        """
+        parse_order(order)
+        _positive("world size", world_size)
+        pp, tp, cp = _positive("pp", pp), _positive("tp", tp), _positive("cp", cp)
+        dp = _positive("dp", dp, allow_minus_one=True)
+        model_parallel = pp * cp * tp
+        if dp == -1:
+            if world_size % model_parallel:
+                raise ValueError(
+                    f"world size {world_size} is not divisible by parallel.pp*cp*tp = {pp}*{cp}*{tp} = {model_parallel} "
+                    f"(parallel.dp=-1 takes what is left)"
+                )
+            dp = world_size // model_parallel
+        if dp * model_parallel != world_size:
+            raise ValueError(
+                f"parallel.dp={dp} * pp={pp} * cp={cp} * tp={tp} = {dp * model_parallel} != world size {world_size}; "
+                f"set the sizes so their product is {world_size}, or parallel.dp=-1"
+            )
+        return {"pp": pp, "dp": dp, "cp": cp, "tp": tp}
+
+    @classmethod
+    def from_config(cls, cfg, world_size: int | None = None, device_type: str | None = None) -> "ParallelState":
+        """From ``cfg.parallel`` (any mapping or attribute object with dp, pp, tp, cp and optionally order)."""
+        get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
+        return cls(dp=get("dp", -1), pp=get("pp", 1), tp=get("tp", 1), cp=get("cp", 1),
+                   order=get("order", DEFAULT_ORDER), world_size=world_size, device_type=device_type)
+
+    @staticmethod
+    def sizes_from_config(cfg, world_size: int) -> dict[str, int]:
+        """``resolve_sizes`` from a config: the check ``config.validate`` runs before any process group."""
+        get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
+        return ParallelState.resolve_sizes(world_size, dp=get("dp", -1), pp=get("pp", 1), tp=get("tp", 1),
+                                           cp=get("cp", 1), order=get("order", DEFAULT_ORDER))
+
+    # -- the grid ------------------------------------------------------------------------------------
+    def coordinates(self, rank: int) -> dict[str, int]:
+        """Coordinates of global ``rank`` in the grid, e.g. ``{"pp": 1, "dp": 0, "cp": 0, "tp": 1}``."""
+        index = (self.grid == rank).nonzero()
+        if index.numel() == 0:
+            raise ValueError(f"rank {rank} is not in a grid of world size {self.world_size}")
+        return {d: int(i) for d, i in zip(self.order, index[0])}
+
+    def group_ranks(self, dim: str) -> list[list[int]]:
+        """Every group of ``dim`` as a list of global ranks (ranks that differ only in ``dim``)."""
+        axis = self._axis(dim)
+        moved = self.grid.movedim(axis, -1).reshape(-1, self.sizes[dim])
+        return [row.tolist() for row in moved]
+
+    def ranks_in_group(self, dim: str, rank: int | None = None) -> list[int]:
+        """The global ranks in ``rank``'s (default: this rank's) ``dim`` group, in ``dim``-coordinate order."""
+        rank = self.rank if rank is None else rank
+        return next(g for g in self.group_ranks(dim) if rank in g)
+
+    def group(self, dim: str):
+        """The process group of ``dim`` (``None`` in one process)."""
+        self._axis(dim)
+        return None if self.mesh is None else self.mesh.get_group(dim)
+
+    def _axis(self, dim: str) -> int:
+        if dim not in DIMS:
+            raise ValueError(f"unknown parallel dim {dim!r}; choose from {', '.join(DIMS)}")
+        return self.order.index(dim)
+
+    # -- convenience names ---------------------------------------------------------------------------
+    dp = property(lambda self: self.sizes["dp"])
+    pp = property(lambda self: self.sizes["pp"])
+    cp = property(lambda self: self.sizes["cp"])
+    tp = property(lambda self: self.sizes["tp"])
+    dp_rank = property(lambda self: self.coords["dp"])
+    pp_rank = property(lambda self: self.coords["pp"])
+    cp_rank = property(lambda self: self.coords["cp"])
+    tp_rank = property(lambda self: self.coords["tp"])
+    dp_group = property(lambda self: self.group("dp"))
+    pp_group = property(lambda self: self.group("pp"))
+    cp_group = property(lambda self: self.group("cp"))
+    tp_group = property(lambda self: self.group("tp"))
+    is_first_stage = property(lambda self: self.coords["pp"] == 0)
+    is_last_stage = property(lambda self: self.coords["pp"] == self.sizes["pp"] - 1)
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{d}={self.sizes[d]}" for d in self.order)
+        return f"ParallelState({sizes}, order={'-'.join(self.order)!r}, world_size={self.world_size})"
+
+    def __str__(self) -> str:
+        """The rank grid: one line per global rank with its coordinates, then each dim's groups."""
+        head = " x ".join(f"{d}{self.sizes[d]}" for d in self.order)
+        lines = [f"rank grid {head} = {self.world_size} rank(s), order {'-'.join(self.order)} (outermost first)",
+                 "rank  " + " ".join(f"{d:>3s}" for d in self.order)]
+        for r in range(self.world_size):
+            c = self.coordinates(r)
+            lines.append(f"{r:4d}  " + " ".join(f"{c[d]:3d}" for d in self.order))
+        for d in self.order:
+            lines.append(f"{d} groups: {self.group_ranks(d)}")
+        return "\n".join(lines)

@@ -1,0 +1,273 @@
+"""Pipeline parallelism on ``torch.distributed.pipelining``: split a model into stages, run any PyTorch schedule.
+
+``PipelineSchedule(kind, n_microbatches, stages, pp_group, loss_fn)`` wraps ``PipelineStage`` and the schedule
+class of ``kind`` (``KINDS``: gpipe, 1f1b, interleaved, looped_bfs, zb, zbv, dualpipev); it does not
+re-implement the runtime. ``stages`` is the list of *all* ``S = p * v`` stage modules (every rank builds the
+same list, e.g. with ``split_model``); each rank keeps the stages it owns:
+
+* loop style (gpipe, 1f1b, interleaved, looped_bfs, zb): rank r holds stages r, r + p, r + 2p, ...
+* V style (zbv, dualpipev): rank r holds r and 2p - 1 - r (rank 0 holds the first *and* the last stage).
+
+``train_step(batch, target)`` is one forward + backward over ``n_microbatches`` chunks of ``batch`` (split on
+dim 0). The rank holding stage 0 feeds ``batch``, the rank holding the last stage feeds ``target``: pass both on
+every rank, the others ignore them. Gradients *accumulate* into ``.grad`` (zero them yourself).
+
+Loss normalisation. ``loss_fn(output, target_chunk)`` returns the scalar to back-propagate for one micro-batch.
+``scale_grads=False`` (our default; PyTorch's is True) keeps the gradient the plain sum over micro-batches, so
+with ``loss_fn = token_loss_sum / global_valid_tokens`` the gradient is exactly that of the batch's mean token
+loss, however padding falls (the ``GradientAccumulation`` convention). ``train_step`` returns the sum of the
+micro-batch losses (their mean with ``scale_grads=True``) on the last-stage rank, or on every rank with
+``broadcast_loss=True``.
+
+Tied weights. A Parameter that appears in several stage modules (the GPT's head tied to the token embedding)
+is found by identity. If its stages sit on one rank (V style) autograd already sums both uses. If they sit on
+different ranks (loop style: embedding on rank 0, head on rank p - 1; both copies start equal because every rank
+builds the model from the same seed), ``sync_tied_grads()`` all-reduces (sums) its gradient over ``pp_group``
+after backward (Megatron's embedding all-reduce). ``train_step`` calls it unless ``sync_tied=False``; when
+accumulating several train_steps into one optimizer step pass ``sync_tied=False`` and call it once at the end.
+
+Bad input raises ``ValueError`` before the first send/recv, on every rank: unknown kind, ``pp_group`` size vs
+number of stages, too few micro-batches (1F1B, DualPipeV), a batch not divisible by ``n_microbatches``.
+Per-step checks agree across ranks through one 1-element all-reduce, so a rank never waits for a peer that failed.
+
+Measured timeline: ``record=True`` times every ``forward_one_chunk`` (plus the loss on the last stage) as F,
+``backward_one_chunk`` as B (or I when the schedule splits backward) and ``backward_weight_one_chunk`` as W,
+relative to a barrier at the start of the step. ``measured_timeline()`` gathers them into a ``Timeline``; its
+idle fraction counts everything that is not stage compute (waiting for peers, send/recv, schedule overhead).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .pipeline_sim import KINDS, Event, Timeline, check_schedule, normalize_kind, stage_placement
+
+
+class GPTStage(nn.Module):
+    """A contiguous slice of the reference GPT. The first stage embeds token ids, the last applies ``ln_f`` and the
+    head and returns logits. Blocks keep their GPT index as name (``blocks.3.attn...``), so a stage's state-dict
+    keys are a subset of the full model's. Submodules are shared with the model they came from, not copied."""
+
+    def __init__(self, model: nn.Module, block_ids: list[int], first: bool, last: bool):
+        super().__init__()
+        self.block_size = model.cfg.block_size
+        if first:
+            self.tok_emb, self.pos_emb, self.drop = model.tok_emb, model.pos_emb, model.drop
+        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in block_ids})
+        if last:
+            self.ln_f, self.head = model.ln_f, model.head
+        self.first, self.last = first, last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first:  # same computation as GPT.forward
+            T = x.shape[1]
+            if T > self.block_size:
+                raise ValueError(f"sequence length {T} exceeds model.block_size {self.block_size}")
+            x = self.drop(self.tok_emb(x) + self.pos_emb(torch.arange(T, device=x.device)))
+        for block in self.blocks.values():
+            x = block(x)
+        if self.last:
+            x = self.head(self.ln_f(x))
+        return x
+
+
+def layer_split(n_layer: int, n_stages: int, layers_per_stage=None) -> list[int]:
+    """Blocks per stage. Without ``layers_per_stage`` the split must be even: ``n_layer`` not divisible by
+    ``n_stages`` (= pp ranks x stages per rank) is an error, never a silently smaller or lopsided model (Megatron #468).
+    An explicit ``layers_per_stage`` must sum to ``n_layer``; the first and last stage may hold 0 blocks."""
+    if layers_per_stage is None:
+        if n_stages < 1 or n_layer % n_stages:
+            raise ValueError(
+                f"model.n_layer={n_layer} is not divisible by the number of pipeline stages {n_stages} "
+                f"(pp ranks x stages per rank); change n_layer or pass layers_per_stage=[...] for an uneven split"
+            )
+        return [n_layer // n_stages] * n_stages
+    counts = list(layers_per_stage)
+    if len(counts) != n_stages or sum(counts) != n_layer or any(
+        isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts
+    ):
+        raise ValueError(
+            f"layers_per_stage={counts} must be {n_stages} non-negative integers summing to model.n_layer={n_layer}"
+        )
+    if any(c == 0 for c in counts[1:-1]):
+        raise ValueError(f"layers_per_stage={counts}: a middle stage needs at least one block")
+    return counts
+
+
+def split_model(model: nn.Module, n_stages: int, layers_per_stage=None) -> list[GPTStage]:
+    """Split the reference GPT into ``n_stages`` ``GPTStage`` modules: embedding on the first, ``ln_f`` + head on
+    the last, blocks divided evenly (or as ``layers_per_stage`` says). The stages share parameters with ``model``."""
+    for attr in ("tok_emb", "pos_emb", "drop", "blocks", "ln_f", "head", "cfg"):
+        if not hasattr(model, attr):
+            raise ValueError(f"split_model splits the reference GPT (missing .{attr}); build your own stage modules "
+                             "and pass them to PipelineSchedule")
+    counts = layer_split(len(model.blocks), n_stages, layers_per_stage)
+    starts = [sum(counts[:i]) for i in range(n_stages)]
+    return [GPTStage(model, list(range(starts[i], starts[i] + counts[i])), i == 0, i == n_stages - 1)
+            for i in range(n_stages)]
+
+
+def _group_size_rank(group) -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "PipelineSchedule needs an initialised process group (torchrun, or curry_train.distributed.launch)"
+        )
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+class PipelineSchedule:
+    def __init__(self, kind: str, n_microbatches: int, stages, pp_group=None, loss_fn=None, *,
+                 device=None, scale_grads: bool = False, record: bool = False):
+        kind = normalize_kind(kind)
+        stages = list(stages)
+        p, rank = _group_size_rank(pp_group)
+        if not stages or len(stages) % p:
+            raise ValueError(f"pp_group has {p} ranks but {len(stages)} stage modules were given; schedule {kind!r} "
+                             f"needs pp x stages-per-rank modules ({KINDS[kind][2][0]} per rank at least)")
+        v = len(stages) // p
+        check_schedule(kind, p, n_microbatches, v)  # m < stages, stages per rank: raised before any send/recv
+        if loss_fn is None:
+            raise ValueError("loss_fn is required: train_step runs backward from the last stage's loss")
+        self.kind, self.n_microbatches, self.p, self.v, self.rank = kind, int(n_microbatches), p, v, rank
+        self.n_stages, self.group, self.scale_grads = p * v, pp_group, scale_grads
+        self.placement = stage_placement(kind, p, v)
+        self.stage_ids = self.placement[rank]
+        self.first_rank = next(r for r, ids in enumerate(self.placement) if 0 in ids)
+        self.last_rank = next(r for r, ids in enumerate(self.placement) if self.n_stages - 1 in ids)
+        self.device = torch.device(device) if device is not None else (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+        self.modules = {s: stages[s] for s in self.stage_ids}
+        self._tied = self._find_tied(stages)
+        self._user_loss_fn, self.record, self.events, self._t0 = loss_fn, record, [], 0.0
+        self.losses: list[torch.Tensor] = []
+
+        from torch.distributed import pipelining
+
+        self.stages = [pipelining.PipelineStage(self.modules[s], s, self.n_stages, self.device, group=pp_group)
+                       for s in self.stage_ids]
+        for st in self.stages:
+            self._instrument(st)
+        cls = getattr(pipelining, KINDS[kind][0])
+        arg = self.stages[0] if v == 1 and kind in ("gpipe", "1f1b") else self.stages
+        self.schedule = cls(arg, n_microbatches=self.n_microbatches, loss_fn=self._loss, scale_grads=scale_grads)
+
+    # ---- tied weights -------------------------------------------------------------------------------------------
+    def _find_tied(self, stages) -> list[tuple]:
+        """Parameters shared by stages on different ranks: ``(param, or None on ranks without it; holder ranks;
+        shape; dtype)``. Every rank computes the same list in the same order, so the all-reduces match up."""
+        owners: dict[int, tuple[nn.Parameter, set[int]]] = {}
+        for s, module in enumerate(stages):
+            for param in module.parameters():
+                owners.setdefault(id(param), (param, set()))[1].add(s)
+        stage_rank = {s: r for r, ids in enumerate(self.placement) for s in ids}
+        tied = []
+        for param, stage_set in owners.values():
+            ranks = sorted({stage_rank[s] for s in stage_set})
+            if len(ranks) > 1:
+                tied.append((param if self.rank in ranks else None, ranks, param.shape, param.dtype))
+        return tied
+
+    def owns(self, param: nn.Parameter) -> bool:
+        """False for a tied parameter whose canonical copy lives on another rank (count it once, e.g. in norms)."""
+        return not any(t[0] is param and t[1][0] != self.rank for t in self._tied)
+
+    def sync_tied_grads(self) -> None:
+        """Sum the gradients of cross-rank tied parameters over ``pp_group`` (ranks without the parameter add
+        zeros)."""
+        for param, ranks, shape, dtype in self._tied:
+            if param is not None and param.grad is None:
+                param.grad = torch.zeros_like(param)
+            buf = param.grad if param is not None else torch.zeros(shape, dtype=dtype, device=self.device)
+            dist.all_reduce(buf, group=self.group)
+
+    # ---- measured timeline --------------------------------------------------------------------------------------
+    def _instrument(self, stage) -> None:
+        fwd, bwd, bwd_w = stage.forward_one_chunk, stage.backward_one_chunk, stage.backward_weight_one_chunk
+        sid = stage.stage_index
+
+        def timed(kind, fn, mb, *args, **kwargs):
+            if not self.record:
+                return fn(mb, *args, **kwargs)
+            t = time.perf_counter()
+            out = fn(mb, *args, **kwargs)
+            k = kind if kind != "B" or kwargs.get("full_backward", True) else "I"
+            self.events.append([self.rank, sid, k, mb, t - self._t0, time.perf_counter() - self._t0])
+            return out
+
+        stage.forward_one_chunk = lambda mb, *a, **k: timed("F", fwd, mb, *a, **k)
+        stage.backward_one_chunk = lambda mb, *a, **k: timed("B", bwd, mb, *a, **k)
+        stage.backward_weight_one_chunk = lambda mb, *a, **k: timed("W", bwd_w, mb, *a, **k)
+
+    def _loss(self, output, target):
+        loss = self._user_loss_fn(output, target)
+        if self.record and self.events and self.events[-1][2] == "F":  # the loss belongs to the last stage's F
+            self.events[-1][5] = time.perf_counter() - self._t0
+        return loss
+
+    def measured_timeline(self) -> Timeline:
+        """Gather the last recorded step's events from every rank of ``pp_group`` (collective) into a Timeline."""
+        gathered = [None] * self.p
+        dist.all_gather_object(gathered, self.events, group=self.group)
+        events = [Event(*e) for rank_events in gathered for e in rank_events]
+        return Timeline(events, self.p, label=f"{self.kind} measured (p={self.p}, m={self.n_microbatches}, v={self.v})",
+                        meta={"kind": self.kind, "p": self.p, "m": self.n_microbatches, "v": self.v})
+
+    # ---- one step -----------------------------------------------------------------------------------------------
+    def _input_error(self, batch, target) -> str:
+        m = self.n_microbatches
+        if self.rank == self.first_rank:
+            if not isinstance(batch, torch.Tensor):
+                return f"rank {self.rank} holds stage 0 and needs the batch tensor, got {type(batch).__name__}"
+            if batch.shape[0] % m:
+                return (f"batch of {batch.shape[0]} rows is not divisible by n_microbatches={m} "
+                        f"(schedule {self.kind!r})")
+        if self.rank == self.last_rank:
+            if not isinstance(target, torch.Tensor):
+                return f"rank {self.rank} holds the last stage and needs the target tensor, got {type(target).__name__}"
+            if target.shape[0] % m:
+                return (f"target of {target.shape[0]} rows is not divisible by n_microbatches={m} "
+                        f"(schedule {self.kind!r})")
+        return ""
+
+    def train_step(self, batch=None, target=None, *, broadcast_loss: bool = False, sync_tied: bool = True):
+        """Forward + backward of ``batch`` in ``n_microbatches`` chunks; returns the step loss (see module doc)."""
+        error = self._input_error(batch, target)
+        flag = torch.tensor([1.0 if error else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)  # every rank learns of any rank's bad input
+        if flag.item():
+            raise ValueError(error or "a peer rank of the pipeline rejected its input (see its error)")
+        self.events = []
+        if self.record:
+            dist.barrier(group=self.group)
+            self._t0 = time.perf_counter()
+        args = (batch.to(self.device),) if self.rank == self.first_rank else ()
+        kwargs = {}
+        if self.rank == self.last_rank:
+            kwargs = {"target": target.to(self.device), "losses": []}
+        self.schedule.step(*args, **kwargs)
+        self.losses = [t.detach() for t in kwargs.get("losses", [])]
+        if sync_tied:
+            self.sync_tied_grads()
+        loss = None
+        if self.rank == self.last_rank:
+            loss = torch.stack(self.losses).sum()
+            if self.scale_grads:
+                loss = loss / self.n_microbatches
+        if broadcast_loss:
+            buf = loss.detach().reshape(1).float() if loss is not None else torch.zeros(1, device=self.device)
+            src = dist.get_global_rank(self.group or dist.group.WORLD, self.last_rank)
+            dist.broadcast(buf, src=src, group=self.group)
+            loss = buf[0]
+        return loss
+
+    def parameters(self):
+        """Unique parameters of this rank's stages (a tied weight shared by two local stages appears once)."""
+        return list(nn.ModuleList(self.modules.values()).parameters())
+
+    def __repr__(self) -> str:
+        return (f"PipelineSchedule(kind={self.kind!r}, n_microbatches={self.n_microbatches}, pp={self.p}, "
+                f"stages_per_rank={self.v}, rank {self.rank} holds stages {self.stage_ids})")

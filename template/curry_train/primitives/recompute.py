@@ -1,0 +1,280 @@
+"""Activation recompute (activation checkpointing): store less in forward, re-run forward in backward.
+
+A block run under ``torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)`` keeps only its
+input for backward; everything it computed inside is recomputed when backward reaches it. For a stack of
+``L`` blocks that turns ``L * A`` saved bytes (``A`` = activations of one block) into ``L * |x| + A``:
+the inputs of every block plus, during backward, one block's activations at a time (Chen et al. 2016).
+The price is one extra forward of every checkpointed block, about +1/3 of a step when backward = 2x forward.
+
+Modes (``MODES``):
+
+* ``"full"``      recompute everything inside the block;
+* ``"selective"`` op-level policy (``create_selective_checkpoint_contexts``): keep the outputs of matmuls
+  (``mm``, ``addmm``, ``bmm``) and of attention (SDPA kernels), recompute the cheap pointwise ops
+  (LayerNorm, GELU, dropout, adds). Less memory saved than full, less compute spent.
+
+``Recompute(block)`` does not wrap ``block`` in a child module: it changes the block's class to a
+subclass ``Recompute<Block>`` (the way FSDP2's ``fully_shard`` does), so parameter names, ``state_dict``
+keys, FSDP2 FQNs and DCP checkpoints are identical with and without recompute (``checkpoint_wrapper``
+inserts ``_checkpoint_wrapped_module.``). Only the block's ``forward`` is checkpointed: hooks on the block
+itself run once, hooks on modules *inside* it run twice per step (forward, then recompute).
+
+Order with other wrappers (torchtitan's): recompute, then ``torch.compile``, then FSDP. ``Recompute`` on a
+block that ``fully_shard`` already wrapped is an error.
+
+``activation_memory(model, batch)`` measures what a mode saves: bytes kept for backward at the end of
+forward and the peak over forward + backward (profiler on CPU, ``torch.cuda`` memory stats on GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from numbers import Integral
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+MODES = ("full", "selective")
+
+_aten = torch.ops.aten
+# Outputs worth keeping: expensive to recompute (matmuls, attention), cheap to store relative to their cost.
+SELECTIVE_SAVE_OPS = {
+    _aten.mm.default,
+    _aten.addmm.default,
+    _aten.bmm.default,
+    _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    _aten._scaled_dot_product_efficient_attention.default,
+    _aten._scaled_dot_product_flash_attention.default,
+    _aten._scaled_dot_product_cudnn_attention.default,
+}
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in SELECTIVE_SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _check_mode(mode) -> str:
+    if mode not in MODES:
+        raise ValueError(f"recompute mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def _fsdp_module_class():
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed
+        return ()
+    return FSDPModule
+
+
+class Recompute(nn.Module):
+    """Run ``block``'s forward under non-reentrant activation checkpointing; returns ``block`` itself.
+
+    ``Recompute(block, enabled=True, mode="full", preserve_rng_state=True)`` re-classes ``block`` in place
+    (``isinstance(block, Recompute)`` and ``isinstance(block, type_before)`` both hold) and returns it, so
+    ``model.blocks[i] = Recompute(model.blocks[i])`` changes no parameter name. ``preserve_rng_state=True``
+    replays the forward's RNG state in the recompute, so dropout masks match; set it False only for blocks
+    without randomness (it saves a small RNG stash per block). Checkpointing is skipped when gradients are
+    off (``torch.no_grad()``, eval loops) or ``enabled`` is False.
+    """
+
+    _classes: dict[type, type] = {}
+
+    def __new__(cls, block: nn.Module | None = None, *args, **kwargs):
+        if block is None:  # copy.deepcopy / unpickling build an empty instance, then fill its __dict__
+            return super().__new__(cls)
+        if not isinstance(block, nn.Module):
+            raise ValueError(f"Recompute needs an nn.Module block, got {type(block).__name__}")
+        if _fsdp_module_class() and isinstance(block, _fsdp_module_class()):
+            raise ValueError(
+                "Recompute must be applied before fully_shard (order: recompute -> torch.compile -> FSDP); "
+                "this block is already sharded"
+            )
+        if not isinstance(block, Recompute):
+            base = type(block)
+            if base not in Recompute._classes:
+                Recompute._classes[base] = type(f"Recompute{base.__name__}", (Recompute, base), {})
+            block.__class__ = Recompute._classes[base]
+        return block
+
+    def __init__(self, block: nn.Module | None = None, enabled: bool = True, mode: str = "full",
+                 preserve_rng_state: bool = True):
+        # ``self`` is ``block`` (see __new__): nn.Module.__init__ must not run again, it would drop the block's state.
+        self.recompute_enabled = bool(enabled)
+        self.recompute_mode = _check_mode(mode)
+        self.preserve_rng_state = bool(preserve_rng_state)
+
+    def forward(self, *args, **kwargs):
+        inner = super(Recompute, self).forward  # the block's own forward (next class in the MRO)
+        if not (self.recompute_enabled and torch.is_grad_enabled()):
+            return inner(*args, **kwargs)
+        context_fn = (
+            functools.partial(create_selective_checkpoint_contexts, _selective_policy)
+            if self.recompute_mode == "selective" else None
+        )
+        extra = {"context_fn": context_fn} if context_fn is not None else {}
+        return checkpoint(inner, *args, use_reentrant=False, preserve_rng_state=self.preserve_rng_state,
+                          **extra, **kwargs)
+
+    @classmethod
+    def from_config(cls, cfg, block: nn.Module, key: str = "recompute") -> nn.Module:
+        """``block`` under the mode named by ``cfg[key]`` (``true``/``"full"``/``"selective"``, see
+        ``parse_recompute``); ``block`` unchanged when it is off. ``cfg``: any mapping or attribute object."""
+        mode = parse_recompute(_get(cfg, key, False), key)
+        return block if mode is None else cls(block, mode=mode)
+
+    def extra_repr(self) -> str:
+        parent = super().extra_repr()
+        mine = f"recompute={self.recompute_mode if self.recompute_enabled else 'off'}"
+        return f"{mine}, {parent}" if parent else mine
+
+
+def _get(cfg, key, default=None):
+    if hasattr(cfg, "get"):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def parse_recompute(value, key: str = "recompute") -> str | None:
+    """Config value -> mode or None. Accepts the seed's booleans (``true`` = ``"full"``) and mode names."""
+    if value is None or value is False or (isinstance(value, str) and value.lower() in ("none", "false", "off", "")):
+        return None
+    if value is True or (isinstance(value, str) and value.lower() == "true"):
+        return "full"
+    if isinstance(value, str) and value.lower() in MODES:
+        return value.lower()
+    raise ValueError(f"{key} must be false, true (= full) or one of {MODES}; got {value!r}")
+
+
+def transformer_blocks(model: nn.Module, block_types=None) -> list[nn.Module]:
+    """The repeated blocks of ``model``: instances of ``block_types`` if given, else the children of every
+    ``nn.ModuleList`` (``GPT.blocks``, torchtitan's ``layers``), outermost lists first, in order."""
+    if block_types is not None:
+        types = tuple(block_types) if isinstance(block_types, (list, tuple, set)) else (block_types,)
+        found, prefixes = [], []
+        for name, m in model.named_modules():  # pre-order: a block comes before anything inside it
+            if isinstance(m, types) and not any(name.startswith(p + ".") for p in prefixes):
+                found.append(m)
+                prefixes.append(name)
+        return found
+    found = []
+
+    def visit(module):
+        for child in module.children():
+            if isinstance(child, nn.ModuleList):
+                found.extend(child)
+            else:
+                visit(child)
+
+    visit(model)
+    return found
+
+
+def apply_recompute(model: nn.Module, mode: str | bool = "full", every_n: int = 1, block_types=None,
+                    preserve_rng_state: bool = True) -> list[nn.Module]:
+    """Checkpoint every ``every_n``-th block of ``model`` (the ``every_n``-th, ``2*every_n``-th, ...; all
+    when 1, as torchtitan's ``ac_freq``). Blocks are found by ``transformer_blocks``. Returns the blocks
+    now under recompute. ``mode``: ``"full"``, ``"selective"`` or ``True`` (= full)."""
+    mode = "full" if mode is True else mode
+    _check_mode(mode)
+    if isinstance(every_n, bool) or not isinstance(every_n, Integral) or every_n <= 0:
+        raise ValueError(f"every_n must be a positive integer (1 = every block), got {every_n!r}")
+    blocks = transformer_blocks(model, block_types)
+    if not blocks:
+        raise ValueError(
+            f"no blocks to recompute in {type(model).__name__}: it has no nn.ModuleList of blocks; "
+            "pass block_types=(YourBlock,)"
+        )
+    chosen = [b for i, b in enumerate(blocks) if (i + 1) % every_n == 0]
+    return [Recompute(b, mode=mode, preserve_rng_state=preserve_rng_state) for b in chosen]
+
+
+def check_recompute_config(cfg, key: str = "recompute", every_n_key: str = "recompute_every_n") -> tuple[str | None, int]:
+    """(mode or None, every_n) from ``cfg``, validated; no model needed (run it before any process group)."""
+    mode = parse_recompute(_get(cfg, key, False), key)
+    every_n = _get(cfg, every_n_key, 1)
+    if isinstance(every_n, bool) or not isinstance(every_n, Integral) or every_n <= 0:
+        raise ValueError(f"{every_n_key} must be a positive integer (1 = every block), got {every_n!r}")
+    return mode, int(every_n)
+
+
+def apply_recompute_from_config(model: nn.Module, cfg, key: str = "recompute", every_n_key: str = "recompute_every_n",
+                                block_types=None) -> str | None:
+    """``apply_recompute`` driven by ``cfg[key]`` and ``cfg[every_n_key]`` (e.g. Hydra's ``cfg.train``).
+    Returns the mode applied, or None when recompute is off."""
+    mode, every_n = check_recompute_config(cfg, key, every_n_key)
+    if mode is not None:
+        apply_recompute(model, mode, every_n, block_types)
+    return mode
+
+
+def _forward_loss(model, batch, loss_fn):
+    if isinstance(batch, (tuple, list)):
+        x, y = batch
+        out = model(x)
+        if loss_fn is None:
+            return nn.functional.cross_entropy(out.reshape(-1, out.size(-1)).float(), y.reshape(-1), ignore_index=-100)
+        return loss_fn(out, y)
+    out = model(batch)
+    return out.float().sum() if loss_fn is None else loss_fn(out)
+
+
+def activation_memory(model: nn.Module, batch, loss_fn=None, peak: bool = True) -> dict:
+    """Bytes the forward pass keeps for backward, and the peak over forward + backward.
+
+    ``batch``: the model input, or ``(inputs, targets)`` (default loss: cross-entropy). ``loss_fn(out)`` or
+    ``loss_fn(out, targets)`` overrides the loss. Gradients are cleared first and again at the end.
+
+    * CPU: ``activation_bytes`` = ``sum(self_cpu_memory_usage)`` over a forward-only profile (allocations
+      minus frees: exactly what is still alive when forward returns, output and loss included);
+      ``peak_bytes`` = maximum of the profiler's memory timeline over forward + backward, minus its start.
+      The timeline comes from ``torch.profiler._memory_profiler`` (a private API).
+    * CUDA: ``torch.cuda.memory_allocated`` after forward minus before, and ``max_memory_allocated`` over
+      forward + backward minus before.
+
+    Also returns ``fwd_bwd_seconds`` of one unprofiled forward + backward. ``peak=False`` skips the peak
+    (``peak_bytes`` is then None): on CPU the memory timeline is the slow part.
+    """
+    model.zero_grad(set_to_none=True)
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        loss = _forward_loss(model, batch, loss_fn)
+        activation = torch.cuda.memory_allocated(device) - base
+        loss.backward()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            loss = _forward_loss(model, batch, loss_fn)
+        activation = sum(e.self_cpu_memory_usage for e in prof.key_averages())
+        loss.backward()
+        del loss
+        model.zero_grad(set_to_none=True)
+        if peak:
+            from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                         with_stack=True) as prof:
+                _forward_loss(model, batch, loss_fn).backward()
+            _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
+            totals = [sum(s) for s in sizes]
+            peak = max(totals) - totals[0] if totals else 0
+        else:
+            peak = None
+    model.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    _forward_loss(model, batch, loss_fn).backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    return {"activation_bytes": int(activation), "peak_bytes": None if peak is None else int(peak),
+            "fwd_bwd_seconds": seconds}

@@ -1,0 +1,92 @@
+"""ParallelState: grid arithmetic and validation without a process group; real DeviceMesh groups at ws 4."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from curry_train.config import load_config, validate
+from curry_train.distributed import launch
+from curry_train.primitives import ParallelState
+
+
+def test_dp_minus_one_takes_what_is_left():
+    assert ParallelState.resolve_sizes(8, dp=-1, pp=2, tp=2) == {"pp": 2, "dp": 2, "cp": 1, "tp": 2}
+    assert ParallelState.resolve_sizes(1) == {"pp": 1, "dp": 1, "cp": 1, "tp": 1}
+    assert ParallelState.resolve_sizes(6, dp=3, pp=2) == {"pp": 2, "dp": 3, "cp": 1, "tp": 1}
+
+
+@pytest.mark.parametrize("kwargs,world,message", [
+    ({"dp": 3, "pp": 2}, 4, r"parallel.dp=3 \* pp=2 \* cp=1 \* tp=1 = 6 != world size 4"),
+    ({"dp": -1, "pp": 3}, 4, r"world size 4 is not divisible by parallel.pp\*cp\*tp = 3\*1\*1 = 3"),
+    ({"dp": 1, "pp": 2, "tp": 2, "cp": 2}, 4, r"dp=1 \* pp=2 \* cp=2 \* tp=2 = 8 != world size 4"),
+    ({"tp": 0}, 4, r"parallel.tp must be a positive integer, got 0"),
+    ({"dp": -2}, 4, r"parallel.dp must be a positive integer or -1"),
+    ({"pp": 1.5}, 4, r"parallel.pp must be a positive integer, got 1.5"),
+    ({"order": "pp-dp-tp"}, 4, r"parallel.order='pp-dp-tp' must name each of pp, dp, cp, tp exactly once"),
+    ({"order": "pp-dp-dp-tp"}, 4, r"exactly once"),
+])
+def test_bad_grids_name_every_size(kwargs, world, message):
+    with pytest.raises(ValueError, match=message):
+        ParallelState.resolve_sizes(world, **kwargs)
+
+
+def test_config_validation_checks_the_grid_before_any_process_group():
+    validate(load_config(["parallel.pp=2", "parallel.dp=2", "train.batch_size=8"]), 4)
+    with pytest.raises(ValueError, match=r"parallel.dp=2 \* pp=2 \* cp=1 \* tp=1 = 4 != world size 8"):
+        validate(load_config(["parallel.pp=2", "parallel.dp=2"]), 8)
+    with pytest.raises(Exception, match="parallel.nope"):  # unknown keys: Hydra's struct-mode error
+        load_config(["parallel.nope=1"])
+
+
+def test_one_process_has_no_groups_and_prints_its_grid():
+    ps = ParallelState.from_config({"dp": -1, "pp": 1, "tp": 1, "cp": 1, "order": "pp-dp-cp-tp"})
+    assert ps.mesh is None and ps.dp_group is None and ps.dp == 1 and ps.dp_rank == 0
+    assert ps.is_first_stage and ps.is_last_stage
+    assert "rank grid pp1 x dp1 x cp1 x tp1 = 1 rank(s)" in str(ps)
+
+
+def test_grid_layout_outermost_first_without_a_process_group():
+    ps = ParallelState(dp=2, pp=2, tp=2, world_size=8)  # order pp-dp-cp-tp: tp fastest
+    assert ps.grid.tolist() == torch.arange(8).view(2, 2, 1, 2).tolist()
+    assert ps.coordinates(5) == {"pp": 1, "dp": 0, "cp": 0, "tp": 1}
+    assert ps.group_ranks("tp") == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert ps.group_ranks("dp") == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert ps.group_ranks("pp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert ps.group_ranks("cp") == [[r] for r in range(8)]
+    # another order: dp outermost, pp innermost
+    other = ParallelState(dp=2, pp=2, tp=2, order="dp-tp-cp-pp", world_size=8)
+    assert other.group_ranks("pp") == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert other.group_ranks("dp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    text = str(ps)
+    assert "rank grid pp2 x dp2 x cp1 x tp2 = 8 rank(s), order pp-dp-cp-tp" in text
+    assert "   5    1   0   0   1" in text and "dp groups: [[0, 2], [1, 3], [4, 6], [5, 7]]" in text
+    with pytest.raises(ValueError, match="unknown parallel dim 'ep'"):
+        ps.group_ranks("ep")
+
+
+def _mesh_groups(rank, world, kwargs):
+    ps = ParallelState(**kwargs)
+    out = {}
+    for d in ("pp", "dp", "cp", "tp"):
+        group = ps.group(d)
+        t = torch.tensor([float(rank)])
+        dist.all_reduce(t, group=group)  # the group really talks: sum of its ranks
+        out[d] = (dist.get_process_group_ranks(group), ps.ranks_in_group(d), t.item())
+    out["coords"] = ps.coords
+    out["props"] = (ps.dp_rank, ps.pp_rank, ps.dp, ps.pp, ps.is_first_stage, ps.is_last_stage)
+    out["mesh_dims"] = ps.mesh.mesh_dim_names
+    return out
+
+
+def test_device_mesh_groups_match_the_grid_at_world_size_4():
+    results = launch(_mesh_groups, 4, {"dp": 2, "pp": 2}, timeout=300)
+    grid = ParallelState(dp=2, pp=2, world_size=4)
+    for rank, r in enumerate(results):
+        assert r["mesh_dims"] == ("pp", "dp", "cp", "tp")
+        assert r["coords"] == grid.coordinates(rank)
+        for d in ("pp", "dp", "cp", "tp"):
+            mesh_ranks, grid_ranks, total = r[d]
+            assert mesh_ranks == grid_ranks == grid.ranks_in_group(d, rank)
+            assert total == float(sum(grid_ranks))
+        c = grid.coordinates(rank)
+        assert r["props"] == (c["dp"], c["pp"], 2, 2, c["pp"] == 0, c["pp"] == 1)

@@ -1,0 +1,64 @@
+"""``train()`` with ``parallel.pp=2`` (and dp=2 x pp=2): the same losses as one process; pipeline config errors
+are raised before any send."""
+
+import pytest
+
+from curry_train.config import load_config
+from curry_train.distributed import launch
+from curry_train.pipeline_train import pipeline_settings
+from curry_train.train import train
+
+SMALL = ["model.n_layer=4", "model.n_embd=32", "model.n_head=2", "train.seq_len=32", "train.batch_size=8",
+         "train.steps=3", "train.warmup_steps=1", "train.progress=false", "train.log_every=0"]
+RUNS = {
+    "1f1b": [*SMALL, "parallel.pp_schedule=1f1b", "parallel.n_microbatches=4"],
+    # two stages per rank, gradient accumulation over padded rows, recompute: every token counted once
+    "interleaved+ga+padding+recompute": [*SMALL, "parallel.pp_schedule=interleaved", "parallel.n_microbatches=2",
+                                         "train.gradient_accumulation_steps=2", "data.variable_length=true",
+                                         "train.recompute=true", "train.grad_clip=0.05"],
+}
+
+
+def _loss_and_norm(history):
+    return [h["loss"] for h in history], [h["grad_norm"] for h in history]
+
+
+def _train_pipelined(rank, world_size, runs):
+    return {name: _loss_and_norm(train(load_config([*overrides, f"parallel.pp={world_size}"])))
+            for name, overrides in runs.items()}
+
+
+def test_pp2_training_losses_and_grad_norms_match_single_process():
+    ranks = launch(_train_pipelined, 2, RUNS, timeout=300)
+    for name, overrides in RUNS.items():
+        losses, norms = _loss_and_norm(train(load_config(overrides)))
+        for rank_result in ranks:
+            assert rank_result[name][0] == pytest.approx(losses, abs=1e-5), name
+            assert rank_result[name][1] == pytest.approx(norms, rel=1e-4), f"{name}: the logged norm is the global one"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["parallel.pp_schedule=1f1b", "parallel.n_microbatches=1"], r"n_microbatches=1 < 2 stages"),
+    (["parallel.pp_schedule=dualpipev", "parallel.n_microbatches=2"], r"dualpipev.*n_microbatches=2 < 4 stages"),
+    (["parallel.pp_schedule=zigzag"], r"unknown pipeline schedule kind 'zigzag'; choose from gpipe, 1f1b"),
+    (["parallel.pp_schedule=gpipe", "parallel.n_microbatches=3"], r"8 rows per pipeline step, not divisible by parallel.n_microbatches=3"),
+    (["parallel.pp_schedule=interleaved", "model.n_layer=6"], r"model.n_layer=6 is not divisible by the number of pipeline stages 4"),
+    (["parallel.sharding=full"], r"parallel.sharding='full' is not supported with parallel.pp=2"),
+])
+def test_pipeline_config_errors_name_the_numbers(overrides, message):
+    cfg = load_config([*SMALL, "parallel.pp=2", *overrides])
+    with pytest.raises(ValueError, match=message):
+        pipeline_settings(cfg, 2)
+
+
+def _train_dp_pp(rank, world_size, overrides):
+    return [h["loss"] for h in train(load_config([*overrides, "parallel.pp=2"]))]
+
+
+def test_dp2_x_pp2_training_losses_match_single_process():
+    """World size 4 = 2 data-parallel replicas of a 2-stage pipeline (groups from ParallelState)."""
+    overrides = [*SMALL, "parallel.pp_schedule=1f1b", "parallel.n_microbatches=2", "data.variable_length=true",
+                 "train.gradient_accumulation_steps=2"]
+    single = [h["loss"] for h in train(load_config(overrides))]
+    for rank_losses in launch(_train_dp_pp, 4, overrides, timeout=300):
+        assert rank_losses == pytest.approx(single, abs=1e-5)
