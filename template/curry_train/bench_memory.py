@@ -17,8 +17,11 @@ per-rank totals within 1% of 1/N of DDP's.
 from __future__ import annotations
 
 import copy
+import os
 import statistics
+import sys
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -31,6 +34,21 @@ SHARDING_MODES = [("no_shard", None), ("zero1", None), ("shard_grad_op", None), 
                   ("shard_grad_op", "bf16"), ("full", "bf16")]
 ZERO_NAME = {"no_shard": "DDP", "zero1": "ZeRO-1", "shard_grad_op": "ZeRO-2", "full": "ZeRO-3"}
 MIB = 2**20
+
+
+@contextmanager
+def quiet_stderr():
+    """Silence file descriptor 2 (C++ writes bypass ``sys.stderr``); restored even on error."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _setup(cfg):
@@ -57,7 +75,8 @@ def bench_recompute(cfg) -> dict:
         if spec:
             apply_recompute(m, spec[0], every_n=spec[1])
         sides[name] = {"model": m, "opt": torch.optim.AdamW(m.parameters(), lr=t.lr)}
-        sides[name].update(activation_memory(m, (x, y)))
+        with quiet_stderr():  # the CPU profiler prints two USDT lines per profile on stderr
+            sides[name].update(activation_memory(m, (x, y)))
 
     def run(name, n):
         s = sides[name]
