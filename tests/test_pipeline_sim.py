@@ -116,13 +116,14 @@ def test_pipeline_bench_on_a_tiny_model(tmp_path):
     from curry_train.bench_pipeline import bench_pipeline
 
     assert BENCHES["pipeline"] == "curry_train.bench_pipeline:bench_pipeline"
-    cfg = load_config(["model.n_embd=32", "model.n_head=2", "train.seq_len=32", "train.batch_size=8",
+    cfg = load_config(["model.n_embd=32", "model.n_head=2", "train.seq_len=32", "bench.pipeline_batch_size=8",
                        f"bench.out_dir={tmp_path}"])
     result = bench_pipeline(cfg, pp_sizes=(2,), kinds=("gpipe", "1f1b", "zbv"), m=4, n_layer=4, steps=1)
     rows = {r["kind"]: r for r in result["rows"]}
     assert set(rows) == {"gpipe", "1f1b", "zbv"}
     for kind in ("gpipe", "1f1b"):
         assert rows[kind]["simulated"] == pytest.approx(rows[kind]["analytic"]) == pytest.approx(1 / 5)
+        assert rows[kind]["target_met"] in (True, False, None)  # judged against sim@meas, None when oversubscribed
     assert rows["zbv"]["simulated"] < rows["1f1b"]["simulated"]
     for r in rows.values():
         assert 0.0 < r["measured"] < 1.0 and r["step_ms"] > 0 and 0.0 <= r["sim_at_measured"] < 1.0

@@ -1,8 +1,11 @@
 """``python -m curry_train bench pipeline``: every pipeline schedule, simulated and measured, side by side.
 
 For each kind at p = 2 and 4 pipeline ranks (spawned gloo ranks; v = 2 stages per rank for the multi-stage
-kinds) and m = 8 micro-batches, on the configured GPT widened to ``n_layer = 8`` blocks (divisible by every
-p x v used) and the global batch ``train.batch_size x train.seq_len`` of the embedded corpus:
+kinds) and m = 8 micro-batches, on the configured GPT deepened to ``n_layer = 8`` blocks (divisible by every
+p x v used) and a global batch of ``bench.pipeline_batch_size x train.seq_len`` tokens of the embedded corpus
+(default 64 rows: 8 per micro-batch, so each stage call computes for tens of milliseconds and the fixed cost
+of a gloo send/recv and of the schedule's Python is a small part of it; with 2 rows per micro-batch it is not,
+and the bubble is swamped by communication gaps the simulator does not model):
 
 * ``analytic``: closed form, ``(p-1)/(m+p-1)`` for GPipe/1F1B, ``(p-1)/(v*m+p-1)`` interleaved/looped BFS;
 * ``simulated``: ``pipeline_sim.simulate`` with F=1, B=2 (I=W=1);
@@ -12,8 +15,10 @@ p x v used) and the global batch ``train.batch_size x train.seq_len`` of the emb
   time inside stage forward (+ loss) / backward calls; median over ``steps`` timed steps after one warm-up;
 * ``step ms``: wall time of ``train_step`` (max over ranks), median.
 
-Target: measured within 0.05 of simulated for GPipe and 1F1B. Ranks share the machine's cores: with more ranks
-than free cores, busy intervals stretch and the comparison loses meaning (the table prints the core count).
+Target: for GPipe and 1F1B, measured within 0.05 of the simulator run on this run's stage costs (``sim@meas``:
+the first stage carries the embedding, the last the head and loss, so uniform F=1, B=2 is not what ran).
+It is judged only where every rank has a core of its own (p <= cores): with more ranks than cores, busy
+intervals stretch while a rank waits for a core, and the comparison says nothing ("n/a").
 Writes ``timeline-{kind}-p{p}-m{m}.png`` (simulated above measured) under ``bench.out_dir``.
 """
 
@@ -96,6 +101,7 @@ def bench_pipeline(cfg, pp_sizes=(2, 4), kinds=tuple(KINDS), m: int = 8, n_layer
     model_cfg = {k: v for k, v in dict(cfg.model).items() if k != "name"}
     model_cfg["n_layer"] = n_layer
     batches = build_batches(cfg)
+    batches.batch_size = cfg.bench.pipeline_batch_size
     batch = batches.global_batch(0)
     out_dir = Path(cfg.bench.out_dir)
     rows = []
@@ -115,7 +121,7 @@ def bench_pipeline(cfg, pp_sizes=(2, 4), kinds=tuple(KINDS), m: int = 8, n_layer
                          "simulated": sim.bubble_fraction, "sim_at_measured": sim_measured.bubble_fraction,
                          "measured": r["measured"], "step_ms": r["step_ms"], "png": str(png)})
     cores = os.cpu_count()
-    print(f"pipeline schedules: {cfg.model.name} GPT with n_layer={n_layer}, global batch {cfg.train.batch_size}x"
+    print(f"pipeline schedules: {cfg.model.name} GPT with n_layer={n_layer}, global batch {batches.batch_size}x"
           f"{cfg.train.seq_len}, m={m} micro-batches, gloo on CPU, {cores} cores; median of {steps} steps")
     print(f"  {'kind':11s} {'p':>2s} {'v':>2s} {'analytic':>9s} {'simulated':>10s} {'sim@meas':>9s} {'measured':>9s} "
           f"{'step ms':>8s}  target")
@@ -123,8 +129,11 @@ def bench_pipeline(cfg, pp_sizes=(2, 4), kinds=tuple(KINDS), m: int = 8, n_layer
         analytic = f"{r['analytic']:.3f}" if r["analytic"] is not None else "-"
         verdict = ""
         if r["kind"] in ("gpipe", "1f1b"):
-            ok = abs(r["measured"] - r["simulated"]) <= TARGET
-            verdict = f"|meas-sim| {abs(r['measured'] - r['simulated']):.3f} {'PASS' if ok else 'MISS'}"
+            gap = abs(r["measured"] - r["sim_at_measured"])
+            judged = r["p"] <= (cores or 1)
+            verdict = f"|meas-sim@meas| {gap:.3f} " + (("PASS" if gap <= TARGET else "MISS") if judged else
+                                                       f"n/a ({r['p']} ranks > {cores} cores)")
+            r["target_met"] = gap <= TARGET if judged else None
         print(f"  {r['kind']:11s} {r['p']:2d} {r['v']:2d} {analytic:>9s} {r['simulated']:10.3f} {r['sim_at_measured']:9.3f} "
               f"{r['measured']:9.3f} {r['step_ms']:8.1f}  {verdict}")
     print(f"  timelines: {out_dir}/timeline-KIND-pP-m{m}.png")
