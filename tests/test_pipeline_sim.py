@@ -129,3 +129,13 @@ def test_pipeline_bench_on_a_tiny_model(tmp_path):
         assert 0.0 < r["measured"] < 1.0 and r["step_ms"] > 0 and 0.0 <= r["sim_at_measured"] < 1.0
         assert (tmp_path / f"timeline-{r['kind']}-p2-m4.png").stat().st_size > 10_000
     json.dumps(result)
+
+
+def test_communication_latency_delays_only_cross_rank_dependencies():
+    free = simulate("1f1b", 2, 4)
+    slow = simulate("1f1b", 2, 4, comm=0.5)
+    assert slow.makespan > free.makespan and slow.bubble_fraction > free.bubble_fraction
+    # GPipe p=2, m=4, F=1, B=2: the critical path crosses ranks twice (F forward, B back): + 2 * comm
+    assert simulate("gpipe", 2, 4, comm=0.5).makespan == pytest.approx(simulate("gpipe", 2, 4).makespan + 1.0)
+    # V-style ZBV still crosses ranks between stages 0-1 and 2-3
+    assert simulate("zbv", 2, 4, comm=0.5).makespan > simulate("zbv", 2, 4).makespan

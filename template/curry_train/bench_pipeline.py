@@ -10,7 +10,8 @@ and the bubble is swamped by communication gaps the simulator does not model):
 * ``analytic``: closed form, ``(p-1)/(m+p-1)`` for GPipe/1F1B, ``(p-1)/(v*m+p-1)`` interleaved/looped BFS;
 * ``simulated``: ``pipeline_sim.simulate`` with F=1, B=2 (I=W=1);
 * ``sim@measured``: the same simulator fed the per-stage mean F/B/I/W durations measured in the run (it sees
-  stage imbalance, e.g. the embedding and head stages, but still assumes free communication);
+  stage imbalance, e.g. the embedding and head stages) and the measured one-way time of one activation
+  send/recv between ranks (``p2p_latency``, added to every cross-rank dependency);
 * ``measured``: idle fraction of the real run, ``1 - busy / makespan`` averaged over ranks, where busy is the
   time inside stage forward (+ loss) / backward calls; median over ``steps`` timed steps after one warm-up;
 * ``step ms``: wall time of ``train_step`` (max over ranks), median.
@@ -66,9 +67,30 @@ def _allowed(kind: str, p: int, m: int) -> bool:
         return False
 
 
+def p2p_latency(activation: torch.Tensor, repeats: int = 20) -> float:
+    """One-way time of a blocking send/recv of ``activation`` between pipeline neighbours (ranks 0 and 1):
+    median of ping-pong round trips / 2. Called on every rank; ranks other than 0 and 1 only take part in the
+    final broadcast."""
+    rank, times = dist.get_rank(), []
+    buf = activation.clone()
+    for _ in range(repeats + 2):
+        dist.barrier()
+        t0 = time.perf_counter()
+        if rank == 0:
+            dist.send(buf, 1)
+            dist.recv(buf, 1)
+        elif rank == 1:
+            dist.recv(buf, 0)
+            dist.send(buf, 0)
+        times.append((time.perf_counter() - t0) / 2)
+    latency = torch.tensor([statistics.median(times[2:])])
+    dist.broadcast(latency, 0)
+    return latency.item()
+
+
 def _run_kinds(rank, world_size, kinds, m, model_cfg, batch, steps):
     x, y = batch
-    out = {}
+    out = {"_comm": p2p_latency(torch.zeros(x.shape[0] // m, x.shape[1], model_cfg["n_embd"]))}
     for kind in kinds:
         v = default_stages_per_rank(kind)
         torch.manual_seed(0)
@@ -108,18 +130,19 @@ def bench_pipeline(cfg, pp_sizes=(2, 4), kinds=tuple(KINDS), m: int = 8, n_layer
     for p in pp_sizes:
         runnable = [k for k in kinds if _allowed(k, p, m)]
         measured = launch(_run_kinds, p, runnable, m, model_cfg, batch, steps, timeout=600)[0]
+        comm = measured["_comm"]
         for kind in runnable:
             r = measured[kind]
             v, n_stages = r["v"], p * r["v"]
             timeline = Timeline([Event(*e) for e in r["events"]], p,
                                 label=f"{kind} measured (p={p}, m={m}, v={v})")
             sim = simulate(kind, p, m, v)
-            sim_measured = simulate(kind, p, m, v, **_stage_costs(timeline, n_stages))
+            sim_measured = simulate(kind, p, m, v, comm=comm, **_stage_costs(timeline, n_stages))
             png = plot_timeline([sim, timeline], out_dir / f"timeline-{kind}-p{p}-m{m}.png",
                                 title=f"{kind}: simulated (F=1, B=2) vs measured, {cfg.model.name} GPT n_layer={n_layer}")
             rows.append({"kind": kind, "p": p, "v": v, "m": m, "analytic": analytic_bubble(kind, p, m, v),
                          "simulated": sim.bubble_fraction, "sim_at_measured": sim_measured.bubble_fraction,
-                         "measured": r["measured"], "step_ms": r["step_ms"], "png": str(png)})
+                         "measured": r["measured"], "step_ms": r["step_ms"], "p2p_ms": 1e3 * comm, "png": str(png)})
     cores = os.cpu_count()
     print(f"pipeline schedules: {cfg.model.name} GPT with n_layer={n_layer}, global batch {batches.batch_size}x"
           f"{cfg.train.seq_len}, m={m} micro-batches, gloo on CPU, {cores} cores; median of {steps} steps")
@@ -136,5 +159,9 @@ def bench_pipeline(cfg, pp_sizes=(2, 4), kinds=tuple(KINDS), m: int = 8, n_layer
             r["target_met"] = gap <= TARGET if judged else None
         print(f"  {r['kind']:11s} {r['p']:2d} {r['v']:2d} {analytic:>9s} {r['simulated']:10.3f} {r['sim_at_measured']:9.3f} "
               f"{r['measured']:9.3f} {r['step_ms']:8.1f}  {verdict}")
+    for p in pp_sizes:
+        p2p = next((r["p2p_ms"] for r in rows if r["p"] == p), None)
+        if p2p is not None:
+            print(f"  p={p}: one activation send/recv between ranks took {p2p:.2f} ms (in sim@meas)")
     print(f"  timelines: {out_dir}/timeline-KIND-pP-m{m}.png")
     return {"m": m, "n_layer": n_layer, "cores": cores, "target": TARGET, "rows": rows}

@@ -238,13 +238,16 @@ def _cost(value, stage: int) -> float:
     return float(value[stage]) if isinstance(value, (list, tuple)) else float(value)
 
 
-def simulate(kind: str, p: int, m: int, v: int | None = None, f=1.0, b=2.0, w=None) -> Timeline:
+def simulate(kind: str, p: int, m: int, v: int | None = None, f=1.0, b=2.0, w=None, comm=0.0) -> Timeline:
     """Simulated timeline of one step. ``f``, ``b``: forward and full-backward cost *of one stage* (a number, or
     one per stage; to compare schedules on the same model, divide by ``v``: each stage then holds ``1/v`` of a
-    rank's layers); ``w``: weight-gradient part of ``b`` for I/W-split kinds (``I = b - w``), default ``b / 2``."""
+    rank's layers); ``w``: weight-gradient part of ``b`` for I/W-split kinds (``I = b - w``), default ``b / 2``;
+    ``comm``: time from the end of an action to the start of the dependent one when the two stages sit on
+    different ranks (a point-to-point transfer; 0 = free communication, the textbook bubble)."""
     kind, v = check_schedule(kind, p, m, v)
     lists = action_lists(kind, p, m, v)
     n_stages = p * v
+    rank_of = {s: r for r, stages in enumerate(stage_placement(kind, p, v)) for s in stages}
     w = [(_cost(b, s) / 2 if w is None else _cost(w, s)) for s in range(n_stages)]
     cost = {"F": lambda s: _cost(f, s), "B": lambda s: _cost(b, s),
             "I": lambda s: _cost(b, s) - w[s], "W": lambda s: w[s]}
@@ -265,7 +268,7 @@ def simulate(kind: str, p: int, m: int, v: int | None = None, f=1.0, b=2.0, w=No
             deps.append((a.stage, "I", a.mb))
         if any(d not in done for d in deps):
             return None
-        return max((done[d] for d in deps), default=0.0)
+        return max((done[d] + (comm if rank_of[d[0]] != rank_of[a.stage] else 0.0) for d in deps), default=0.0)
 
     pos, free, events = [0] * p, [0.0] * p, []
     while any(pos[r] < len(lists[r]) for r in range(p)):
