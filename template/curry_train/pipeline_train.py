@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .model import IGNORE_INDEX, token_loss
+from .primitives._config import config_getter
 from .primitives.pipeline_schedule import PipelineSchedule, layer_split, split_model
 from .primitives.pipeline_sim import check_schedule, default_stages_per_rank, normalize_kind
 from .primitives.recompute import apply_recompute_from_config
@@ -43,7 +44,7 @@ from .primitives.recompute import apply_recompute_from_config
 def pipeline_settings(cfg, world_size: int, dp_size: int = 1) -> dict:
     """Check the pipeline config without a process group; returns kind, pp, v, n_microbatches, layers_per_stage."""
     p = cfg.parallel
-    get = p.get if hasattr(p, "get") else (lambda k, d=None: getattr(p, k, d))
+    get = config_getter(p)
     kind = normalize_kind(p.pp_schedule)
     v = get("pp_stages_per_rank", None)
     v = default_stages_per_rank(kind) if v is None or kind in ("gpipe", "1f1b") else v

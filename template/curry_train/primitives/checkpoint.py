@@ -50,6 +50,8 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
 )
 
+from ._config import config_getter
+
 LATEST = "latest"
 STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -197,7 +199,7 @@ class Checkpointer:
     @classmethod
     def from_config(cls, cfg, process_group=None) -> "Checkpointer":
         """From ``cfg.checkpoint`` (mapping or attribute object): ``dir``, ``keep_last``, ``async_save``."""
-        get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
+        get = config_getter(cfg)
         return cls(get("dir"), keep_last=get("keep_last", 2), async_save=get("async_save", False),
                    process_group=process_group)
 

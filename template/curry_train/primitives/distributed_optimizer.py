@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ._config import config_getter
 from .recompute import transformer_blocks
 
 SHARDINGS = ("no_shard", "zero1", "shard_grad_op", "full")
@@ -227,7 +228,7 @@ class DistributedOptimizer:
     def from_config(cls, cfg, model: nn.Module, process_group=None, **kwargs) -> "DistributedOptimizer":
         """``wrap`` with ``sharding``, ``mixed_precision`` and ``cpu_offload`` read from ``cfg`` (any mapping or
         attribute object, e.g. Hydra's ``cfg.parallel``); ``kwargs`` go to ``wrap`` (optimizer settings)."""
-        get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
+        get = config_getter(cfg)
         try:
             return cls.wrap(model, get("sharding", "no_shard"), get("mixed_precision", None),
                             bool(get("cpu_offload", False)), process_group=process_group, **kwargs)

@@ -32,6 +32,8 @@ from numbers import Integral
 import torch
 import torch.distributed as dist
 
+from ._config import config_getter
+
 NORMALIZATIONS = ("tokens", "microbatches")
 
 
@@ -49,7 +51,7 @@ class GradientAccumulation:
     @classmethod
     def from_config(cls, cfg, key: str = "gradient_accumulation_steps", normalization_key: str = "grad_accum_normalization"):
         """Build from any mapping or attribute object holding ``key`` (e.g. Hydra's ``cfg.train``)."""
-        get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
+        get = config_getter(cfg)
         steps = get(key, 1)
         normalization = get(normalization_key, "tokens")
         try:

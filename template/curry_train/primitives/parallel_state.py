@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ._config import config_getter
+
 DIMS = ("pp", "dp", "cp", "tp")
 DEFAULT_ORDER = "pp-dp-cp-tp"
 
@@ -105,14 +107,14 @@ class ParallelState:
     @classmethod
     def from_config(cls, cfg, world_size: int | None = None, device_type: str | None = None) -> "ParallelState":
         """From ``cfg.parallel`` (any mapping or attribute object with dp, pp, tp, cp and optionally order)."""
-        get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
+        get = config_getter(cfg)
         return cls(dp=get("dp", -1), pp=get("pp", 1), tp=get("tp", 1), cp=get("cp", 1),
                    order=get("order", DEFAULT_ORDER), world_size=world_size, device_type=device_type)
 
     @staticmethod
     def sizes_from_config(cfg, world_size: int) -> dict[str, int]:
         """``resolve_sizes`` from a config: the check ``config.validate`` runs before any process group."""
-        get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
+        get = config_getter(cfg)
         return ParallelState.resolve_sizes(world_size, dp=get("dp", -1), pp=get("pp", 1), tp=get("tp", 1),
                                            cp=get("cp", 1), order=get("order", DEFAULT_ORDER))
 

@@ -36,6 +36,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from ._config import config_get
+
 MODES = ("full", "selective")
 
 _aten = torch.ops.aten
@@ -122,19 +124,13 @@ class Recompute(nn.Module):
     def from_config(cls, cfg, block: nn.Module, key: str = "recompute") -> nn.Module:
         """``block`` under the mode named by ``cfg[key]`` (``true``/``"full"``/``"selective"``, see
         ``parse_recompute``); ``block`` unchanged when it is off. ``cfg``: any mapping or attribute object."""
-        mode = parse_recompute(_get(cfg, key, False), key)
+        mode = parse_recompute(config_get(cfg, key, False), key)
         return block if mode is None else cls(block, mode=mode)
 
     def extra_repr(self) -> str:
         parent = super().extra_repr()
         mine = f"recompute={self.recompute_mode if self.recompute_enabled else 'off'}"
         return f"{mine}, {parent}" if parent else mine
-
-
-def _get(cfg, key, default=None):
-    if hasattr(cfg, "get"):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
 
 
 def parse_recompute(value, key: str = "recompute") -> str | None:
@@ -193,8 +189,8 @@ def apply_recompute(model: nn.Module, mode: str | bool = "full", every_n: int = 
 
 def check_recompute_config(cfg, key: str = "recompute", every_n_key: str = "recompute_every_n") -> tuple[str | None, int]:
     """(mode or None, every_n) from ``cfg``, validated; no model needed (run it before any process group)."""
-    mode = parse_recompute(_get(cfg, key, False), key)
-    every_n = _get(cfg, every_n_key, 1)
+    mode = parse_recompute(config_get(cfg, key, False), key)
+    every_n = config_get(cfg, every_n_key, 1)
     if isinstance(every_n, bool) or not isinstance(every_n, Integral) or every_n <= 0:
         raise ValueError(f"{every_n_key} must be a positive integer (1 = every block), got {every_n!r}")
     return mode, int(every_n)
