@@ -25,7 +25,8 @@ from contextlib import contextmanager
 
 import torch
 
-from .model import GPT, GPTConfig, token_loss
+from .benchmark import build_model_and_batches
+from .model import GPT, IGNORE_INDEX, GPTConfig, token_loss
 from .primitives import DistributedOptimizer, GradientAccumulation, activation_memory, apply_recompute
 from .primitives.distributed_optimizer import zero_bytes_per_rank
 
@@ -51,13 +52,6 @@ def quiet_stderr():
         os.close(devnull)
 
 
-def _setup(cfg):
-    from .train import build_batches, seed_everything
-
-    seed_everything(cfg.seed)
-    return GPT(GPTConfig.from_config(cfg.model)), build_batches(cfg)
-
-
 def _step(model, optimizer, x, y):
     optimizer.zero_grad(set_to_none=True)
     loss_sum, n = token_loss(model(x), y)
@@ -66,7 +60,7 @@ def _step(model, optimizer, x, y):
 
 
 def bench_recompute(cfg) -> dict:
-    base, batches = _setup(cfg)
+    base, batches = build_model_and_batches(cfg)
     x, y = batches.global_batch(0)
     b, t = cfg.bench, cfg.train
     sides = {}
@@ -138,7 +132,7 @@ def _sharding_rank(rank, ws, cfg):
 
     def step(d):
         d.optimizer.zero_grad(set_to_none=True)
-        ga.plan([int((y != -100).sum())])
+        ga.plan([int((y != IGNORE_INDEX).sum())])
         loss_sum, n = token_loss(d.model(x), y)
         held = d.memory_report()["unsharded_param_bytes"]
         ga.backward_loss(loss_sum, n, 0).backward()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .data import Batches
 from .loop import accumulate_gradients, build_optimizer, build_scheduler, run_training_steps
-from .model import GPT, GPTConfig
+from .model import GPT, IGNORE_INDEX, GPTConfig
 from .primitives import GradientAccumulation
 
 # name -> "module:function"; imported lazily so one bench's dependencies never slow another.
@@ -47,12 +47,12 @@ def run_accumulated_step(model, optimizer, microbatches, ga: GradientAccumulatio
     return loss_sum.item() / n_tokens
 
 
-def _setup(cfg, seed_offset: int = 0):
+def build_model_and_batches(cfg):
+    """The configured GPT, seeded as ``train`` seeds it, and the configured training batches."""
     from .train import build_batches, seed_everything
 
-    seed_everything(cfg.seed + seed_offset)
-    model = GPT(GPTConfig.from_config(cfg.model))
-    return model, build_batches(cfg)
+    seed_everything(cfg.seed)
+    return GPT(GPTConfig.from_config(cfg.model)), build_batches(cfg)
 
 
 def _plain_pytorch_steps(model, optimizer, scheduler, batches: Batches, start: int, n: int, grad_clip: float):
@@ -60,7 +60,7 @@ def _plain_pytorch_steps(model, optimizer, scheduler, batches: Batches, start: i
     for step in range(start, start + n):
         x, y = batches.global_batch(step)
         logits = model(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-100)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE_INDEX)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -71,7 +71,7 @@ def _plain_pytorch_steps(model, optimizer, scheduler, batches: Batches, start: i
 
 def bench_loop(cfg) -> dict:
     b = cfg.bench
-    model, batches = _setup(cfg)
+    model, batches = build_model_and_batches(cfg)
     t = cfg.train
     sides = {}
     for name in ("curry_train", "plain"):
@@ -128,7 +128,7 @@ def ga_parity(model, x, y, k: int, normalization: str) -> tuple[float, torch.Ten
 
 def bench_ga_parity(cfg, k: int = 4) -> dict:
     """Max |grad(K=k) - grad(K=1)| relative to max |grad(K=1)|, for fixed and padded batches, both normalisations."""
-    model, batches = _setup(cfg)
+    model, batches = build_model_and_batches(cfg)
     rows = []
     for variable_length in (False, True):
         data = Batches(batches.tokens, cfg.train.batch_size, cfg.train.seq_len, seed=cfg.seed,

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .model import token_loss
+from .model import IGNORE_INDEX, token_loss
 from .primitives import GradientAccumulation
 
 
@@ -51,7 +51,7 @@ def build_scheduler(optimizer, warmup_steps: int, total_steps: int, min_lr_ratio
 
 def accumulate_gradients(model, microbatches, ga: GradientAccumulation, dp_group=None):
     """Forward + backward of one optimizer step's micro-batches. Returns (summed token loss, local valid tokens)."""
-    ga.plan([(y != -100).sum() for _, y in microbatches], group=dp_group)
+    ga.plan([(y != IGNORE_INDEX).sum() for _, y in microbatches], group=dp_group)
     loss_total = torch.zeros((), dtype=torch.float64)
     n_total = 0
     for i, (x, y) in enumerate(microbatches):
