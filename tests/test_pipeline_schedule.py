@@ -38,13 +38,17 @@ def _reference(n_layer: int, tie: bool, rows: int):
 
 
 def _pipelined(kind, m, n_layer, rows, tie=True, record=False):
-    """One train_step of ``kind``; returns (loss on every rank, {param name: grad} of this rank's stages)."""
+    """One train_step of ``kind``; returns (loss on every rank, {param name: grad} of this rank's stages).
+    Kind ``gpipe-torch`` is PyTorch's ScheduleGPipe (``early_recv=False``); ``gpipe`` posts receives early."""
     ws = torch.distributed.get_world_size()
+    options = {"early_recv": False} if kind == "gpipe-torch" else {}
+    kind = "gpipe" if kind == "gpipe-torch" else kind
     model = _gpt(n_layer, tie)
     x, y = _batch(rows)
     n_valid = (y != IGNORE_INDEX).sum()
     stages = split_model(model, ws * default_stages_per_rank(kind))
-    sched = PipelineSchedule(kind, m, stages, None, lambda out, tgt: token_loss(out, tgt)[0] / n_valid, record=record)
+    sched = PipelineSchedule(kind, m, stages, None, lambda out, tgt: token_loss(out, tgt)[0] / n_valid, record=record,
+                             **options)
     loss = sched.train_step(x, y, broadcast_loss=True)
     grads = {name: p.grad.clone() for s in sched.stage_ids for name, p in stages[s].named_parameters(remove_duplicate=False)}
     return loss.item(), grads, sched
@@ -73,13 +77,13 @@ def _check_parity(results, kinds, n_layer, rows, tie=True):
 
 
 def test_every_kind_matches_unpipelined_gpt_world_size_2():
-    kinds = list(KINDS)
+    kinds = [*KINDS, "gpipe-torch"]
     results = launch(_parity_ranks, 2, kinds, 4, 4, 8, timeout=300)
     _check_parity(results, kinds, 4, 8)
 
 
 def test_gpipe_1f1b_interleaved_match_unpipelined_gpt_world_size_4():
-    kinds = ["gpipe", "1f1b", "interleaved"]
+    kinds = ["gpipe", "gpipe-torch", "1f1b", "interleaved"]
     results = launch(_parity_ranks, 4, kinds, 8, 8, 16, timeout=300)
     _check_parity(results, kinds, 8, 16)
 
@@ -110,7 +114,22 @@ def _errors_and_extras(rank, world_size):
     untied_loss, untied_grads, _ = _pipelined("1f1b", 4, 2, 8, tie=False)
     _, _, rec = _pipelined("1f1b", 4, 2, 8, record=True)
     timeline = rec.measured_timeline()
-    return {"errors": errors, "good": good, "untied": (untied_loss, untied_grads), "timeline": timeline.to_dict()}
+    return {"errors": errors, "good": good, "untied": (untied_loss, untied_grads), "timeline": timeline.to_dict(),
+            "gpipe_order": _gpipe_call_order()}
+
+
+def _gpipe_call_order() -> list[str]:
+    """This rank's calls during one GPipe step: ``rF3`` = receive for forward 3 posted, ``F3`` = forward 3 ran."""
+    sched = PipelineSchedule("gpipe", 4, split_model(_gpt(2), 2), None, lambda out, tgt: token_loss(out, tgt)[0])
+    stage, calls = sched.schedule._stage, []
+    for name, tag in [("get_fwd_recv_ops", "rF"), ("forward_one_chunk", "F"), ("get_bwd_recv_ops", "rB"),
+                      ("backward_one_chunk", "B")]:
+        def logged(i, *a, _fn=getattr(stage, name), _tag=tag, **k):
+            calls.append(f"{_tag}{i}")
+            return _fn(i, *a, **k)
+        setattr(stage, name, logged)
+    sched.train_step(*_batch(8))
+    return calls
 
 
 def test_bad_input_raises_on_every_rank_before_any_send_and_extras():
@@ -134,6 +153,9 @@ def test_bad_input_raises_on_every_rank_before_any_send_and_extras():
     assert {tuple(e[:3]) for e in t["events"]} == {(r, r, k) for r in (0, 1) for k in "FB"}
     assert all(0.0 <= e[4] < e[5] <= t["makespan"] + 1e-9 for e in t["events"])
     assert 0.0 < t["bubble_fraction"] < 1.0
+    # GPipe posts the receive for micro-batch i + 1 before it computes i (gpipe_early_recv), forward and backward
+    early = ["rF0", "rF1", "F0", "rF2", "F1", "rF3", "F2", "F3", "rB0", "rB1", "B0", "rB2", "B1", "rB3", "B2", "B3"]
+    assert results[0]["gpipe_order"] == results[1]["gpipe_order"] == early
 
 
 def test_split_model_is_the_gpt():
@@ -163,3 +185,11 @@ def test_split_model_rejects_uneven_splits(n_layer, n_stages, layers, message):
 def test_schedule_needs_a_process_group():
     with pytest.raises(RuntimeError, match="initialised process group"):
         PipelineSchedule("gpipe", 2, split_model(_gpt(2), 2), None, lambda o, t: o.sum())
+
+
+def test_early_receive_gpipe_runs_on_this_torch():
+    """On the torch we ship against, nothing ScheduleGPipeEarlyRecv overrides or calls is missing (else it would
+    fall back to PyTorch's ScheduleGPipe with a warning)."""
+    from curry_train.primitives.gpipe_early_recv import missing_torch_internals
+
+    assert missing_torch_internals() == []

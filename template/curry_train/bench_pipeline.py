@@ -16,6 +16,9 @@ and the bubble is swamped by communication gaps the simulator does not model):
   time inside stage forward (+ loss) / backward calls; median over ``steps`` timed steps after one warm-up;
 * ``step ms``: wall time of ``train_step`` (max over ranks), median.
 
+Row ``gpipe-torch`` is GPipe with PyTorch's own ``ScheduleGPipe`` (``early_recv=False``), which posts each
+receive only when the micro-batch is due; row ``gpipe`` is what ``PipelineSchedule`` runs (``gpipe_early_recv``).
+
 Target: for GPipe and 1F1B, measured within 0.05 of the simulator run on this run's stage costs (``sim@meas``:
 the first stage carries the embedding, the last the head and loss, so uniform F=1, B=2 is not what ran).
 It is judged only where every rank has a core of its own (p <= cores): with more ranks than cores, busy
@@ -41,6 +44,7 @@ from .primitives.pipeline_sim import (
 )
 
 TARGET = 0.05
+REFERENCE_ROWS = {"gpipe-torch": ("gpipe", {"early_recv": False})}  # row -> (kind, PipelineSchedule options)
 
 
 def _stage_costs(timeline: Timeline, n_stages: int) -> dict:
@@ -91,13 +95,15 @@ def p2p_latency(activation: torch.Tensor, repeats: int = 20) -> float:
 def _run_kinds(rank, world_size, kinds, m, model_cfg, batch, steps):
     x, y = batch
     out = {"_comm": p2p_latency(torch.zeros(x.shape[0] // m, x.shape[1], model_cfg["n_embd"]))}
-    for kind in kinds:
+    for row in kinds:
+        kind, options = REFERENCE_ROWS.get(row, (row, {}))
         v = default_stages_per_rank(kind)
         torch.manual_seed(0)
         model = GPT(GPTConfig(**model_cfg))
         stages = split_model(model, world_size * v)
         n_valid = (y != IGNORE_INDEX).sum()
-        sched = PipelineSchedule(kind, m, stages, None, lambda o, t: token_loss(o, t)[0] / n_valid, record=True)
+        sched = PipelineSchedule(kind, m, stages, None, lambda o, t: token_loss(o, t)[0] / n_valid, record=True,
+                                 **options)
         records = []
         for step in range(steps + 1):  # step 0 warms up (shape inference, allocator)
             for p in sched.parameters():
@@ -111,7 +117,7 @@ def _run_kinds(rank, world_size, kinds, m, model_cfg, batch, steps):
                 records.append((timeline.bubble_fraction, wall.item(), timeline))
         records.sort(key=lambda r: r[0])
         idle, _, timeline = records[len(records) // 2]
-        out[kind] = {"v": v, "measured": idle, "step_ms": 1e3 * statistics.median(r[1] for r in records),
+        out[row] = {"v": v, "measured": idle, "step_ms": 1e3 * statistics.median(r[1] for r in records),
                      "events": [[e.rank, e.stage, e.kind, e.mb, e.start, e.end] for e in timeline.events]}
     return out if rank == 0 else None
 
@@ -128,19 +134,24 @@ def bench_pipeline(cfg, pp_sizes=(2, 4), kinds=tuple(KINDS), m: int = 8, n_layer
     out_dir = Path(cfg.bench.out_dir)
     rows = []
     for p in pp_sizes:
-        runnable = [k for k in kinds if _allowed(k, p, m)]
+        runnable = [row for k in kinds if _allowed(k, p, m)
+                    for row in (k, *(ref for ref, (kind, _) in REFERENCE_ROWS.items() if kind == k))]
         measured = launch(_run_kinds, p, runnable, m, model_cfg, batch, steps, timeout=600)[0]
-        comm = measured["_comm"]
-        for kind in runnable:
-            r = measured[kind]
+        comm, timelines = measured["_comm"], {}
+        for row in runnable:
+            r, kind = measured[row], REFERENCE_ROWS.get(row, (row,))[0]
             v, n_stages = r["v"], p * r["v"]
             timeline = Timeline([Event(*e) for e in r["events"]], p,
-                                label=f"{kind} measured (p={p}, m={m}, v={v})")
+                                label=f"{row} measured (p={p}, m={m}, v={v})")
             sim = simulate(kind, p, m, v)
             sim_measured = simulate(kind, p, m, v, comm=comm, **_stage_costs(timeline, n_stages))
-            png = plot_timeline([sim, timeline], out_dir / f"timeline-{kind}-p{p}-m{m}.png",
-                                title=f"{kind}: simulated (F=1, B=2) vs measured, {cfg.model.name} GPT n_layer={n_layer}")
-            rows.append({"kind": kind, "p": p, "v": v, "m": m, "analytic": analytic_bubble(kind, p, m, v),
+            timelines[row] = timeline
+            panels, title = [sim, timeline], f"{row}: simulated (F=1, B=2) vs measured"
+            if row in REFERENCE_ROWS:  # ours between the simulation and PyTorch's, to see where the waits went
+                panels, title = [sim, timelines[kind], timeline], f"{kind} vs {row}: simulated and measured"
+            png = plot_timeline(panels, out_dir / f"timeline-{row}-p{p}-m{m}.png",
+                                title=f"{title}, {cfg.model.name} GPT n_layer={n_layer}")
+            rows.append({"kind": row, "p": p, "v": v, "m": m, "analytic": analytic_bubble(kind, p, m, v),
                          "simulated": sim.bubble_fraction, "sim_at_measured": sim_measured.bubble_fraction,
                          "measured": r["measured"], "step_ms": r["step_ms"], "p2p_ms": 1e3 * comm, "png": str(png)})
     cores = os.cpu_count()
@@ -151,12 +162,14 @@ def bench_pipeline(cfg, pp_sizes=(2, 4), kinds=tuple(KINDS), m: int = 8, n_layer
     for r in rows:
         analytic = f"{r['analytic']:.3f}" if r["analytic"] is not None else "-"
         verdict = ""
-        if r["kind"] in ("gpipe", "1f1b"):
+        if r["kind"] in ("gpipe", "1f1b", *REFERENCE_ROWS):
             gap = abs(r["measured"] - r["sim_at_measured"])
             judged = r["p"] <= (cores or 1)
-            verdict = f"|meas-sim@meas| {gap:.3f} " + (("PASS" if gap <= TARGET else "MISS") if judged else
-                                                       f"n/a ({r['p']} ranks > {cores} cores)")
-            r["target_met"] = gap <= TARGET if judged else None
+            verdict = f"|meas-sim@meas| {gap:.3f} " + (
+                "(reference: PyTorch's receive order)" if r["kind"] in REFERENCE_ROWS else
+                ("PASS" if gap <= TARGET else "MISS") if judged else f"n/a ({r['p']} ranks > {cores} cores)")
+            if r["kind"] not in REFERENCE_ROWS:
+                r["target_met"] = gap <= TARGET if judged else None
         print(f"  {r['kind']:11s} {r['p']:2d} {r['v']:2d} {analytic:>9s} {r['simulated']:10.3f} {r['sim_at_measured']:9.3f} "
               f"{r['measured']:9.3f} {r['step_ms']:8.1f}  {verdict}")
     for p in pp_sizes:

@@ -40,13 +40,17 @@ def _draw(ax, timeline, unit: str) -> None:
 
 def plot_timeline(timelines, path, title: str | None = None, units=None) -> Path:
     """Write a PNG with one Gantt panel per timeline. ``units[i]``: "ms" for measured (seconds -> ms), "slots" for
-    simulated (default: "ms" when the label says measured)."""
+    simulated (default: "ms" when the label says measured). Panels in ms share one time axis, so that two measured
+    runs compare by length."""
     timelines = timelines if isinstance(timelines, (list, tuple)) else [timelines]
     units = units or ["ms" if "measured" in t.label else "slots" for t in timelines]
     height = sum(0.45 * t.n_ranks + 0.9 for t in timelines) + (0.4 if title else 0)
     fig, axes = plt.subplots(len(timelines), 1, figsize=(10, height), squeeze=False)
+    longest_ms = max((1e3 * t.makespan for t, unit in zip(timelines, units) if unit == "ms"), default=0.0)
     for ax, t, unit in zip(axes[:, 0], timelines, units):
         _draw(ax, t, unit)
+        if unit == "ms" and longest_ms:
+            ax.set_xlim(0, longest_ms * 1.01)
     kinds = sorted({e.kind for t in timelines for e in t.events}, key="FBIW".index)
     axes[0, 0].legend(handles=[Patch(color=COLORS[k], label=k) for k in kinds], loc="lower right", fontsize=7,
                       ncol=len(kinds), bbox_to_anchor=(1.0, 1.0), frameon=False)

@@ -30,6 +30,10 @@ Bad input raises ``ValueError`` before the first send/recv, on every rank: unkno
 number of stages, too few micro-batches (1F1B, DualPipeV), a batch not divisible by ``n_microbatches``.
 Per-step checks agree across ranks through one 1-element all-reduce, so a rank never waits for a peer that failed.
 
+Kind ``gpipe`` runs ``ScheduleGPipeEarlyRecv`` (``gpipe_early_recv.py``): PyTorch's GPipe with each receive
+posted one micro-batch ahead, which on gloo removes most of the idle time the simulator does not predict.
+``early_recv=False`` runs PyTorch's ``ScheduleGPipe`` as it is. The other kinds always run PyTorch's classes.
+
 Measured timeline: ``record=True`` times every ``forward_one_chunk`` (plus the loss on the last stage) as F,
 ``backward_one_chunk`` as B (or I when the schedule splits backward) and ``backward_weight_one_chunk`` as W,
 relative to a barrier at the start of the step. ``measured_timeline()`` gathers them into a ``Timeline``; its
@@ -39,6 +43,7 @@ idle fraction counts everything that is not stage compute (waiting for peers, se
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -121,7 +126,7 @@ def _group_size_rank(group) -> tuple[int, int]:
 
 class PipelineSchedule:
     def __init__(self, kind: str, n_microbatches: int, stages, pp_group=None, loss_fn=None, *,
-                 device=None, scale_grads: bool = False, record: bool = False):
+                 device=None, scale_grads: bool = False, record: bool = False, early_recv: bool = True):
         kind = normalize_kind(kind)
         stages = list(stages)
         p, rank = _group_size_rank(pp_group)
@@ -145,13 +150,22 @@ class PipelineSchedule:
         self._user_loss_fn, self.record, self.events, self._t0 = loss_fn, record, [], 0.0
         self.losses: list[torch.Tensor] = []
 
-        from torch.distributed import pipelining
+        from torch.distributed import pipelining  # imported here: 0.4 s, paid only by processes that pipeline
+
+        from .gpipe_early_recv import ScheduleGPipeEarlyRecv, missing_torch_internals
 
         self.stages = [pipelining.PipelineStage(self.modules[s], s, self.n_stages, self.device, group=pp_group)
                        for s in self.stage_ids]
         for st in self.stages:
             self._instrument(st)
         cls = getattr(pipelining, KINDS[kind][0])
+        if kind == "gpipe" and early_recv:
+            missing = missing_torch_internals()
+            if missing:
+                warnings.warn(f"torch {torch.__version__} lacks {', '.join(missing)}: running PyTorch's ScheduleGPipe "
+                              "(receives posted late) instead of ScheduleGPipeEarlyRecv", stacklevel=2)
+            else:
+                cls = ScheduleGPipeEarlyRecv
         arg = self.stages[0] if v == 1 and kind in ("gpipe", "1f1b") else self.stages
         self.schedule = cls(arg, n_microbatches=self.n_microbatches, loss_fn=self._loss, scale_grads=scale_grads)
 
