@@ -80,6 +80,19 @@ def test_cli_help_and_bad_input_exit_nonzero():
     assert bad.returncode != 0 and "gradient_accumulation_steps must be a positive integer" in bad.stderr
 
 
+def test_bench_help_describes_every_bench(capsys):
+    from curry_train.__main__ import main
+    from curry_train.benchmark import BENCH_HELP, BENCHES
+
+    assert list(BENCH_HELP) == list(BENCHES)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # undo the line wrapping
+    for name, description in BENCH_HELP.items():
+        assert f"{name} {description}" in text
+
+
 DP_RUN = ["train.steps=4", "train.batch_size=8", "train.gradient_accumulation_steps=2", "data.variable_length=true", *SMALL]
 
 

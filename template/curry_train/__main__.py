@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 
 EPILOG = """examples:
   python -m curry_train train                                  # tiny GPT on the embedded stdlib corpus
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from .benchmark import BENCHES
+    from .benchmark import BENCH_HELP, BENCHES
 
     parser = argparse.ArgumentParser(
         prog="python -m curry_train", description="curry_train: LLM-training primitives you can run, test and measure.",
@@ -43,7 +44,12 @@ def _main(argv: list[str] | None) -> int:
     p_train = sub.add_parser("train", help="train the configured model", epilog=EPILOG,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p_train.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.steps=100 model=small")
-    p_bench = sub.add_parser("bench", help=f"run benchmarks ({', '.join(BENCHES)})")
+    bench_list = "\n".join(textwrap.fill(BENCH_HELP[name], 100, initial_indent=f"  {name:11s} ",
+                                          subsequent_indent=" " * 14) for name in BENCHES)
+    p_bench = sub.add_parser("bench", help=f"run benchmarks ({', '.join(BENCHES)})",
+                             formatter_class=argparse.RawDescriptionHelpFormatter,
+                             epilog=f"benches:\n{bench_list}\n\nJSON results (and pipeline PNGs) go to bench.out_dir "
+                                    "(default bench-results/); make bench runs them all.")
     p_bench.add_argument("args", nargs="*", metavar="NAME|OVERRIDE",
                          help=f"bench names (default: all of {', '.join(BENCHES)}) and Hydra overrides")
     p_config = sub.add_parser("config", help="print the composed config")

@@ -36,6 +36,17 @@ BENCHES = {
     "recompute": "curry_train.bench_memory:bench_recompute",
     "sharding": "curry_train.bench_memory:bench_sharding",
 }
+# name -> what it prints (shown by `python -m curry_train bench --help`)
+BENCH_HELP = {
+    "loop": "curry_train loop vs a hand-written PyTorch loop, tokens/s ratio (target >= 0.98)",
+    "ga": "gradient accumulation K=1 vs K=4: gradient error, fixed and padded batches, tokens vs mean/K",
+    "checkpoint": "DCP save/load of model + AdamW: bytes per parameter, sync and async save time, Young/Daly",
+    "pipeline": "every pipeline schedule at p=2, 4: analytic, simulated and measured bubble, timeline PNGs "
+                "(target: GPipe, 1F1B within 0.05 of the simulator fed the run's own costs)",
+    "recompute": "activation memory and step time: none, full, selective, every 2nd block (target: full <= 25%, <= 1.4x)",
+    "sharding": "per-rank bytes and step time: DDP, ZeRO-1, FSDP2 shard_grad_op and full, bf16, N=2, 4 "
+                "(target: FSDP2 within 1% of DDP/N)",
+}
 
 
 def run_accumulated_step(model, optimizer, microbatches, ga: GradientAccumulation, grad_clip: float = 0.0):
