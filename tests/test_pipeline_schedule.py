@@ -6,6 +6,7 @@ Each launch runs many checks in one set of spawned gloo ranks (process start-up 
 import pytest
 import torch
 
+from curry_train.bench_pipeline import row_schedule
 from curry_train.distributed import launch
 from curry_train.model import GPT, GPTConfig, IGNORE_INDEX, token_loss
 from curry_train.primitives import PipelineSchedule, split_model
@@ -39,10 +40,9 @@ def _reference(n_layer: int, tie: bool, rows: int):
 
 def _pipelined(kind, m, n_layer, rows, tie=True, record=False):
     """One train_step of ``kind``; returns (loss on every rank, {param name: grad} of this rank's stages).
-    Kind ``gpipe-torch`` is PyTorch's ScheduleGPipe (``early_recv=False``); ``gpipe`` posts receives early."""
+    ``kind`` may also be a bench reference row: ``gpipe-torch`` is PyTorch's ScheduleGPipe (``early_recv=False``)."""
     ws = torch.distributed.get_world_size()
-    options = {"early_recv": False} if kind == "gpipe-torch" else {}
-    kind = "gpipe" if kind == "gpipe-torch" else kind
+    kind, options = row_schedule(kind)
     model = _gpt(n_layer, tie)
     x, y = _batch(rows)
     n_valid = (y != IGNORE_INDEX).sum()

@@ -26,31 +26,28 @@ class ScheduleGPipeEarlyRecv(ScheduleGPipe):
         first_target = target_mbs[0] if target_mbs is not None else None
         self._initialize_stage(arg_mbs[0], kwarg_mbs[0], first_target, loss_kwargs)
 
-        def post(ops, desc):
-            return list(_schedules._sorted_batch_p2p(ops, desc=desc).values())
-
-        def wait(works):
-            for work in works:
+        def run_phase(phase, recv_ops, compute, send_ops):
+            """Compute micro-batches 0..m-1 in order, each one's receive posted while the previous one computes."""
+            sends, recv = [], _schedules._sorted_batch_p2p(recv_ops(0), desc=f"{phase}_recv")
+            for i in range(m):
+                for work in recv.values():
+                    _schedules._wait_batch_p2p(work)
+                if i + 1 < m:
+                    recv = _schedules._sorted_batch_p2p(recv_ops(i + 1), desc=f"{phase}_recv")
+                compute(i)
+                sends += _schedules._sorted_batch_p2p(send_ops(i), desc=f"{phase}_send").values()
+            for work in sends:
                 _schedules._wait_batch_p2p(work)
 
-        sends, recv = [], post(stage.get_fwd_recv_ops(0), "fwd_recv")
-        for i in range(m):
-            wait(recv)
-            if i + 1 < m:
-                recv = post(stage.get_fwd_recv_ops(i + 1), "fwd_recv")
+        def forward(i):  # the loss (last stage only, which sends nothing forward) right after its forward
             output = stage.forward_one_chunk(i, arg_mbs[i], kwarg_mbs[i], save_forward_output=return_outputs)
-            sends += post(stage.get_fwd_send_ops(i), "fwd_send")
             self._maybe_compute_loss(stage, output, target_mbs, i, loss_kwargs)
-        wait(sends)
 
-        sends, recv = [], post(stage.get_bwd_recv_ops(0), "bwd_recv")
-        for i in range(m):
-            wait(recv)
-            if i + 1 < m:
-                recv = post(stage.get_bwd_recv_ops(i + 1), "bwd_recv")
+        def backward(i):
             stage.backward_one_chunk(i, loss=self._maybe_get_loss(stage, i), last_backward=i == m - 1)
-            sends += post(stage.get_bwd_send_ops(i), "bwd_send")
-        wait(sends)
+
+        run_phase("fwd", stage.get_fwd_recv_ops, forward, stage.get_fwd_send_ops)
+        run_phase("bwd", stage.get_bwd_recv_ops, backward, stage.get_bwd_send_ops)
         self._update_losses(stage, losses)
         stage.perform_reduce_grad(m if self.scale_grads else 1)
 

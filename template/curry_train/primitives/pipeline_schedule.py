@@ -233,17 +233,14 @@ class PipelineSchedule:
     # ---- one step -----------------------------------------------------------------------------------------------
     def _input_error(self, batch, target) -> str:
         m = self.n_microbatches
-        if self.rank == self.first_rank:
-            if not isinstance(batch, torch.Tensor):
-                return f"rank {self.rank} holds stage 0 and needs the batch tensor, got {type(batch).__name__}"
-            if batch.shape[0] % m:
-                return (f"batch of {batch.shape[0]} rows is not divisible by n_microbatches={m} "
-                        f"(schedule {self.kind!r})")
-        if self.rank == self.last_rank:
-            if not isinstance(target, torch.Tensor):
-                return f"rank {self.rank} holds the last stage and needs the target tensor, got {type(target).__name__}"
-            if target.shape[0] % m:
-                return (f"target of {target.shape[0]} rows is not divisible by n_microbatches={m} "
+        for holder, stage, name, tensor in [(self.first_rank, "stage 0", "batch", batch),
+                                            (self.last_rank, "the last stage", "target", target)]:
+            if self.rank != holder:
+                continue
+            if not isinstance(tensor, torch.Tensor):
+                return f"rank {self.rank} holds {stage} and needs the {name} tensor, got {type(tensor).__name__}"
+            if tensor.shape[0] % m:
+                return (f"{name} of {tensor.shape[0]} rows is not divisible by n_microbatches={m} "
                         f"(schedule {self.kind!r})")
         return ""
 
