@@ -5,7 +5,9 @@ import json
 import pytest
 
 from curry_train.__main__ import main
-from curry_train.benchmark import bench_ga_parity, bench_loop, run_accumulated_step
+from curry_train.bench.common import run_accumulated_step
+from curry_train.bench.ga import bench_ga_parity
+from curry_train.bench.loop import bench_loop
 from curry_train.config import load_config
 from curry_train.data import Batches
 from curry_train.model import GPT, GPTConfig

@@ -361,7 +361,7 @@ def test_reshard_fsdp2_4_to_2_to_1_is_exact(tmp_path):
 # -- the numbers behind skills/stage5-checkpoint-cadence ------------------------------------------------
 
 def test_young_daly_interval_minimises_the_expected_waste():
-    from curry_train.bench_checkpoint import expected_waste, young_daly_interval
+    from curry_train.bench.checkpoint import expected_waste, young_daly_interval
 
     save, mtbf, restart = 30.0, 24 * 3600.0, 60.0
     best = young_daly_interval(save, mtbf)
@@ -374,7 +374,7 @@ def test_young_daly_interval_minimises_the_expected_waste():
 
 
 def test_checkpoint_bench_measures_size_and_times_on_the_reference_gpt():
-    from curry_train.bench_checkpoint import ADAMW_FP32_BYTES_PER_PARAM, bench_checkpoint
+    from curry_train.bench.checkpoint import ADAMW_FP32_BYTES_PER_PARAM, bench_checkpoint
     from curry_train.config import load_config
 
     cfg = load_config(["model.n_layer=2", "model.n_embd=64", "model.n_head=2", "bench.repeats=2"])

@@ -217,7 +217,7 @@ def test_bad_input_before_any_process_group():
 
 
 def test_sharding_bench_rows_match_memory_report_and_formulas(capsys):
-    from curry_train.bench_memory import SHARDING_MODES, bench_sharding
+    from curry_train.bench.sharding import SHARDING_MODES, bench_sharding
     from curry_train.config import load_config
 
     cfg = load_config(["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=32",

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from curry_train.benchmark import grad_vector
+from curry_train.bench.common import grad_vector
 from curry_train.data import Batches
 from curry_train.distributed import launch
 from curry_train.loop import accumulate_gradients

@@ -76,7 +76,7 @@ def test_single_process_bad_input():
 
 
 def test_check_config_finds_errors_without_a_model_or_process_group():
-    from curry_train.parallelize import check_config
+    from curry_train.config import check_parallelize_config as check_config
 
     check_config(load_config(["train.recompute=true", "parallel.sharding=full"]), world_size=2)
     for overrides, ws, match in [

@@ -6,12 +6,13 @@ Each launch runs many checks in one set of spawned gloo ranks (process start-up 
 import pytest
 import torch
 
-from curry_train.bench_pipeline import row_schedule
+from curry_train.bench.pipeline import row_schedule
 from curry_train.distributed import launch
 from curry_train.model import GPT, GPTConfig, IGNORE_INDEX, token_loss
-from curry_train.primitives import PipelineSchedule, split_model
-from curry_train.primitives.pipeline_schedule import layer_split
-from curry_train.primitives.pipeline_sim import KINDS, default_stages_per_rank
+from curry_train.model import split_model
+from curry_train.primitives import PipelineSchedule
+from curry_train.primitives.pipeline import layer_split
+from curry_train.primitives.pipeline.sim import KINDS, default_stages_per_rank
 
 TOL = 1e-6
 
@@ -190,6 +191,6 @@ def test_schedule_needs_a_process_group():
 def test_early_receive_gpipe_runs_on_this_torch():
     """On the torch we ship against, nothing ScheduleGPipeEarlyRecv overrides or calls is missing (else it would
     fall back to PyTorch's ScheduleGPipe with a warning)."""
-    from curry_train.primitives.gpipe_early_recv import missing_torch_internals
+    from curry_train.primitives.pipeline.gpipe_early_recv import missing_torch_internals
 
     assert missing_torch_internals() == []

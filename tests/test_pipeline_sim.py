@@ -5,12 +5,12 @@ import json
 
 import pytest
 
-from curry_train.benchmark import BENCHES
+from curry_train.bench import BENCHES
 from curry_train.config import load_config
-from curry_train.primitives.pipeline_sim import (
+from curry_train.primitives.pipeline.sim import (
     KINDS, ZERO_BUBBLE_KINDS, action_lists, analytic_bubble, bubble_table, check_schedule, simulate, stage_placement,
 )
-from curry_train.timeline_plot import plot_timeline
+from curry_train.bench.plots import plot_timeline
 
 CASES = [(2, 2), (2, 8), (3, 5), (4, 4), (4, 8), (4, 16), (8, 32)]
 
@@ -113,9 +113,9 @@ def test_plot_timeline_writes_a_png(tmp_path):
 
 
 def test_pipeline_bench_on_a_tiny_model(tmp_path):
-    from curry_train.bench_pipeline import bench_pipeline
+    from curry_train.bench.pipeline import bench_pipeline
 
-    assert BENCHES["pipeline"] == "curry_train.bench_pipeline:bench_pipeline"
+    assert BENCHES["pipeline"] == "curry_train.bench.pipeline:bench_pipeline"
     cfg = load_config(["model.n_embd=32", "model.n_head=2", "train.seq_len=32", "bench.pipeline_batch_size=8",
                        f"bench.out_dir={tmp_path}"])
     result = bench_pipeline(cfg, pp_sizes=(2,), kinds=("gpipe", "1f1b", "zbv"), m=4, n_layer=4, steps=1)

@@ -5,7 +5,7 @@ import pytest
 
 from curry_train.config import load_config
 from curry_train.distributed import launch
-from curry_train.pipeline_train import pipeline_settings
+from curry_train.config import pipeline_settings
 from curry_train.train import train
 
 SMALL = ["model.n_layer=4", "model.n_embd=32", "model.n_head=2", "train.seq_len=32", "train.batch_size=8",

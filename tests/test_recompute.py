@@ -139,7 +139,7 @@ def test_bad_input_is_one_clear_error():
 
 
 def test_recompute_bench_reports_what_activation_memory_measures(capsys):
-    from curry_train.bench_memory import bench_recompute
+    from curry_train.bench.recompute import bench_recompute
     from curry_train.config import load_config
 
     cfg = load_config(["model.n_layer=4", "model.n_head=2", "model.n_embd=32", "model.block_size=32",

@@ -82,7 +82,7 @@ def test_cli_help_and_bad_input_exit_nonzero():
 
 def test_bench_help_describes_every_bench(capsys):
     from curry_train.__main__ import main
-    from curry_train.benchmark import BENCH_HELP, BENCHES
+    from curry_train.bench import BENCH_HELP, BENCHES
 
     assert list(BENCH_HELP) == list(BENCHES)
     with pytest.raises(SystemExit) as exit_info:

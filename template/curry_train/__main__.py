@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from .benchmark import BENCH_HELP, BENCHES
+    from .bench import BENCH_HELP, BENCHES
 
     parser = argparse.ArgumentParser(
         prog="python -m curry_train", description="curry_train: LLM-training primitives you can run, test and measure.",
@@ -76,7 +76,7 @@ def _main(argv: list[str] | None) -> int:
         unknown = [n for n in names if n not in BENCHES]
         if unknown:
             parser.error(f"unknown bench {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
-        from .benchmark import run_benches
+        from .bench import run_benches
 
         run_benches(load_config(overrides), names)
         return 0

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .model import IGNORE_INDEX
@@ -144,3 +146,20 @@ def check_batch_split(batch_size: int, world_size: int, n_micro: int) -> int:
             f"not divisible by train.gradient_accumulation_steps={n_micro}"
         )
     return per_rank
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch: every rank that calls it with the same seed builds the same initial weights."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_batches(cfg) -> Batches:
+    """The training batches ``cfg.data`` and ``cfg.train`` describe (the validation split held out)."""
+    tokens = load_tokens(cfg.data.path, cfg.data.max_bytes)
+    train_tokens, _ = split(tokens, cfg.data.val_fraction)
+    return Batches(
+        train_tokens, cfg.train.batch_size, cfg.train.seq_len, seed=cfg.seed,
+        variable_length=cfg.data.variable_length, min_len=cfg.data.min_len,
+    )

@@ -83,6 +83,17 @@ def _restart_safe_store():
     return dist.PrefixStore(f"curry_train/attempt_{restart}/", store)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> this rank's CUDA device if there is one, else CPU; ``cuda`` without CUDA is an error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device=cuda but torch.cuda.is_available() is False; use device=cpu or device=auto")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

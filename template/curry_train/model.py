@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .primitives.pipeline.schedule import layer_split
+
 IGNORE_INDEX = -100
 
 
@@ -174,3 +176,46 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tenso
         logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     return loss_sum, (targets != IGNORE_INDEX).sum()
+
+
+# ---- pipeline stages of the reference GPT ------------------------------------------------------------------
+
+class GPTStage(nn.Module):
+    """A contiguous slice of the reference GPT. The first stage embeds token ids, the last applies ``ln_f`` and the
+    head and returns logits. Blocks keep their GPT index as name (``blocks.3.attn...``), so a stage's state-dict
+    keys are a subset of the full model's. Submodules are shared with the model they came from, not copied."""
+
+    def __init__(self, model: nn.Module, block_ids: list[int], first: bool, last: bool):
+        super().__init__()
+        self.block_size = model.cfg.block_size
+        if first:
+            self.tok_emb, self.pos_emb, self.drop = model.tok_emb, model.pos_emb, model.drop
+        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in block_ids})
+        if last:
+            self.ln_f, self.head = model.ln_f, model.head
+        self.first, self.last = first, last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first:  # same computation as GPT.forward
+            T = x.shape[1]
+            if T > self.block_size:
+                raise ValueError(f"sequence length {T} exceeds model.block_size {self.block_size}")
+            x = self.drop(self.tok_emb(x) + self.pos_emb(torch.arange(T, device=x.device)))
+        for block in self.blocks.values():
+            x = block(x)
+        if self.last:
+            x = self.head(self.ln_f(x))
+        return x
+
+
+def split_model(model: "GPT", n_stages: int, layers_per_stage=None) -> list[GPTStage]:
+    """Split the reference GPT into ``n_stages`` ``GPTStage`` modules: embedding on the first, ``ln_f`` + head on
+    the last, blocks divided evenly (or as ``layers_per_stage`` says). The stages share parameters with ``model``."""
+    for attr in ("tok_emb", "pos_emb", "drop", "blocks", "ln_f", "head", "cfg"):
+        if not hasattr(model, attr):
+            raise ValueError(f"split_model splits the reference GPT (missing .{attr}); build your own stage modules "
+                             "and pass them to PipelineSchedule")
+    counts = layer_split(len(model.blocks), n_stages, layers_per_stage)
+    starts = [sum(counts[:i]) for i in range(n_stages)]
+    return [GPTStage(model, list(range(starts[i], starts[i] + counts[i])), i == 0, i == n_stages - 1)
+            for i in range(n_stages)]

@@ -11,7 +11,7 @@ Order (torchtitan's): recompute (activation checkpointing) -> ``torch.compile`` 
    ``parallel.cpu_offload``: ``DistributedOptimizer`` (DDP, DDP + ZeRO-1, FSDP2). In one process without
    torch.distributed, ``no_shard`` leaves the model as it is and the other modes are an error saying to use torchrun.
 
-``check_config(cfg, world_size)`` finds every error of these keys before a process group exists.
+``config.validate`` finds every error of these keys before a process group exists.
 Returns ``(model, dist_opt)``. Build the optimizer on the returned model, then pass it through
 ``dist_opt.shard_optimizer(optimizer)`` (ZeRO-1 swaps in ``ZeroRedundancyOptimizer``; a no-op otherwise).
 """
@@ -21,34 +21,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .primitives.distributed_optimizer import DistributedOptimizer, check_options
-from .primitives.recompute import apply_recompute_from_config, check_recompute_config, transformer_blocks
-
-
-def check_config(cfg, world_size: int = 1) -> None:
-    """Every config error ``parallelize`` would raise, found without a model or a process group, so that
-    ``config.validate`` can fail in one process with one message (``train.*`` / ``parallel.*`` keys)."""
-    try:
-        check_recompute_config(cfg.train, "recompute", "recompute_every_n")
-    except ValueError as e:
-        raise ValueError(f"train.{e}") from None
-    p = cfg.parallel
-    try:
-        sharding, _ = check_options(p.sharding, p.mixed_precision, p.cpu_offload)
-    except ValueError as e:
-        raise ValueError(f"parallel.{e}") from None
-    if sharding != "no_shard" and world_size <= 1:
-        raise ValueError(
-            f"parallel.sharding={sharding} shards over data-parallel ranks: launch with "
-            f"`torchrun --nproc-per-node N -m curry_train train parallel.sharding={sharding}` (N >= 2), "
-            "or use parallel.sharding=no_shard in one process"
-        )
+from .primitives.distributed_optimizer import DistributedOptimizer
+from .primitives.recompute import apply_recompute_from_config, transformer_blocks
 
 
 def parallelize(model: torch.nn.Module, cfg, dp_group=None) -> tuple[torch.nn.Module, DistributedOptimizer]:
     """``cfg``: the full config (reads ``cfg.train.recompute``, ``recompute_every_n``, ``compile`` and ``cfg.parallel``)."""
     t, p = cfg.train, cfg.parallel
-    check_config(cfg, dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
     apply_recompute_from_config(model, t, "recompute", "recompute_every_n")
     if getattr(t, "compile", False):
         blocks = transformer_blocks(model)

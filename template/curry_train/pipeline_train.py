@@ -34,41 +34,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .config import pipeline_settings
 from .model import IGNORE_INDEX, token_loss
-from .primitives._config import config_getter
-from .primitives.pipeline_schedule import PipelineSchedule, layer_split, split_model
-from .primitives.pipeline_sim import check_schedule, default_stages_per_rank, normalize_kind
+from .model import split_model
+from .primitives.pipeline import PipelineSchedule
 from .primitives.recompute import apply_recompute_from_config
-
-
-def pipeline_settings(cfg, world_size: int, dp_size: int = 1) -> dict:
-    """Check the pipeline config without a process group; returns kind, pp, v, n_microbatches, layers_per_stage."""
-    p = cfg.parallel
-    get = config_getter(p)
-    kind = normalize_kind(p.pp_schedule)
-    v = get("pp_stages_per_rank", None)
-    v = default_stages_per_rank(kind) if v is None or kind in ("gpipe", "1f1b") else v
-    try:
-        check_schedule(kind, p.pp, p.n_microbatches, v)
-    except ValueError as e:
-        raise ValueError(f"parallel.pp_schedule={kind}, parallel.pp={p.pp}, parallel.n_microbatches="
-                         f"{p.n_microbatches}: {e}") from None
-    for key, ok in (("sharding", ("no_shard",)), ("mixed_precision", (None, "fp32")), ("cpu_offload", (False,))):
-        if get(key, ok[0]) not in ok:
-            raise ValueError(f"parallel.{key}={get(key)!r} is not supported with parallel.pp={p.pp} yet "
-                             f"(pipeline stages are not wrapped in DDP/FSDP); use parallel.{key}={ok[0]}")
-    layers = get("layers_per_stage", None)
-    layer_split(cfg.model.n_layer, p.pp * v, list(layers) if layers is not None else None)
-    t = cfg.train
-    rows = t.batch_size // dp_size // t.gradient_accumulation_steps
-    if rows % p.n_microbatches:
-        raise ValueError(
-            f"train.batch_size={t.batch_size} / dp {dp_size} / train.gradient_accumulation_steps="
-            f"{t.gradient_accumulation_steps} = {rows} rows per pipeline step, not divisible by "
-            f"parallel.n_microbatches={p.n_microbatches}"
-        )
-    return {"kind": kind, "pp": p.pp, "v": v, "n_microbatches": p.n_microbatches,
-            "layers_per_stage": list(layers) if layers is not None else None}
 
 
 class StageModules(nn.Module):

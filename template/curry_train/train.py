@@ -6,43 +6,13 @@ CPU, nccl on GPU). Every config error is raised before the process group starts.
 
 from __future__ import annotations
 
-import random
-
-import numpy as np
-import torch
-
 from . import distributed, train_state
 from .config import validate
-from .data import Batches, load_tokens, split
+from .data import build_batches, seed_everything
 from .loop import build_optimizer, build_scheduler, run_training_steps
 from .model import GPT, GPTConfig
 from .parallelize import parallelize
 from .primitives import GradientAccumulation, ParallelState
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device=cuda but torch.cuda.is_available() is False; use device=cpu or device=auto")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def build_batches(cfg) -> Batches:
-    tokens = load_tokens(cfg.data.path, cfg.data.max_bytes)
-    train_tokens, _ = split(tokens, cfg.data.val_fraction)
-    return Batches(
-        train_tokens, cfg.train.batch_size, cfg.train.seq_len, seed=cfg.seed,
-        variable_length=cfg.data.variable_length, min_len=cfg.data.min_len,
-    )
 
 
 def train(cfg) -> list[dict]:
@@ -55,7 +25,7 @@ def train(cfg) -> list[dict]:
     rank = distributed.rank()
     ps = ParallelState.from_config(cfg.parallel)
     dp_size = ps.dp
-    device = resolve_device(cfg.device)
+    device = distributed.resolve_device(cfg.device)
 
     seed_everything(cfg.seed)  # same initial weights on every rank
     model = GPT(GPTConfig.from_config(cfg.model)).to(device)

@@ -4,7 +4,7 @@ from .checkpoint import Checkpointer
 from .distributed_optimizer import DistributedOptimizer
 from .grad_accum import GradientAccumulation
 from .parallel_state import ParallelState
-from .pipeline_schedule import PipelineSchedule, split_model
+from .pipeline import PipelineSchedule
 from .recompute import Recompute, activation_memory, apply_recompute
 
-__all__ = ["Checkpointer", "DistributedOptimizer", "Recompute", "activation_memory", "apply_recompute", "GradientAccumulation", "ParallelState", "PipelineSchedule", "split_model"]
+__all__ = ["Checkpointer", "DistributedOptimizer", "Recompute", "activation_memory", "apply_recompute", "GradientAccumulation", "ParallelState", "PipelineSchedule"]

@@ -1,9 +1,9 @@
-"""Pipeline parallelism on ``torch.distributed.pipelining``: split a model into stages, run any PyTorch schedule.
+"""Pipeline parallelism on ``torch.distributed.pipelining``: run any PyTorch schedule over a model's stages.
 
 ``PipelineSchedule(kind, n_microbatches, stages, pp_group, loss_fn)`` wraps ``PipelineStage`` and the schedule
 class of ``kind`` (``KINDS``: gpipe, 1f1b, interleaved, looped_bfs, zb, zbv, dualpipev); it does not
 re-implement the runtime. ``stages`` is the list of *all* ``S = p * v`` stage modules (every rank builds the
-same list, e.g. with ``split_model``); each rank keeps the stages it owns:
+same list, e.g. with ``curry_train.model.split_model`` for the reference GPT); each rank keeps the stages it owns:
 
 * loop style (gpipe, 1f1b, interleaved, looped_bfs, zb): rank r holds stages r, r + p, r + 2p, ...
 * V style (zbv, dualpipev): rank r holds r and 2p - 1 - r (rank 0 holds the first *and* the last stage).
@@ -49,35 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .pipeline_sim import KINDS, Event, Timeline, check_schedule, normalize_kind, stage_placement
-
-
-class GPTStage(nn.Module):
-    """A contiguous slice of the reference GPT. The first stage embeds token ids, the last applies ``ln_f`` and the
-    head and returns logits. Blocks keep their GPT index as name (``blocks.3.attn...``), so a stage's state-dict
-    keys are a subset of the full model's. Submodules are shared with the model they came from, not copied."""
-
-    def __init__(self, model: nn.Module, block_ids: list[int], first: bool, last: bool):
-        super().__init__()
-        self.block_size = model.cfg.block_size
-        if first:
-            self.tok_emb, self.pos_emb, self.drop = model.tok_emb, model.pos_emb, model.drop
-        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in block_ids})
-        if last:
-            self.ln_f, self.head = model.ln_f, model.head
-        self.first, self.last = first, last
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.first:  # same computation as GPT.forward
-            T = x.shape[1]
-            if T > self.block_size:
-                raise ValueError(f"sequence length {T} exceeds model.block_size {self.block_size}")
-            x = self.drop(self.tok_emb(x) + self.pos_emb(torch.arange(T, device=x.device)))
-        for block in self.blocks.values():
-            x = block(x)
-        if self.last:
-            x = self.head(self.ln_f(x))
-        return x
+from .sim import KINDS, Event, Timeline, check_schedule, normalize_kind, stage_placement
 
 
 def layer_split(n_layer: int, n_stages: int, layers_per_stage=None) -> list[int]:
@@ -101,19 +73,6 @@ def layer_split(n_layer: int, n_stages: int, layers_per_stage=None) -> list[int]
     if any(c == 0 for c in counts[1:-1]):
         raise ValueError(f"layers_per_stage={counts}: a middle stage needs at least one block")
     return counts
-
-
-def split_model(model: nn.Module, n_stages: int, layers_per_stage=None) -> list[GPTStage]:
-    """Split the reference GPT into ``n_stages`` ``GPTStage`` modules: embedding on the first, ``ln_f`` + head on
-    the last, blocks divided evenly (or as ``layers_per_stage`` says). The stages share parameters with ``model``."""
-    for attr in ("tok_emb", "pos_emb", "drop", "blocks", "ln_f", "head", "cfg"):
-        if not hasattr(model, attr):
-            raise ValueError(f"split_model splits the reference GPT (missing .{attr}); build your own stage modules "
-                             "and pass them to PipelineSchedule")
-    counts = layer_split(len(model.blocks), n_stages, layers_per_stage)
-    starts = [sum(counts[:i]) for i in range(n_stages)]
-    return [GPTStage(model, list(range(starts[i], starts[i] + counts[i])), i == 0, i == n_stages - 1)
-            for i in range(n_stages)]
 
 
 def _group_size_rank(group) -> tuple[int, int]:

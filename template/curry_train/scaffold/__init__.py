@@ -2,7 +2,7 @@
 
 DEST receives a copy of the ``curry_train`` package and of the curry-train tests that exercise it (plugin and
 skill-page tests stay behind: they test the plugin, not the package), plus files rendered from the jinja2
-templates in ``scaffold/``: ``pyproject.toml``, ``Makefile`` (``make test`` / ``make bench``), ``README.md``,
+templates in ``scaffold/templates/``: ``pyproject.toml``, ``Makefile`` (``make test`` / ``make bench``), ``README.md``,
 ``pytest.ini``, ``.gitignore`` and ``.ci/run``. The new repository's ``make test`` passes as delivered.
 """
 
@@ -14,9 +14,10 @@ from pathlib import Path
 
 import jinja2
 
-from . import __version__
+from .. import __version__
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 PLUGIN_ONLY_TESTS = {"test_plugin.py", "test_skills.py", "test_scaffold.py"}
 RENDERED = {
     "pyproject.toml.j2": "pyproject.toml",
@@ -59,7 +60,7 @@ def scaffold(dest: str | Path, name: str | None = None, description: str | None 
             shutil.copy2(test, dest / "tests" / test.name)
 
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(PACKAGE_DIR / "scaffold"), undefined=jinja2.StrictUndefined,
+        loader=jinja2.FileSystemLoader(TEMPLATES_DIR), undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
     )
     context = {

@@ -1,122 +1,31 @@
-"""``python -m curry_train bench recompute`` and ``bench sharding``: memory saved against time spent.
-
-``recompute``: the configured GPT and batch (``cfg.model``, ``train.batch_size`` x ``train.seq_len``) under
-no recompute, full, selective, and full on every 2nd block. Per mode: bytes kept for backward after the
-forward and peak bytes over forward + backward (``activation_memory``), and the time of one training step
-(forward, backward, AdamW) as the median of per-round ratios to no recompute over ``bench.repeats``
-interleaved rounds of ``bench.steps_per_repeat`` steps after ``bench.burn_in``. Target: full keeps <= 25% of
-the activations at <= 1.4x the step time.
-
-``sharding``: ``launch`` N = 2 and 4 gloo ranks; each trains the same GPT under every sharding mode (fp32, and
+"""``python -m curry_train bench sharding``: ``launch`` N = 2 and 4 gloo ranks; each trains the same GPT under every sharding mode (fp32, and
 bf16 for the FSDP2 modes), interleaved round by round, and reports the largest per-rank bytes (MiB) of parameters,
 gradients and optimizer state (``memory_report``), the unsharded parameter bytes held from forward to backward,
 and the step time against DDP. Next to them: the ZeRO paper's formulas for this model's Psi. Target: FSDP2
 per-rank totals within 1% of 1/N of DDP's.
 """
 
+
 from __future__ import annotations
 
 import copy
-import os
 import statistics
-import sys
 import time
-from contextlib import contextmanager
 
 import torch
 
-from .benchmark import build_model_and_batches
-from .model import GPT, IGNORE_INDEX, GPTConfig, token_loss
-from .primitives import DistributedOptimizer, GradientAccumulation, activation_memory, apply_recompute
-from .primitives.distributed_optimizer import zero_bytes_per_rank
+from ..model import GPT, IGNORE_INDEX, GPTConfig, token_loss
+from ..primitives import DistributedOptimizer, GradientAccumulation
+from ..primitives.distributed_optimizer import zero_bytes_per_rank
+from .common import MIB
 
-RECOMPUTE_MODES = {"none": None, "full": ("full", 1), "selective": ("selective", 1), "full every 2nd": ("full", 2)}
 SHARDING_MODES = [("no_shard", None), ("zero1", None), ("shard_grad_op", None), ("full", None),
                   ("shard_grad_op", "bf16"), ("full", "bf16")]
 ZERO_NAME = {"no_shard": "DDP", "zero1": "ZeRO-1", "shard_grad_op": "ZeRO-2", "full": "ZeRO-3"}
-MIB = 2**20
-
-
-@contextmanager
-def quiet_stderr():
-    """Silence file descriptor 2 (C++ writes bypass ``sys.stderr``); restored even on error."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def _step(model, optimizer, x, y):
-    optimizer.zero_grad(set_to_none=True)
-    loss_sum, n = token_loss(model(x), y)
-    (loss_sum / n).backward()
-    optimizer.step()
-
-
-def bench_recompute(cfg) -> dict:
-    base, batches = build_model_and_batches(cfg)
-    x, y = batches.global_batch(0)
-    b, t = cfg.bench, cfg.train
-    sides = {}
-    for name, spec in RECOMPUTE_MODES.items():
-        m = copy.deepcopy(base)
-        if spec:
-            apply_recompute(m, spec[0], every_n=spec[1])
-        sides[name] = {"model": m, "opt": torch.optim.AdamW(m.parameters(), lr=t.lr)}
-        with quiet_stderr():  # the CPU profiler prints two USDT lines per profile on stderr
-            sides[name].update(activation_memory(m, (x, y)))
-
-    def run(name, n):
-        s = sides[name]
-        t0 = time.perf_counter()
-        for _ in range(n):
-            _step(s["model"], s["opt"], x, y)
-        return time.perf_counter() - t0
-
-    names = list(sides)
-    for name in names:
-        run(name, b.burn_in)
-    ratios = {name: [] for name in names}
-    for r in range(b.repeats):
-        order = names if r % 2 == 0 else names[::-1]
-        seconds = {name: run(name, b.steps_per_repeat) for name in order}
-        for name in names:
-            sides[name]["rounds"] = sides[name].get("rounds", []) + [seconds[name]]
-            ratios[name].append(seconds[name] / seconds["none"])
-    ref = sides["none"]
-    rows = []
-    for name in names:
-        s = sides[name]
-        rows.append({
-            "mode": name,
-            "activation_bytes": s["activation_bytes"],
-            "activation_ratio": s["activation_bytes"] / ref["activation_bytes"],
-            "peak_bytes": s["peak_bytes"],
-            "peak_ratio": s["peak_bytes"] / ref["peak_bytes"],
-            "step_ms": 1000 * statistics.median(s["rounds"]) / b.steps_per_repeat,  # robust to load spikes
-            "time_ratio": statistics.median(ratios[name]),
-        })
-    full = next(r for r in rows if r["mode"] == "full")
-    ok = full["activation_ratio"] <= 0.25 and full["time_ratio"] <= 1.4
-    print(f"recompute on {cfg.model.name} GPT ({cfg.model.n_layer} blocks, d={cfg.model.n_embd}), batch "
-          f"{t.batch_size}x{t.seq_len}, fp32, device {x.device}; step (fwd+bwd+AdamW): median over {b.repeats} "
-          f"interleaved rounds of {b.steps_per_repeat} steps, ratio = median of per-round ratios to none")
-    print(f"  {'mode':15s} {'activations':>12s} {'ratio':>6s} {'peak fwd+bwd':>13s} {'ratio':>6s} {'step':>9s} {'ratio':>6s}")
-    for r in rows:
-        print(f"  {r['mode']:15s} {r['activation_bytes'] / MIB:8.1f} MiB {r['activation_ratio']:6.3f} "
-              f"{r['peak_bytes'] / MIB:9.1f} MiB {r['peak_ratio']:6.3f} {r['step_ms']:6.1f} ms {r['time_ratio']:6.2f}")
-    print(f"  target: full keeps <= 25% of activations at <= 1.4x step time: {'PASS' if ok else 'MISS'}")
-    return {"rows": rows, "target_pass": ok, "batch": [t.batch_size, t.seq_len], "model": cfg.model.name}
 
 
 def _sharding_rank(rank, ws, cfg):
-    from .data import Batches, load_tokens, split
+    from ..data import Batches, load_tokens, split
 
     t, b = cfg["train"], cfg["bench"]
     torch.manual_seed(cfg["seed"])
@@ -156,7 +65,7 @@ def _sharding_rank(rank, ws, cfg):
 def bench_sharding(cfg, world_sizes=(2, 4)) -> dict:
     from omegaconf import OmegaConf
 
-    from .distributed import launch
+    from ..distributed import launch
 
     plain = OmegaConf.to_container(cfg, resolve=True)
     psi = GPT(GPTConfig.from_config(cfg.model)).n_params()

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-from .loop import build_optimizer, build_scheduler
-from .model import GPT, GPTConfig, token_loss
-from .primitives.checkpoint import Checkpointer, step_dirname
+from ..loop import build_optimizer, build_scheduler
+from ..model import GPT, GPTConfig, token_loss
+from ..primitives.checkpoint import Checkpointer, step_dirname
 
 ADAMW_FP32_BYTES_PER_PARAM = 12  # weights + exp_avg + exp_avg_sq, fp32
 

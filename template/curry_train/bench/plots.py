@@ -1,4 +1,4 @@
-"""Gantt charts of pipeline timelines (``primitives.pipeline_sim.Timeline``), simulated or measured.
+"""Gantt charts of pipeline timelines (``primitives.pipeline.sim.Timeline``), simulated or measured.
 
 One row per rank (rank 0 on top), time to the right; F blue, B red, I (input-gradient backward) orange,
 W (weight-gradient backward) green; the number in a bar is the micro-batch. With several stages per rank the

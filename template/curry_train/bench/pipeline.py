@@ -8,7 +8,7 @@ of a gloo send/recv and of the schedule's Python is a small part of it; with 2 r
 and the bubble is swamped by communication gaps the simulator does not model):
 
 * ``analytic``: closed form, ``(p-1)/(m+p-1)`` for GPipe/1F1B, ``(p-1)/(v*m+p-1)`` interleaved/looped BFS;
-* ``simulated``: ``pipeline_sim.simulate`` with F=1, B=2 (I=W=1);
+* ``simulated``: ``primitives.pipeline.sim.simulate`` with F=1, B=2 (I=W=1);
 * ``sim@measured``: the same simulator fed the per-stage mean F/B/I/W durations measured in the run (it sees
   stage imbalance, e.g. the embedding and head stages) and the measured one-way time of one activation
   send/recv between ranks (``p2p_latency``, added to every cross-rank dependency);
@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .distributed import launch
-from .model import GPT, GPTConfig, IGNORE_INDEX, token_loss
-from .primitives.pipeline_schedule import PipelineSchedule, split_model
-from .primitives.pipeline_sim import (
+from ..distributed import launch
+from ..model import GPT, IGNORE_INDEX, GPTConfig, split_model, token_loss
+from ..primitives.pipeline import PipelineSchedule
+from ..primitives.pipeline.sim import (
     KINDS, Event, Timeline, analytic_bubble, check_schedule, default_stages_per_rank, simulate,
 )
 
@@ -128,8 +128,8 @@ def _run_kinds(rank, world_size, kinds, m, model_cfg, batch, steps):
 
 
 def bench_pipeline(cfg, pp_sizes=(2, 4), kinds=tuple(KINDS), m: int = 8, n_layer: int = 8, steps: int = 5) -> dict:
-    from .timeline_plot import plot_timeline
-    from .train import build_batches
+    from .plots import plot_timeline
+    from ..data import build_batches
 
     model_cfg = {k: v for k, v in dict(cfg.model).items() if k != "name"}
     model_cfg["n_layer"] = n_layer

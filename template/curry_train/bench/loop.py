@@ -1,0 +1,76 @@
+"""``python -m curry_train bench loop``: the curry_train loop (``run_training_steps``: GA planning, token-normalised
+loss, metrics) against a hand-written plain PyTorch loop on the same model and batches, interleaved rounds in one
+process. Target: tokens/s ratio >= 0.98."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..data import Batches
+from ..loop import build_optimizer, build_scheduler, run_training_steps
+from ..model import IGNORE_INDEX
+from ..primitives import GradientAccumulation
+from .common import build_model_and_batches
+
+
+def _plain_pytorch_steps(model, optimizer, scheduler, batches: Batches, start: int, n: int, grad_clip: float):
+    """The baseline a user would write by hand: no primitives, mean cross-entropy, one batch per step."""
+    for step in range(start, start + n):
+        x, y = batches.global_batch(step)
+        logits = model(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE_INDEX)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        scheduler.step()
+    return loss.item()
+
+
+def bench_loop(cfg) -> dict:
+    b = cfg.bench
+    model, batches = build_model_and_batches(cfg)
+    t = cfg.train
+    sides = {}
+    for name in ("curry_train", "plain"):
+        m = copy.deepcopy(model)
+        opt = build_optimizer(m, t.lr, t.weight_decay, (t.beta1, t.beta2))
+        sides[name] = {"model": m, "opt": opt, "sched": build_scheduler(opt, t.warmup_steps, t.steps, t.min_lr_ratio),
+                       "seconds": 0.0, "step": 0}
+    ga = GradientAccumulation(1)
+
+    def run(name, n):
+        s = sides[name]
+        t0 = time.perf_counter()
+        if name == "curry_train":
+            run_training_steps(s["model"], s["opt"], s["sched"], batches, ga, s["step"] + n, start_step=s["step"],
+                               grad_clip=t.grad_clip, log_every=0, progress=False)
+        else:
+            _plain_pytorch_steps(s["model"], s["opt"], s["sched"], batches, s["step"], n, t.grad_clip)
+        s["step"] += n
+        return time.perf_counter() - t0
+
+    for name in sides:
+        run(name, b.burn_in)
+    ratios = []
+    for r in range(b.repeats):  # interleave, alternating which side goes first
+        order = ("curry_train", "plain") if r % 2 == 0 else ("plain", "curry_train")
+        seconds = {name: run(name, b.steps_per_repeat) for name in order}
+        for name in order:
+            sides[name]["seconds"] += seconds[name]
+        ratios.append(seconds["plain"] / seconds["curry_train"])
+    tokens = b.repeats * b.steps_per_repeat * t.batch_size * t.seq_len
+    tps = {name: tokens / s["seconds"] for name, s in sides.items()}
+    ratio = statistics.median(ratios)  # per-round ratios: robust to load spikes that hit one round
+    print(f"loop vs plain PyTorch ({cfg.model.name}, batch {t.batch_size}x{t.seq_len}, "
+          f"{b.repeats}x{b.steps_per_repeat} interleaved steps after {b.burn_in} burn-in)")
+    print(f"  curry_train loop : {tps['curry_train']:10.0f} tokens/s")
+    print(f"  plain PyTorch    : {tps['plain']:10.0f} tokens/s")
+    print(f"  ratio            : {ratio:.3f}   median of {b.repeats} rounds, min {min(ratios):.3f} max {max(ratios):.3f}"
+          f"   (target >= 0.98: {'PASS' if ratio >= 0.98 else 'MISS'})")
+    return {"tokens_per_s": tps, "ratio": ratio, "round_ratios": ratios, "target": 0.98}
