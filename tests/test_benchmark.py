@@ -1,11 +1,12 @@
 """The code behind the numbers in skills/primitive-gradient-accumulation: bench ga and bench loop."""
 
 import json
+import statistics
 
 import pytest
 
 from curry_train.__main__ import main
-from curry_train.bench.common import run_accumulated_step
+from curry_train.bench.common import interleaved_rounds, median_ratio, run_accumulated_step
 from curry_train.bench.ga import bench_ga_parity
 from curry_train.bench.loop import bench_loop
 from curry_train.config import load_config
@@ -17,18 +18,44 @@ FAST = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "train.seq_len=3
 
 
 def test_ga_parity_bench_separates_the_two_normalisations():
-    rows = {(r["batch"], r["normalization"]): r for r in bench_ga_parity(load_config(FAST))["rows"]}
-    for key in [("fixed-length", "tokens"), ("fixed-length", "microbatches"), ("padded", "tokens")]:
-        assert rows[key]["grad_rel_err"] < 1e-5, key
-    assert rows[("padded", "microbatches")]["grad_rel_err"] > 1e-3
-    assert all(r["loss_diff"] < 1e-5 for r in rows.values())
+    result = bench_ga_parity(load_config(FAST))
+    rows = {(r["batch"], r["normalization"]): r for r in result["rows"]}
+    assert result["k"] == 4 and len(rows) == 4
+    # token normalisation reproduces the K=1 gradient on both batches (float rounding only)
+    assert rows[("fixed-length", "tokens")]["grad_rel_err"] < 1e-5
+    assert rows[("padded", "tokens")]["grad_rel_err"] < 1e-5
+    # mean/K matches only when every micro-batch holds as many valid tokens (fixed-length rows) ...
+    assert rows[("fixed-length", "microbatches")]["grad_rel_err"] < 1e-5
+    # ... and weights short micro-batches up on padded rows: an error orders of magnitude above rounding
+    padded_mean_k = rows[("padded", "microbatches")]["grad_rel_err"]
+    assert padded_mean_k > 1e-3 and padded_mean_k > 1000 * rows[("padded", "tokens")]["grad_rel_err"]
+    assert all(r["loss_diff"] < 1e-5 for r in rows.values())  # the summed-token loss does not depend on K
 
 
-def test_loop_bench_measures_both_sides():
-    result = bench_loop(load_config([*FAST, "bench.repeats=2", "bench.steps_per_repeat=1", "bench.burn_in=1"]))
-    assert set(result["tokens_per_s"]) == {"curry_train", "plain"}
-    assert all(v > 0 for v in result["tokens_per_s"].values())
-    assert len(result["round_ratios"]) == 2 and result["ratio"] > 0
+def test_loop_bench_ratio_is_plain_time_over_curry_train_time():
+    b = {"bench.repeats": 3, "bench.steps_per_repeat": 1, "bench.burn_in": 1}
+    result = bench_loop(load_config([*FAST, *(f"{k}={v}" for k, v in b.items())]))
+    seconds = result["round_seconds"]
+    assert set(seconds) == set(result["tokens_per_s"]) == {"curry_train", "plain"}
+    assert all(len(s) == 3 and min(s) > 0 for s in seconds.values())
+    tokens = 3 * 1 * 8 * 32  # repeats x steps_per_repeat x train.batch_size x train.seq_len
+    for side, tps in result["tokens_per_s"].items():
+        assert tps == pytest.approx(tokens / sum(seconds[side]))
+    ratios = [p / c for p, c in zip(seconds["plain"], seconds["curry_train"])]
+    assert result["round_ratios"] == pytest.approx(ratios)
+    assert result["ratio"] == pytest.approx(statistics.median(ratios))
+    # the overall tokens/s ratio is a time-weighted mean of the per-round ratios
+    overall = result["tokens_per_s"]["curry_train"] / result["tokens_per_s"]["plain"]
+    assert min(ratios) * (1 - 1e-9) <= overall <= max(ratios) * (1 + 1e-9)
+    assert result["target"] == 0.98
+
+
+def test_interleaved_rounds_alternate_the_order_and_ratios_take_the_median():
+    calls = []
+    seconds = interleaved_rounds(lambda name: calls.append(name) or float(len(calls)), ["a", "b", "c"], 3)
+    assert calls == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
+    assert seconds == {"a": [1.0, 6.0, 7.0], "b": [2.0, 5.0, 8.0], "c": [3.0, 4.0, 9.0]}
+    assert median_ratio([1.0, 10.0, 3.0], [1.0, 2.0, 1.0]) == 3.0  # median of 1, 5, 3
 
 
 def test_run_accumulated_step_returns_the_mean_token_loss():

@@ -40,6 +40,20 @@ def test_token_divisor_is_the_planned_global_count():
         ga.plan([1, 2])
 
 
+def test_sum_divisor_is_what_backward_loss_divides_by():
+    """One divisor for the plain and the pipeline step: T / N (tokens) or n_valid * K (microbatches: mean / K)."""
+    ga = GradientAccumulation(steps=2)
+    ga.plan([30, 10])
+    assert [ga.sum_divisor(i, n) for i, n in ((0, 30), (1, 10))] == [40.0, 40.0]
+    mean_over_k = GradientAccumulation(steps=2, normalization="microbatches")
+    assert [mean_over_k.sum_divisor(i, n) for i, n in ((0, 30), (1, 0))] == [60.0, 2.0]
+    loss_sum = torch.tensor(12.0)
+    assert mean_over_k.backward_loss(loss_sum, 30, 0).item() == pytest.approx(12.0 / 30 / 2)
+    assert ga.backward_loss(loss_sum, 10, 1).item() == pytest.approx(12.0 / 40)
+    with pytest.raises(IndexError):
+        ga.sum_divisor(2, 5)
+
+
 def test_from_config_reads_the_key_and_normalization():
     ga = GradientAccumulation.from_config({"gradient_accumulation_steps": 4, "grad_accum_normalization": "microbatches"})
     assert (ga.steps, ga.normalization) == (4, "microbatches")
@@ -54,7 +68,7 @@ def test_bad_steps_name_the_key(bad):
 
 
 def test_bad_normalization_lists_choices():
-    with pytest.raises(ValueError, match=r"grad_accum_normalization must be one of \('tokens', 'microbatches'\)"):
+    with pytest.raises(ValueError, match=r"grad_accum_normalization must be one of tokens, microbatches, got 'mean'"):
         GradientAccumulation.from_config({"gradient_accumulation_steps": 2, "grad_accum_normalization": "mean"})
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from curry_train.config import load_config
-from curry_train.model import GPT, GPTConfig, token_loss
+from curry_train.model import GPT, GPTConfig, StageModules, split_model, token_loss
 from curry_train.parallelize import parallelize
 from curry_train.primitives import Recompute
 
@@ -64,6 +64,28 @@ def test_single_process_recompute_every_n():
     assert model.blocks[1].recompute_mode == "selective"
     opt = torch.optim.AdamW(model.parameters())
     assert dist_opt.shard_optimizer(opt) is opt
+
+
+def test_pipeline_stages_get_recompute_and_compile_and_keep_the_gpt_names():
+    """Each stage of a split GPT goes through parallelize like the whole model (blocks in its ModuleDict found,
+    every n-th of the stage recomputed, compiled in place, no data-parallel wrapper); a stage without blocks is
+    left as it is. StageModules of one rank's stages carries the GPT's own parameter names."""
+    cfg = load_config(SMALL + ["model.n_layer=4", "train.recompute=selective", "train.recompute_every_n=2",
+                               "train.compile=true"])
+    model = _model(cfg)
+    names = dict(model.named_parameters())
+    stages = split_model(model, 3, [0, 2, 2])
+    for stage in stages:
+        module, dist_opt = parallelize(stage, cfg, pipeline_stage=True)
+        assert module is stage and dist_opt is None
+    assert [isinstance(b, Recompute) for b in model.blocks] == [False, True, False, True]
+    assert all(b._compiled_call_impl is not None for b in model.blocks)
+    assert not [m for m in stages[0].modules() if isinstance(m, Recompute) or m._compiled_call_impl is not None]
+    local = StageModules([stages[0], stages[2]])  # a V-style rank: the first and the last stage
+    assert {n: id(p) for n, p in local.named_parameters()} == {
+        n: id(p) for n, p in names.items() if not n.startswith(("blocks.0.", "blocks.1."))}
+    with pytest.raises(RuntimeError, match="PipelineSchedule.train_step"):
+        local(torch.zeros(1, 4, dtype=torch.long))
 
 
 def test_single_process_bad_input():

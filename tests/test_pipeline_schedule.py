@@ -48,11 +48,10 @@ def _pipelined(kind, m, n_layer, rows, tie=True, record=False):
     x, y = _batch(rows)
     n_valid = (y != IGNORE_INDEX).sum()
     stages = split_model(model, ws * default_stages_per_rank(kind))
-    sched = PipelineSchedule(kind, m, stages, None, lambda out, tgt: token_loss(out, tgt)[0] / n_valid, record=record,
-                             **options)
-    loss = sched.train_step(x, y, broadcast_loss=True)
+    sched = PipelineSchedule(kind, m, stages, None, lambda out, tgt: token_loss(out, tgt)[0], record=record, **options)
+    loss = sched.train_step(x, y, loss_divisor=n_valid.item(), broadcast_loss=True)  # returns the undivided sum
     grads = {name: p.grad.clone() for s in sched.stage_ids for name, p in stages[s].named_parameters(remove_duplicate=False)}
-    return loss.item(), grads, sched
+    return loss.item() / n_valid.item(), grads, sched
 
 
 def _parity_ranks(rank, world_size, kinds, m, n_layer, rows):

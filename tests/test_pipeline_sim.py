@@ -112,8 +112,8 @@ def test_plot_timeline_writes_a_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
-def test_pipeline_bench_on_a_tiny_model(tmp_path):
-    from curry_train.bench.pipeline import bench_pipeline
+def test_pipeline_bench_on_a_tiny_model(tmp_path, capsys):
+    from curry_train.bench.pipeline import TARGET, bench_pipeline
 
     assert BENCHES["pipeline"] == "curry_train.bench.pipeline:bench_pipeline"
     cfg = load_config(["model.n_embd=32", "model.n_head=2", "train.seq_len=32", "bench.pipeline_batch_size=8",
@@ -124,8 +124,20 @@ def test_pipeline_bench_on_a_tiny_model(tmp_path):
     assert "target_met" not in rows["gpipe-torch"]
     for kind in ("gpipe", "gpipe-torch", "1f1b"):
         assert rows[kind]["simulated"] == pytest.approx(rows[kind]["analytic"]) == pytest.approx(1 / 5)
+    # the verdict: judged (gap to sim@meas <= TARGET) exactly when every rank has a core, else None ("n/a")
+    assert result["target"] == TARGET and result["cores"] >= 1
+    printed = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if "|meas-sim@meas|" in line}
+    assert set(printed) == {"gpipe", "gpipe-torch", "1f1b"}
     for kind in ("gpipe", "1f1b"):
-        assert rows[kind]["target_met"] in (True, False, None)  # judged against sim@meas, None when oversubscribed
+        r = rows[kind]
+        gap = abs(r["measured"] - r["sim_at_measured"])
+        assert f"|meas-sim@meas| {gap:.3f} " in printed[kind]
+        if r["p"] > result["cores"]:
+            assert r["target_met"] is None and f"n/a ({r['p']} ranks > {result['cores']} cores)" in printed[kind]
+        else:
+            assert r["target_met"] is (gap <= TARGET)
+            assert printed[kind].endswith("PASS" if r["target_met"] else "MISS")
+    assert all(r["p2p_ms"] > 0 for r in rows.values())  # sim@meas was fed the measured send/recv time
     assert rows["zbv"]["simulated"] < rows["1f1b"]["simulated"]
     for r in rows.values():
         assert 0.0 < r["measured"] < 1.0 and r["step_ms"] > 0 and 0.0 <= r["sim_at_measured"] < 1.0

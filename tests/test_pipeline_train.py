@@ -1,11 +1,13 @@
-"""``train()`` with ``parallel.pp=2`` (and dp=2 x pp=2): the same losses as one process; pipeline config errors
-are raised before any send."""
+"""``train()`` with ``parallel.pp=2`` (and dp=2 x pp=2): the same losses as one process, through the same loop
+functions; pipeline config errors are raised before any send."""
+
+import inspect
 
 import pytest
 
-from curry_train.config import load_config
+from curry_train import loop
+from curry_train.config import load_config, pipeline_settings
 from curry_train.distributed import launch
-from curry_train.config import pipeline_settings
 from curry_train.train import train
 
 SMALL = ["model.n_layer=4", "model.n_embd=32", "model.n_head=2", "train.seq_len=32", "train.batch_size=8",
@@ -62,3 +64,34 @@ def test_dp2_x_pp2_training_losses_match_single_process():
     single = [h["loss"] for h in train(load_config(overrides))]
     for rank_losses in launch(_train_dp_pp, 4, overrides, timeout=300):
         assert rank_losses == pytest.approx(single, abs=1e-5)
+
+
+def _spy_on_the_step(patch) -> list[tuple]:
+    """Record every call of the loop's forward/backward and grad-norm functions: (function, pipelined?)."""
+    calls = []
+    for name, pp_argument in (("accumulate_gradients", "schedule"), ("clip_grad_norm", "pp_group")):
+        def spy(*args, _fn=getattr(loop, name), _name=name, _arg=pp_argument, **kwargs):
+            bound = inspect.signature(_fn).bind(*args, **kwargs)
+            calls.append((_name, bound.arguments.get(_arg) is not None))
+            return _fn(*args, **kwargs)
+        patch(loop, name, spy)
+    return calls
+
+
+def _train_pp_with_spies(rank, world_size, overrides):
+    calls = _spy_on_the_step(setattr)
+    history = train(load_config([*overrides, f"parallel.pp={world_size}"]))
+    return calls, [h["grad_norm"] for h in history]
+
+
+def test_pipeline_and_plain_runs_take_one_step_function_and_one_grad_norm(monkeypatch):
+    """The pp=2 run calls the plain run's accumulate_gradients and clip_grad_norm (with its schedule and pp group),
+    and logs the single process's grad norm to 1e-5."""
+    overrides = RUNS["1f1b"]
+    calls = _spy_on_the_step(monkeypatch.setattr)
+    single = [h["grad_norm"] for h in train(load_config(overrides))]
+    step = [("accumulate_gradients", False), ("clip_grad_norm", False)]
+    assert calls == step * 3
+    for rank_calls, norms in launch(_train_pp_with_spies, 2, overrides, timeout=300):
+        assert rank_calls == [(name, True) for name, _ in step] * 3
+        assert norms == pytest.approx(single, abs=1e-5)

@@ -23,14 +23,32 @@ Overrides are Hydra syntax (key=value); `python -m curry_train config` lists eve
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Bad input (config errors, missing files) prints one ``error:`` line and exits 2, no traceback."""
+    """Bad input (config errors, missing files) prints one ``error:`` line and exits 2, no traceback.
+
+    Config errors are raised by ``config.load_config`` / ``config.validate`` before any process group starts."""
     from hydra.errors import HydraException
 
     try:
         return _main(argv)
-    except (ValueError, FileNotFoundError, FileExistsError, HydraException) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, HydraException) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]  # one line, even from a library
+        print(f"error: {'; '.join(lines) or type(e).__name__}", file=sys.stderr)
         return 2
+
+
+def bench_params(names: list[str]) -> dict[str, dict]:
+    """Each bench's keyword defaults (``{"ga": {"k": 4}}``), read from its function: ``validate_bench`` needs them."""
+    import importlib
+    import inspect
+
+    from .bench import BENCHES
+
+    params = {}
+    for name in names:
+        module, fn = BENCHES[name].split(":")
+        signature = inspect.signature(getattr(importlib.import_module(module), fn))
+        params[name] = {k: p.default for k, p in signature.parameters.items() if p.default is not p.empty}
+    return params
 
 
 def _main(argv: list[str] | None) -> int:
@@ -52,7 +70,7 @@ def _main(argv: list[str] | None) -> int:
                                     "(default bench-results/); make bench runs them all.")
     p_bench.add_argument("args", nargs="*", metavar="NAME|OVERRIDE",
                          help=f"bench names (default: all of {', '.join(BENCHES)}) and Hydra overrides")
-    p_config = sub.add_parser("config", help="print the composed config")
+    p_config = sub.add_parser("config", help="print the composed config: every key, its value and what it allows")
     p_config.add_argument("overrides", nargs="*")
     p_scaffold = sub.add_parser("scaffold", help="start a new training repo with this code and its tests")
     p_scaffold.add_argument("dest", help="folder to create (must be new or empty)")
@@ -68,7 +86,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"created {dest}\nnext: cd {dest} && make test")
         return 0
 
-    from .config import load_config, to_yaml
+    from .config import load_config, to_yaml, validate, validate_bench
 
     if args.command == "bench":
         names = [a for a in args.args if "=" not in a]
@@ -78,11 +96,14 @@ def _main(argv: list[str] | None) -> int:
             parser.error(f"unknown bench {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
         from .bench import run_benches
 
-        run_benches(load_config(overrides), names)
+        cfg, selected = load_config(overrides), names or list(BENCHES)
+        validate(cfg, world_size=1)  # the benches run in this process (and launch their own ranks)
+        validate_bench(cfg, selected, bench_params(selected))
+        run_benches(cfg, selected)
         return 0
     cfg = load_config(args.overrides)
     if args.command == "config":
-        print(to_yaml(cfg))
+        print(to_yaml(cfg, docs=True), end="")
         return 0
     from . import distributed
     from .train import train

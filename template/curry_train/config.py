@@ -1,61 +1,248 @@
-"""Hydra config: compose ``conf/config.yaml`` with command-line overrides, then validate it.
+"""The Hydra config: compose the typed schema with command-line overrides, refuse unknown keys, validate every value.
 
-We use Hydra's compose API rather than ``@hydra.main``: no working-directory change, no ``outputs/``
-folder, and the same call works from the CLI, tests and benchmarks. Composed configs are in struct mode,
-so an override of a key that does not exist (``train.step=5``) is a Hydra error, and ``model=nope``
-lists the available models.
+Schema: ``conf/schema.py``, one dataclass per group with a docstring per field (``Config``, ``TrainConfig``...),
+registered in Hydra's ``ConfigStore``. ``conf/config.yaml`` starts from it, and each ``conf/model/*.yaml`` preset
+extends the GPT model schema (``ModelConfig``). ``Config.model`` is untyped so that a preset with another schema
+can sit beside the GPT ones; the preset's own schema types it.
 
-``validate(cfg, world_size)`` checks everything that can be checked *before* a process group starts, so
-bad input fails in one process with one message instead of hanging N.
+``load_config(overrides)`` composes with Hydra's compose API (no working-directory change, no ``outputs/``):
+the result is in struct mode and typed, so ``train.steps=abc`` and ``train.step=5`` fail, and so does
+``+train.step=5`` (Hydra lets ``+`` add keys; ``check_keys`` refuses any key the schema does not declare).
+Every Hydra/OmegaConf error comes out as one ``ValueError`` line naming the key and what is allowed.
+
+``validate(cfg, world_size)`` checks every value, and how values fit together (rank grid, batch splits,
+pipeline schedule), *before* a process group starts: bad input fails in one process with one message instead
+of hanging N. ``validate_bench`` adds what the selected benches need. This module imports no runtime module
+(train, loop, parallelize, bench): only the primitives' checks, ``data``'s batch split and
+``GPTConfig``.
 """
 
-from __future__ import annotations
-
+import re
+from dataclasses import fields, is_dataclass
+from difflib import get_close_matches
+from math import lcm
 from pathlib import Path
+from typing import List, Union, get_args, get_origin
 
+import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from .conf.schema import Config, ModelConfig, field_docs, register
+from .data import check_batch_split, check_text_file
+from .model import GPTConfig
+from .primitives import GradientAccumulation
+from .primitives._checks import (boolean, choice, fraction, integer, non_negative_float, non_negative_int,
+                                 positive_float, positive_int, prefixed)
 from .primitives._config import config_getter
 from .primitives.distributed_optimizer import check_options
+from .primitives.parallel_state import ParallelState
 from .primitives.pipeline.schedule import layer_split
 from .primitives.pipeline.sim import check_schedule, default_stages_per_rank, normalize_kind
 from .primitives.recompute import check_recompute_config
 
 CONF_DIR = Path(__file__).parent / "conf"
+DEVICES = ("auto", "cpu", "cuda")
+SCHEMAS = {"": Config, "model": ModelConfig}  # where the field type does not say it (``model: Any``): for messages
+register()
 
+
+# -- composition ------------------------------------------------------------------------------------------------
 
 def load_config(overrides: list[str] | None = None) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides or []))
+    """Compose ``conf/config.yaml`` with ``overrides``; any error is one ``ValueError`` line naming the key."""
+    overrides = list(overrides or [])
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ValueError(_one_line(e, overrides)) from e
+    check_keys(cfg)
+    return cfg
 
+
+def schema_at(path: str):
+    """The dataclass that declares the keys under ``path`` (``""`` = top level, ``"train"``...), or None."""
+    if path in SCHEMAS:
+        return SCHEMAS[path]
+    group, _, key = path.rpartition(".")
+    parent = schema_at(group)
+    schema = {f.name: f.type for f in fields(parent)}.get(key) if parent else None
+    return schema if is_dataclass(schema) else None
+
+
+def check_keys(cfg, path: str = "") -> None:
+    """Every key under ``cfg`` is declared by its node's schema: ``+train.step=5`` is refused like ``train.step=5``.
+
+    A node typed by a dataclass (every group, and a model preset that extends ``model_schema/gpt``) is checked
+    against its fields; an untyped model preset is left to its own checks (``GPTConfig.from_config``)."""
+    schema = OmegaConf.get_type(cfg) if path else Config
+    declared = {f.name for f in fields(schema)} if is_dataclass(schema) else set(cfg)
+    for key in cfg:
+        full_key = f"{path}.{key}" if path else str(key)
+        if key not in declared:
+            raise ValueError(unknown_key_message(full_key, schema))
+        if OmegaConf.is_missing(cfg, key):
+            raise ValueError(f"{full_key} has no value (???); set it, e.g. {full_key}=...")
+        if isinstance(cfg[key], DictConfig):
+            check_keys(cfg[key], full_key)
+
+
+def unknown_key_message(full_key: str, schema=None) -> str:
+    group, _, key = full_key.rpartition(".")
+    schema = schema or schema_at(group)
+    known = [f.name for f in fields(schema)] if schema else []
+    close = get_close_matches(key, known, n=1)
+    hint = f" (did you mean {group + '.' if group else ''}{close[0]}?)" if close else ""
+    where = f"{group}.* keys" if group else "top-level keys"
+    return f"{full_key} is not a config key{hint}; {where}: {', '.join(known)}"
+
+
+NOUNS = {int: ("an integer", "integers"), float: ("a number", "numbers"), bool: ("true or false", "booleans"),
+         str: ("a string", "strings")}
+
+
+def describe_type(annotation) -> str:
+    """``int`` -> "an integer", ``Optional[List[int]]`` -> "a list of integers or null"..."""
+    if get_origin(annotation) is Union:
+        inner = [a for a in get_args(annotation) if a is not type(None)]
+        return f"{describe_type(inner[0])} or null"
+    if get_origin(annotation) in (list, List):
+        return f"a list of {NOUNS.get(get_args(annotation)[0], ('', 'values'))[1]}"
+    if is_dataclass(annotation):
+        return f"a group of keys ({', '.join(f.name for f in fields(annotation))})"
+    return NOUNS.get(annotation, ("a value",))[0]
+
+
+def _one_line(e: Exception, overrides: list[str]) -> str:
+    """Hydra's and OmegaConf's multi-line errors (``full_key: ... object_type=...``) as one line naming the key."""
+    def given(key):  # the value the user typed for ``key``, if an override set it
+        return next((o.split("=", 1)[1] for o in overrides if "=" in o and o.lstrip("+~").split("=")[0] == key), None)
+
+    if isinstance(e, MissingConfigException) and e.options is not None:
+        group = (e.missing_cfg_file or "").split("/")[0]
+        return f"{group}={given(group)} is not a {group} preset; choose from {', '.join(sorted(e.options))}"
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+    key = (getattr(cause, "full_key", None) or "").split("[")[0]
+    kind = type(cause).__name__
+    if key and kind in ("ConfigAttributeError", "ConfigKeyError"):
+        return unknown_key_message(key)
+    group, _, name = key.rpartition(".")
+    annotation = {f.name: f.type for f in fields(schema_at(group))}.get(name) if key and schema_at(group) else None
+    if kind == "ValidationError" and annotation is not None and given(key) is not None:
+        return f"{key} must be {describe_type(annotation)}, got {given(key)!r}"
+    if isinstance(e, OverrideParseException):
+        return f"cannot parse the override {e.override!r}: {str(e).strip().splitlines()[0]}"
+    lines = [str(x).strip().splitlines()[0] for x in (e, cause) if str(x).strip()]
+    lines = [line for line in dict.fromkeys(lines) if not line.startswith("Error merging override")] or lines
+    return f"{key + ': ' if key else ''}{': '.join(lines)}"
+
+
+# -- validation -------------------------------------------------------------------------------------------------
 
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
-    """Raise ``ValueError``/``FileNotFoundError`` naming the bad key and what is allowed."""
-    from .data import check_batch_split
-    from .model import GPTConfig
-    from .primitives import GradientAccumulation
+    """Raise ``ValueError`` (``FileNotFoundError`` for ``data.path``) naming the first bad key and what is allowed.
 
-    GPTConfig.from_config(cfg.model)
-    try:
-        GradientAccumulation.from_config(cfg.train)
-    except ValueError as e:
-        raise ValueError(f"train.{e}") from None
-    t = cfg.train
-    for key in ("steps", "batch_size", "seq_len"):
-        value = t[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"train.{key} must be a positive integer, got {value!r}")
-    if t.seq_len > cfg.model.block_size:
-        raise ValueError(f"train.seq_len={t.seq_len} exceeds model.block_size={cfg.model.block_size}")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be one of auto, cpu, cuda; got {cfg.device!r}")
-    if cfg.data.path is not None and not Path(str(cfg.data.path)).expanduser().is_file():
-        raise FileNotFoundError(f"data.path={cfg.data.path!r}: no such file")
+    Needs no process group: ``train`` calls it first, the CLI before any bench."""
+    check_keys(cfg)
+    integer("seed", cfg.seed, 0, 2**32 - 1)
+    choice("device", cfg.device, DEVICES)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but torch.cuda.is_available() is False; use device=cpu or device=auto")
+    model = GPTConfig.from_config(cfg.model)
+    _check_train(cfg.train, model)
+    _check_data(cfg.data, cfg.train)
+    _check_checkpoint(cfg.checkpoint)
+    _check_bench(cfg.bench)
+    _check_parallel(cfg, world_size)
+
+
+def _check_train(t, model: GPTConfig) -> None:
+    positive_int("train.steps", t.steps)
+    positive_int("train.batch_size", t.batch_size)
+    integer("train.seq_len", t.seq_len, 1, model.block_size, f"(model.block_size={model.block_size})")
+    with prefixed("train."):
+        GradientAccumulation.from_config(t)
+    positive_float("train.lr", t.lr)
+    fraction("train.min_lr_ratio", t.min_lr_ratio)
+    non_negative_int("train.warmup_steps", t.warmup_steps)
+    non_negative_float("train.weight_decay", t.weight_decay)
+    fraction("train.beta1", t.beta1, include_high=False)
+    fraction("train.beta2", t.beta2, include_high=False)
+    non_negative_float("train.grad_clip", t.grad_clip, "(0 = no clipping)")
+    non_negative_int("train.log_every", t.log_every, "(0 = never)")
+    boolean("train.progress", t.progress)
+    boolean("train.compile", t.compile)
+    if t.metrics_file is not None:
+        path = Path(str(t.metrics_file)).expanduser()
+        if not path.parent.is_dir():
+            raise ValueError(f"train.metrics_file={t.metrics_file!r}: folder {str(path.parent)!r} does not exist; "
+                             "create it, or use a file in an existing folder")
+        if path.is_dir():
+            raise ValueError(f"train.metrics_file={t.metrics_file!r} is a folder; give a file path (JSON lines)")
+    # train.recompute / recompute_every_n: check_parallelize_config
+
+
+def _check_data(d, t) -> None:
+    positive_int("data.max_bytes", d.max_bytes)
+    fraction("data.val_fraction", d.val_fraction, include_high=False)
+    boolean("data.variable_length", d.variable_length)
+    positive_int("data.min_len", d.min_len)
+    if d.variable_length:
+        integer("data.min_len", d.min_len, 1, t.seq_len, f"(train.seq_len={t.seq_len} with data.variable_length)")
+    if d.path is None:
+        key, size = "data.max_bytes", d.max_bytes
+    else:
+        key, size = "data.path", check_text_file(d.path).stat().st_size
+    n_train = int(size * (1.0 - d.val_fraction))  # as data.split cuts; Batches needs more than seq_len + 1 tokens
+    if n_train <= t.seq_len + 1:
+        given = d.path if d.path is not None else d.max_bytes
+        raise ValueError(f"{key}={given!r} gives {size} bytes ({n_train} for training after data.val_fraction="
+                         f"{d.val_fraction}); need more than train.seq_len + 1 = {t.seq_len + 1} training bytes")
+
+
+def _check_checkpoint(c) -> None:
+    every = non_negative_int("checkpoint.every", c.every, "(0 = never save)")
+    non_negative_int("checkpoint.keep_last", c.keep_last, "(0 keeps every checkpoint)")
+    boolean("checkpoint.async_save", c.async_save)
+    if c.dir is not None and not str(c.dir):
+        raise ValueError("checkpoint.dir must be a folder path or null, got ''")
+    if c.dir is None and every > 0:
+        raise ValueError(f"checkpoint.every={every} needs checkpoint.dir (where to write the checkpoints)")
+
+
+def _check_bench(b) -> None:
+    if not str(b.out_dir):
+        raise ValueError("bench.out_dir must be a folder path, got ''")
+    non_negative_int("bench.burn_in", b.burn_in)
+    positive_int("bench.repeats", b.repeats)
+    positive_int("bench.steps_per_repeat", b.steps_per_repeat)
+    positive_int("bench.pipeline_batch_size", b.pipeline_batch_size)
+
+
+def _check_parallel(cfg, world_size: int) -> None:
+    p = cfg.parallel
+    for dim, what in (("tp", "tensor parallelism"), ("cp", "context parallelism")):
+        if positive_int(f"parallel.{dim}", p[dim]) > 1:
+            raise ValueError(f"parallel.{dim}={p[dim]} > 1 ({what}) is not implemented yet; use parallel.{dim}=1 "
+                             "(the rank grid only reserves the dim)")
     dp = data_parallel_size(cfg, world_size)
-    check_batch_split(t.batch_size, dp, t.gradient_accumulation_steps)
+    check_batch_split(cfg.train.batch_size, dp, cfg.train.gradient_accumulation_steps)
     check_parallelize_config(cfg, world_size)
-    if cfg.parallel.pp > 1:
+    with prefixed("parallel.pp_schedule: "):
+        normalize_kind(p.pp_schedule)
+    positive_int("parallel.n_microbatches", p.n_microbatches)
+    if p.pp_stages_per_rank is not None:
+        positive_int("parallel.pp_stages_per_rank", p.pp_stages_per_rank, "or null (= the schedule's default)")
+    try:
+        for count in p.layers_per_stage or []:
+            non_negative_int("count", count)
+    except ValueError:
+        raise ValueError(f"parallel.layers_per_stage must be a list of integers >= 0 (blocks per stage) or null "
+                         f"(= an even split), got {list(p.layers_per_stage)}") from None
+    if p.pp > 1:
         pipeline_settings(cfg, world_size, dp)  # schedule kind, micro-batches vs stages, layer split
 
 
@@ -65,23 +252,17 @@ def data_parallel_size(cfg: DictConfig, world_size: int) -> int:
     The whole rank grid (``parallel.dp/pp/cp/tp/order``) is checked here, without a process group, by
     ``ParallelState.resolve_sizes``: a grid whose product is not the world size is an error naming every size.
     """
-    from .primitives.parallel_state import ParallelState
-
     return ParallelState.sizes_from_config(cfg.parallel, world_size)["dp"]
 
 
 def check_parallelize_config(cfg, world_size: int = 1) -> None:
     """Every config error ``parallelize`` would raise (``train.recompute*``, ``parallel.sharding`` /
     ``mixed_precision`` / ``cpu_offload``), found without a model or a process group."""
-    try:
+    with prefixed("train."):
         check_recompute_config(cfg.train, "recompute", "recompute_every_n")
-    except ValueError as e:
-        raise ValueError(f"train.{e}") from None
     p = cfg.parallel
-    try:
+    with prefixed("parallel."):
         sharding, _ = check_options(p.sharding, p.mixed_precision, p.cpu_offload)
-    except ValueError as e:
-        raise ValueError(f"parallel.{e}") from None
     if sharding != "no_shard" and world_size <= 1:
         raise ValueError(
             f"parallel.sharding={sharding} shards over data-parallel ranks: launch with "
@@ -94,9 +275,10 @@ def pipeline_settings(cfg, world_size: int, dp_size: int = 1) -> dict:
     """Check the pipeline config without a process group; returns kind, pp, v, n_microbatches, layers_per_stage."""
     p = cfg.parallel
     get = config_getter(p)
-    kind = normalize_kind(p.pp_schedule)
+    with prefixed("parallel.pp_schedule: "):
+        kind = normalize_kind(p.pp_schedule)
     v = get("pp_stages_per_rank", None)
-    v = default_stages_per_rank(kind) if v is None or kind in ("gpipe", "1f1b") else v
+    v = default_stages_per_rank(kind) if v is None else v
     try:
         check_schedule(kind, p.pp, p.n_microbatches, v)
     except ValueError as e:
@@ -107,7 +289,9 @@ def pipeline_settings(cfg, world_size: int, dp_size: int = 1) -> dict:
             raise ValueError(f"parallel.{key}={get(key)!r} is not supported with parallel.pp={p.pp} yet "
                              f"(pipeline stages are not wrapped in DDP/FSDP); use parallel.{key}={ok[0]}")
     layers = get("layers_per_stage", None)
-    layer_split(cfg.model.n_layer, p.pp * v, list(layers) if layers is not None else None)
+    layers = list(layers) if layers is not None else None
+    with prefixed("parallel." if layers is not None else ""):  # layer_split names layers_per_stage or model.n_layer
+        layer_split(cfg.model.n_layer, p.pp * v, layers)
     t = cfg.train
     rows = t.batch_size // dp_size // t.gradient_accumulation_steps
     if rows % p.n_microbatches:
@@ -116,9 +300,51 @@ def pipeline_settings(cfg, world_size: int, dp_size: int = 1) -> dict:
             f"{t.gradient_accumulation_steps} = {rows} rows per pipeline step, not divisible by "
             f"parallel.n_microbatches={p.n_microbatches}"
         )
-    return {"kind": kind, "pp": p.pp, "v": v, "n_microbatches": p.n_microbatches,
-            "layers_per_stage": list(layers) if layers is not None else None}
+    return {"kind": kind, "pp": p.pp, "v": v, "n_microbatches": p.n_microbatches, "layers_per_stage": layers}
 
 
-def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+# bench -> (the batch key it splits, the bench function's parameter that splits it, how)
+BENCH_SPLITS = {
+    "ga": ("train.batch_size", "k", "into K={} micro-batches"),
+    "sharding": ("train.batch_size", "world_sizes", "over {} ranks"),
+    "pipeline": ("bench.pipeline_batch_size", "m", "into m={} micro-batches"),
+}
+
+
+def validate_bench(cfg, names: list[str], params: dict[str, dict]) -> None:
+    """What the benches in ``names`` need beyond ``validate``: the batch each one splits must split evenly.
+
+    ``params``: bench name -> its function's keyword defaults (``{"ga": {"k": 4}}``), which the CLI reads from the
+    bench's signature, so the numbers live in one place.
+    """
+    for name in names:
+        if name not in BENCH_SPLITS or BENCH_SPLITS[name][1] not in params.get(name, {}):
+            continue
+        key, param, how = BENCH_SPLITS[name]
+        value = OmegaConf.select(cfg, key)
+        counts = params[name][param]
+        counts = list(counts) if isinstance(counts, (list, tuple)) else [counts]
+        if value % lcm(*counts):
+            raise ValueError(f"{key} must be a multiple of {lcm(*counts)} for `bench {name}`, which splits it "
+                             f"{how.format(' and '.join(map(str, counts)))}, got {value}")
+
+
+def to_yaml(cfg: DictConfig, docs: bool = False) -> str:
+    """The config as YAML; ``docs=True`` ends each key's line with its schema docstring as a ``#`` comment."""
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    if not docs:
+        return text
+    lines, path = [], []
+    for line in text.splitlines():
+        match = re.match(r"( *)([A-Za-z_]\w*):", line)
+        if match:
+            path = path[: len(match.group(1)) // 2] + [match.group(2)]
+            group = OmegaConf.select(cfg, ".".join(path[:-1])) if len(path) > 1 else cfg
+            schema = OmegaConf.get_type(group) if len(path) > 1 else Config
+            doc = field_docs(schema).get(path[-1]) if is_dataclass(schema) else None
+            node = OmegaConf.select(cfg, ".".join(path))
+            if doc is None and isinstance(node, DictConfig) and is_dataclass(OmegaConf.get_type(node)):
+                doc = OmegaConf.get_type(node).__doc__.strip().splitlines()[0]  # a group: its class docstring
+            line = f"{line:<36s} # {doc.replace('``', '')}" if doc else line
+        lines.append(line)
+    return "\n".join(lines) + "\n"

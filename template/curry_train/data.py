@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .model import IGNORE_INDEX
+from .primitives._checks import fraction, integer
 
 PAD_TOKEN = 0
 
@@ -70,13 +71,20 @@ def embedded_corpus(max_bytes: int = 4_000_000) -> torch.Tensor:
     return tokens
 
 
+def check_text_file(path) -> Path:
+    """``data.path`` as a ``Path`` (``~`` expanded); ``FileNotFoundError`` naming the key when it is not a file."""
+    p = Path(str(path)).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"data.path={path!r}: no such file (give a text file, or leave data.path unset "
+                                "for the embedded corpus)")
+    return p
+
+
 def load_tokens(path: str | None = None, max_bytes: int = 4_000_000) -> torch.Tensor:
     """Byte tokens of ``path`` (a text file), or of the embedded stdlib corpus when ``path`` is None."""
     if path is None:
         return embedded_corpus(max_bytes)
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"data.path={path!r}: no such file (give a text file, or leave data.path unset for the embedded corpus)")
+    p = check_text_file(path)
     tokens = torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8).clone()
     if tokens.numel() < 2:
         raise ValueError(f"data.path={path!r} holds {tokens.numel()} bytes; need at least 2 to form a training pair")
@@ -85,8 +93,7 @@ def load_tokens(path: str | None = None, max_bytes: int = 4_000_000) -> torch.Te
 
 def split(tokens: torch.Tensor, val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """First ``1 - val_fraction`` of the bytes for training, the tail for validation."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction!r}")
+    fraction("data.val_fraction", val_fraction, include_high=False)
     n = int(tokens.numel() * (1.0 - val_fraction))
     return tokens[:n], tokens[n:]
 
@@ -110,8 +117,8 @@ class Batches:
     def __post_init__(self):
         if self.tokens.numel() <= self.seq_len + 1:
             raise ValueError(f"corpus has {self.tokens.numel()} tokens; need more than train.seq_len + 1 = {self.seq_len + 1}")
-        if self.variable_length and not 1 <= self.min_len <= self.seq_len:
-            raise ValueError(f"data.min_len must be in [1, seq_len={self.seq_len}], got {self.min_len}")
+        if self.variable_length:
+            integer("data.min_len", self.min_len, 1, self.seq_len, f"(train.seq_len={self.seq_len})")
 
     def global_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)

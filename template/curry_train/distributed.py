@@ -9,8 +9,8 @@ Two ways in:
   per-rank return values. A hard timeout kills every rank: a hang is reported as a failure, never waited on.
 
 Gloo worker threads can abort the interpreter at exit (``terminate called without an active exception``,
-about 2-5% of runs on PyTorch 2.13) *after* ``destroy_process_group`` has returned. ``exit_cleanly()``
-is the measured fix: barrier, destroy, flush, ``os._exit``.
+in a fraction of runs on PyTorch 2.13) *after* ``destroy_process_group`` has returned. ``exit_cleanly()``
+avoids it: barrier, destroy, flush, ``os._exit``.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _restart_safe_store():
 
     torchrun keeps one TCPStore across restarts (the agent's, shared with the workers), so the keys the
     failed attempt wrote are still there: a restarted gloo rank can read its dead peer's address and fail
-    with ``connectFullMesh ... Connection refused`` (seen in 1 of 3 restarts here on torch 2.13). Prefixing
+    with ``connectFullMesh ... Connection refused`` (seen on torch 2.13). Prefixing
     every key with ``TORCHELASTIC_RESTART_COUNT`` isolates the attempts. Only on one node, where every
     worker shares that count; multi-node jobs keep torch's default (or set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1).
     """

@@ -1,17 +1,24 @@
 """The training loop: plain, nanoGPT-style, with gradient accumulation done right.
 
-One optimizer step::
+One optimizer step (``run_training_steps``), the same code with or without pipeline parallelism::
 
     micro = batches.microbatches(step, dp_rank, dp_size, K)     # this rank's K (x, y) pairs
-    ga.plan([valid tokens of each y], dp_group)                 # one all-reduce: global token count
-    for i, (x, y) in enumerate(micro):
-        with ga.sync_context(model, i):                         # no_sync / no reduce-scatter unless last
-            loss_sum, n = token_loss(model(x), y)
-            ga.backward_loss(loss_sum, n, i).backward()         # sum / loss_divisor
-    clip, optimizer.step(), scheduler.step()
+    accumulate_gradients(model, micro, ga, dp_group, schedule):
+        ga.plan([valid tokens of each y], dp_group)             # one all-reduce: global token count T
+        for i, (x, y) in enumerate(micro):
+            d = ga.sum_divisor(i, n_valid)                      # T / dp, or n_valid * K for "microbatches"
+            if schedule is None:
+                with ga.sync_context(model, i):                 # no_sync / no reduce-scatter unless last
+                    loss_sum, _ = token_loss(model(x), y)
+                    ga.backward_loss(loss_sum, n_valid, i).backward()   # loss_sum / d
+            else:                                               # pipeline: n_microbatches chunks through the stages
+                schedule.train_step(x, y, loss_divisor=d)       # each chunk back-propagates token_loss_sum / d
+        if schedule is not None: sum tied grads over pp, average grads over dp_group
+    clip_grad_norm(model.parameters(), grad_clip, pp_group, owns)   # one global norm for every layout
+    optimizer.step(), scheduler.step()
 
-Everything distributed (DDP, FSDP2, pipeline) hides behind ``model`` and ``forward_backward``; this file
-never asks which one it got.
+Data parallelism (DDP, ZeRO-1, FSDP2) hides behind ``model`` (see ``parallelize``); pipeline parallelism is the
+open ``schedule`` branch, ``model`` then holds this rank's stages under the GPT's names (``model.StageModules``).
 """
 
 from __future__ import annotations
@@ -49,20 +56,43 @@ def build_scheduler(optimizer, warmup_steps: int, total_steps: int, min_lr_ratio
     )
 
 
-def accumulate_gradients(model, microbatches, ga: GradientAccumulation, dp_group=None):
-    """Forward + backward of one optimizer step's micro-batches. Returns (summed token loss, local valid tokens)."""
-    ga.plan([(y != IGNORE_INDEX).sum() for _, y in microbatches], group=dp_group)
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The pipeline's ``loss_fn``: one pipeline micro-batch's summed token loss (``train_step`` divides it)."""
+    return token_loss(logits, targets)[0]
+
+
+def accumulate_gradients(model, microbatches, ga: GradientAccumulation, dp_group=None, schedule=None):
+    """Forward + backward of one optimizer step's K micro-batches; returns (summed token loss, local valid tokens).
+
+    Micro-batch ``i`` back-propagates its summed token loss over ``ga.sum_divisor(i, n_valid)``. Without
+    ``schedule`` it runs through ``model`` under ``ga.sync_context`` (data-parallel wrappers reduce on the last).
+    With a ``PipelineSchedule`` it is one ``schedule.train_step`` (the loss sum broadcast from the last stage);
+    afterwards, once per step, tied-weight gradients are summed over the pipeline group and every gradient of
+    ``model`` (this rank's stages) is averaged over ``dp_group``: with divisor ``T / dp`` the average is the
+    gradient of the global mean token loss, as DDP gives the plain path.
+    """
+    counts = [int((y != IGNORE_INDEX).sum()) for _, y in microbatches]
+    ga.plan(counts, group=dp_group)
+    model.zero_grad(set_to_none=True)
     loss_total = torch.zeros((), dtype=torch.float64)
-    n_total = 0
     for i, (x, y) in enumerate(microbatches):
-        if ga.train_step_kwargs(i)["zero_grad"]:
-            model.zero_grad(set_to_none=True)
-        with ga.sync_context(model, i):
-            loss_sum, n_valid = token_loss(model(x), y)
-            ga.backward_loss(loss_sum, n_valid, i).backward()
+        if schedule is not None:
+            loss_sum = schedule.train_step(x, y, loss_divisor=ga.sum_divisor(i, counts[i]), broadcast_loss=True,
+                                           sync_tied=False)
+        else:
+            with ga.sync_context(model, i):
+                loss_sum, _ = token_loss(model(x), y)
+                ga.backward_loss(loss_sum, counts[i], i).backward()
         loss_total += loss_sum.detach().double().cpu()
-        n_total += int(n_valid)
-    return loss_total, n_total
+    if schedule is not None:
+        schedule.sync_tied_grads()
+        dp_size = dist.get_world_size(dp_group)
+        if dp_size > 1:
+            for p in model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, group=dp_group)
+                    p.grad.div_(dp_size)
+    return loss_total, sum(counts)
 
 
 def _global_mean_loss(loss_sum: torch.Tensor, n_tokens: int, dp_group, device) -> tuple[float, int]:
@@ -73,10 +103,23 @@ def _global_mean_loss(loss_sum: torch.Tensor, n_tokens: int, dp_group, device) -
     return t[0].item() / max(t[1].item(), 1.0), int(t[1].item())
 
 
-def grad_norm_and_clip(model, max_norm: float) -> float:
-    """Global gradient L2 norm (before clipping); clips to ``max_norm`` when it is > 0."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+def clip_grad_norm(parameters, max_norm: float, pp_group=None, owns=None) -> float:
+    """The whole model's gradient L2 norm, before clipping; clips to ``max_norm`` when it is > 0.
+
+    ``norm = sqrt(sum_p |grad_p|^2)``, every gradient scaled by ``min(1, max_norm / (norm + 1e-6))``
+    (``torch.nn.utils.clip_grad_norm_``'s rule). A DTensor gradient (FSDP2) counts with its full tensor. With
+    ``pp_group`` the squares are summed over the pipeline ranks, so every rank clips by the same coefficient; a
+    parameter with ``owns(p)`` False (a tied weight whose copy another rank counts, ``PipelineSchedule.owns``)
+    is left out of the sum but still clipped.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if owns is None or owns(p)])
+    if pp_group is not None:
+        square = norm.double().square()
+        dist.all_reduce(square, group=pp_group)
+        norm = square.sqrt().to(norm.dtype)
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
         norm = norm.full_tensor()
     return float(norm)
@@ -98,17 +141,17 @@ def run_training_steps(
     grad_clip: float = 1.0,
     log_every: int = 10,
     progress: bool = True,
-    forward_backward=accumulate_gradients,
-    clip_grad_norm=grad_norm_and_clip,
+    schedule=None,
     on_step=None,
 ) -> list[dict]:
     """Train from ``start_step`` up to ``steps``; returns one metrics dict per step.
 
     Metrics: ``step``, ``loss`` (mean token loss of the global batch), ``lr``, ``grad_norm``,
     ``tokens`` (valid tokens in the global batch) and ``tokens_per_s``. ``on_step(step, metrics)`` runs after
-    each optimizer step (checkpointing hooks in here). ``forward_backward`` and ``clip_grad_norm(model, max_norm)
-    -> pre-clip global norm`` are the extension points a pipeline-parallel run replaces.
+    each optimizer step (checkpointing hooks in here). ``schedule``: the ``PipelineSchedule`` running this rank's
+    stages (``model`` then holds them), or None; ``grad_norm`` is the whole model's either way.
     """
+    pp_group, owns = (schedule.group, schedule.owns) if schedule is not None else (None, None)
     model.train()
     history = []
     bar = tqdm(range(start_step, steps), desc="train", disable=not progress, dynamic_ncols=True, leave=False)
@@ -118,8 +161,8 @@ def run_training_steps(
             (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             for x, y in batches.microbatches(step, dp_rank, dp_size, ga.steps)
         ]
-        loss_sum, n_tokens = forward_backward(model, micro, ga, dp_group)
-        norm = clip_grad_norm(model, grad_clip)
+        loss_sum, n_tokens = accumulate_gradients(model, micro, ga, dp_group, schedule)
+        norm = clip_grad_norm(model.parameters(), grad_clip, pp_group, owns)
         optimizer.step()
         scheduler.step()
         loss, global_tokens = _global_mean_loss(loss_sum, n_tokens, dp_group, device)

@@ -12,12 +12,13 @@ tokens plus the count, because gradient accumulation normalises by the global to
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .primitives._checks import boolean, fraction, positive_int
 from .primitives.pipeline.schedule import layer_split
 
 IGNORE_INDEX = -100
@@ -28,27 +29,29 @@ class GPTConfig:
     """Shape of the reference GPT. Every field is validated in ``__post_init__``."""
 
     vocab_size: int = 256
-    """Byte-level tokens by default (the embedded corpus is raw UTF-8 bytes)."""
+    """Token ids are ``0 .. vocab_size - 1``; 256 = byte-level tokens (the embedded corpus is raw UTF-8 bytes)."""
     block_size: int = 128
-    """Maximum sequence length (size of the learned position table)."""
+    """Maximum sequence length (size of the learned position table); ``train.seq_len`` must not exceed it."""
     n_layer: int = 4
+    """Transformer blocks (``GPT.blocks``); a pipeline splits them over its stages."""
     n_head: int = 4
+    """Attention heads; must divide ``n_embd``."""
     n_embd: int = 128
+    """Residual-stream width."""
     mlp_ratio: int = 4
     """Hidden width of the MLP is ``mlp_ratio * n_embd``."""
     dropout: float = 0.0
+    """Dropout probability in [0, 1) after embeddings, attention and MLP; 0 = off."""
     tie_embeddings: bool = True
     """Output head shares its weight with the token embedding (GPT-2, nanoGPT)."""
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+            positive_int(f"model.{name}", getattr(self, name))
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+        fraction("model.dropout", self.dropout, include_high=False)
+        boolean("model.tie_embeddings", self.tie_embeddings)
 
     @classmethod
     def from_config(cls, cfg) -> "GPTConfig":
@@ -60,9 +63,6 @@ class GPTConfig:
         if unknown:
             raise ValueError(f"unknown model key(s) {unknown}; allowed: {sorted(allowed)}")
         return cls(**data)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class CausalSelfAttention(nn.Module):
@@ -219,3 +219,23 @@ def split_model(model: "GPT", n_stages: int, layers_per_stage=None) -> list[GPTS
     starts = [sum(counts[:i]) for i in range(n_stages)]
     return [GPTStage(model, list(range(starts[i], starts[i] + counts[i])), i == 0, i == n_stages - 1)
             for i in range(n_stages)]
+
+
+class StageModules(nn.Module):
+    """One pipeline rank's stage modules merged under the GPT's attribute names, for the optimizer and checkpoints:
+    parameter names (and DCP keys) are the full model's (``tok_emb.weight``, ``blocks.5.attn.qkv.weight``,
+    ``head.weight``), so a checkpoint saved by ``pp`` ranks loads into the whole GPT. The stages run inside
+    ``PipelineSchedule.train_step``; calling this module is an error."""
+
+    def __init__(self, stages):
+        super().__init__()
+        self.blocks = nn.ModuleDict()
+        for stage in stages:
+            for name, child in stage.named_children():
+                if name == "blocks":
+                    self.blocks.update(child)
+                else:
+                    setattr(self, name, child)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("a pipeline rank's modules run inside PipelineSchedule.train_step, not module(x)")

@@ -1,4 +1,4 @@
-"""Apply parallelisms to a freshly built model, in one fixed, documented order.
+"""Apply parallelisms to a freshly built model, or to one pipeline stage, in one fixed, documented order.
 
 Order (torchtitan's): recompute (activation checkpointing) -> ``torch.compile`` -> data-parallel sharding.
 
@@ -11,27 +11,41 @@ Order (torchtitan's): recompute (activation checkpointing) -> ``torch.compile`` 
    ``parallel.cpu_offload``: ``DistributedOptimizer`` (DDP, DDP + ZeRO-1, FSDP2). In one process without
    torch.distributed, ``no_shard`` leaves the model as it is and the other modes are an error saying to use torchrun.
 
+A pipeline stage (``pipeline_stage=True``, e.g. a ``model.GPTStage``: its blocks in the ``nn.ModuleDict``
+``blocks``) goes through steps 1 and 2 like the whole model: ``recompute_every_n`` counts the stage's blocks, and a
+stage holding no block (``layers_per_stage`` with a 0) is left as it is. Step 3 is not applied (see the comment in
+``parallelize``): under pipeline parallelism ``parallel.sharding`` must be ``no_shard``, and ``loop.accumulate_gradients``
+averages the stage gradients over ``dp_group`` once per optimizer step.
+
 ``config.validate`` finds every error of these keys before a process group exists.
-Returns ``(model, dist_opt)``. Build the optimizer on the returned model, then pass it through
-``dist_opt.shard_optimizer(optimizer)`` (ZeRO-1 swaps in ``ZeroRedundancyOptimizer``; a no-op otherwise).
+Returns ``(model, dist_opt)``, ``dist_opt`` None for a pipeline stage. Build the optimizer on the returned model,
+then pass it through ``dist_opt.shard_optimizer(optimizer)`` (ZeRO-1 swaps in ``ZeroRedundancyOptimizer``; a no-op
+otherwise).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from .primitives.distributed_optimizer import DistributedOptimizer
 from .primitives.recompute import apply_recompute_from_config, transformer_blocks
 
 
-def parallelize(model: torch.nn.Module, cfg, dp_group=None) -> tuple[torch.nn.Module, DistributedOptimizer]:
+def parallelize(model: torch.nn.Module, cfg, dp_group=None, *, pipeline_stage: bool = False
+                ) -> tuple[torch.nn.Module, DistributedOptimizer | None]:
     """``cfg``: the full config (reads ``cfg.train.recompute``, ``recompute_every_n``, ``compile`` and ``cfg.parallel``)."""
     t, p = cfg.train, cfg.parallel
-    apply_recompute_from_config(model, t, "recompute", "recompute_every_n")
-    if getattr(t, "compile", False):
-        blocks = transformer_blocks(model)
-        for block in blocks or [model]:
-            block.compile()
+    blocks = transformer_blocks(model)
+    if blocks or not pipeline_stage:  # a whole model without blocks gets recompute's error naming block_types
+        apply_recompute_from_config(model, t, "recompute", "recompute_every_n")
+        if getattr(t, "compile", False):
+            for block in blocks or [model]:
+                block.compile()
+    if pipeline_stage:
+        # Not wrapped in DDP: PipelineStage reduces a DDP stage's gradients in the backward of each train_step's
+        # last micro-batch, which fails with gradient accumulation (several train_steps per optimizer step: DDP's
+        # bucket rebuild asserts) and with the split-backward schedules (zb: weight gradients never averaged; zbv,
+        # dualpipev: error). A plain all-reduce over dp_group once per optimizer step works for every schedule.
+        return model, None
     dist_opt = DistributedOptimizer.from_config(p, model, process_group=dp_group, optimizer_class=None)
     return dist_opt.model, dist_opt

@@ -2,17 +2,21 @@
 
 Works in one process and under ``torchrun --nproc-per-node N -m curry_train train`` (DDP over gloo on
 CPU, nccl on GPU). Every config error is raised before the process group starts.
+
+With ``parallel.pp > 1`` the GPT is split into stages (``model.split_model``), this rank's stages go through the
+same ``parallelize`` as a whole model, and the loop gets their ``PipelineSchedule``: the same optimizer step,
+its pipeline branch open in ``loop.accumulate_gradients``.
 """
 
 from __future__ import annotations
 
 from . import distributed, train_state
-from .config import validate
+from .config import pipeline_settings, validate
 from .data import build_batches, seed_everything
-from .loop import build_optimizer, build_scheduler, run_training_steps
-from .model import GPT, GPTConfig
+from .loop import build_optimizer, build_scheduler, run_training_steps, token_loss_sum
+from .model import GPT, GPTConfig, StageModules, split_model
 from .parallelize import parallelize
-from .primitives import GradientAccumulation, ParallelState
+from .primitives import GradientAccumulation, ParallelState, PipelineSchedule
 
 
 def train(cfg) -> list[dict]:
@@ -36,24 +40,27 @@ def train(cfg) -> list[dict]:
         if world_size > 1:
             print(ps)
 
-    pipeline_kwargs = {}
-    if cfg.parallel.pp > 1:  # pipeline parallelism: this rank keeps its stages, the loop runs the schedule
-        from .pipeline_train import PipelineTraining
-
-        pipe = PipelineTraining(model, cfg, pp_group=ps.pp_group, dp_group=ps.dp_group, device=device)
-        model, dist_opt = pipe.module, pipe
-        pipeline_kwargs = {"forward_backward": pipe.forward_backward, "clip_grad_norm": pipe.clip_grad_norm}
+    t = cfg.train
+    schedule = None
+    if ps.pp > 1:  # pipeline parallelism: this rank keeps its stages and the loop runs them through the schedule
+        s = pipeline_settings(cfg, world_size, dp_size)
+        stages = split_model(model, s["pp"] * s["v"], s["layers_per_stage"])  # same seed: tied copies start equal
+        schedule = PipelineSchedule(s["kind"], s["n_microbatches"], stages, ps.pp_group, token_loss_sum,
+                                    device=device)
+        for stage in schedule.modules.values():
+            parallelize(stage, cfg, pipeline_stage=True)  # recompute, compile; dp: averaged by the loop
+        model = StageModules(schedule.modules.values())  # the full model's parameter names, for checkpoints
+        optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2))
     else:
         model, dist_opt = parallelize(model, cfg, dp_group=ps.dp_group)
-    t = cfg.train
-    optimizer = dist_opt.shard_optimizer(build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2)))
+        optimizer = dist_opt.shard_optimizer(build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2)))
     scheduler = build_scheduler(optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
     start_step = train_state.resume(ckpt, model, optimizer, scheduler, cfg)
     history = run_training_steps(
         model, optimizer, scheduler, batches, ga, t.steps, start_step=start_step,
         dp_rank=ps.dp_rank, dp_size=dp_size, dp_group=ps.dp_group, device=device, grad_clip=t.grad_clip,
-        log_every=t.log_every if rank == 0 else 0, progress=t.progress and rank == 0,
-        on_step=train_state.step_hook(cfg, ckpt, model, optimizer, scheduler, fault_step), **pipeline_kwargs,
+        log_every=t.log_every if rank == 0 else 0, progress=t.progress and rank == 0, schedule=schedule,
+        on_step=train_state.step_hook(cfg, ckpt, model, optimizer, scheduler, fault_step),
     )
     train_state.finish(ckpt)  # an async save still in flight is waited for and committed
     if rank == 0 and history:

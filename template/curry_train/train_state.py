@@ -1,14 +1,16 @@
 """Training-run plumbing around the loop: resume, periodic checkpoints, metrics file, fault injection.
 
-``train.train`` calls, in this order::
-
-    ckpt = prepare_checkpointing(cfg)        # before the process group: keys checked, dir writable
-    fault_step = fault_step_from_env()       # CURRY_TRAIN_FAULT_AT_STEP, checked before training too
-    ...                                      # init, ParallelState, model, parallelize, optimizer, scheduler
-    start = resume(ckpt, model, optimizer, scheduler, cfg)          # 0, or the step after `latest`
-    on_step = step_hook(cfg, ckpt, model, optimizer, scheduler, fault_step)
-    run_training_steps(..., start_step=start, on_step=on_step)
-    finish(ckpt)                             # wait for an async save: an unwaited save is lost
+* ``prepare_checkpointing(cfg)``: validates ``checkpoint.*`` and checks that ``checkpoint.dir`` is writable; needs
+  no process group, so a bad config fails before any rank starts. Returns a ``Checkpointer``, or None without a
+  ``checkpoint.dir``.
+* ``fault_step_from_env()``: the step of ``CURRY_TRAIN_FAULT_AT_STEP`` (None when unset); a bad value is a
+  ``ValueError`` before training.
+* ``resume(ckpt, model, optimizer, scheduler, cfg)``: every rank, after the model is parallelized and the
+  optimizer and scheduler built over it; loads ``latest`` into them and returns the step to start from (0 when
+  there is no checkpoint), warning when the data settings differ from the checkpoint's.
+* ``step_hook(...)``: the ``on_step`` callback for ``run_training_steps`` (below).
+* ``finish(ckpt)``: every rank, after the last step; waits for an async save still in flight (an unwaited save
+  is lost).
 
 ``on_step(step, metrics)`` runs after optimizer step ``step`` (0-based), i.e. when ``step + 1`` steps are done:
 

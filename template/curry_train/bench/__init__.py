@@ -1,11 +1,13 @@
 """``python -m curry_train bench [NAME ...]``: measure primitives side by side, in one run.
 
-Benchmarks are not tests: they print ratios measured on this machine (both sides in the same process,
-burn-in first, then interleaved repeats so drift hits both sides alike) and write them as JSON to
-``bench.out_dir``. Each bench is a function ``fn(cfg) -> dict`` registered in ``BENCHES``.
+Benchmarks are not tests: they print what they measured on this machine, with the target where a bench has one,
+and write it as JSON to ``bench.out_dir``. The timed comparisons (``loop``, ``recompute``, ``sharding``) run every
+side in one run, burn-in first, then interleaved rounds (``common.interleaved_rounds``) so drift hits all sides
+alike, and report medians of per-round ratios. Each bench is a function ``fn(cfg) -> dict`` registered in
+``BENCHES``.
 
-One module per bench (``loop``, ``ga``, ``recompute``, ``sharding``, ``pipeline``, ``checkpoint``), helpers they share
-in ``common``, Gantt plots in ``plots``.
+One module per bench (``loop``, ``ga``, ``recompute``, ``sharding``, ``pipeline``, ``checkpoint``), helpers they
+share in ``common``, Gantt plots in ``plots``.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Size. A checkpoint holds the fp32 weights (4 B/param) and AdamW's ``exp_avg`` and ``exp_avg_sq`` (4 + 4 B/param),
 so ``bytes ~= 12 * params`` plus a fixed cost per checkpoint entry (every tensor, and every per-parameter
-hyperparameter of the flattened optimizer state: a few hundred bytes to ~1 KB each, plus DCP ``.metadata``),
-which matters only for tiny models. The tied head is stored under both names. The bench sums the file sizes
-actually written by ``Checkpointer.save`` and reports ``(bytes - 12 * params) / entries``.
+hyperparameter of the flattened optimizer state, plus DCP ``.metadata``), which matters only for tiny models.
+The tied head is stored under both names. The bench sums the file sizes actually written by
+``Checkpointer.save`` and reports ``(bytes - 12 * params) / entries``.
 
 Time. ``save`` is timed end to end (state dict, DCP write with fsync, rename, ``latest``), median of
 ``bench.repeats`` saves; ``async_save=True`` is timed twice: until ``save()`` returns (the training stall: staging
@@ -13,7 +13,8 @@ copies the state to CPU memory) and until the background write is committed. ``l
 Interval (Young 1974, Daly 2006, first order). With blocking save cost ``C``, mean time between failures ``M``
 and restart cost ``R``, checkpointing every ``T`` seconds wastes the fraction ``C/T + (T/2 + R)/M`` of the run
 (the save itself, plus on average half an interval of lost work and a restart per failure). It is smallest at
-``T* = sqrt(2 C M)``, where the waste is ``sqrt(2 C / M) + R / M``.
+``T* = sqrt(2 C M)``, where the waste is ``sqrt(2 C / M) + R / M``. The bench prints ``T*`` and its waste for an
+MTBF of 1 h and 24 h with the measured ``C`` and ``R = 60 s``. No pass/fail target: the numbers are the output.
 """
 
 from __future__ import annotations

@@ -1,20 +1,61 @@
-"""Helpers every bench shares: the configured model and batches, one accumulated step, a flat gradient,
-a quiet stderr for the profiler."""
+"""Helpers the benches share: the configured model and batches, one training step, interleaved timing rounds and
+their per-round ratios, a flat gradient, a quiet stderr for the profiler.
+
+``run_accumulated_step`` (one optimizer step with gradient accumulation) is used by no bench: it is the short
+form of the loop that ``skills/primitive-gradient-accumulation`` points to, tested in ``tests/test_benchmark.py``.
+"""
 
 from __future__ import annotations
 
 import os
+import statistics
 import sys
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 import torch
 
 from ..data import build_batches, seed_everything
 from ..loop import accumulate_gradients
-from ..model import GPT, GPTConfig
+from ..model import GPT, IGNORE_INDEX, GPTConfig, token_loss
 from ..primitives import GradientAccumulation
 
 MIB = 2**20
+
+
+def build_model_and_batches(cfg):
+    """The configured GPT, seeded as ``train`` seeds it, and the configured training batches."""
+    seed_everything(cfg.seed)
+    return GPT(GPTConfig.from_config(cfg.model)), build_batches(cfg)
+
+
+def train_step(model, optimizer, x, y, after_forward: Callable | None = None):
+    """One optimizer step on one batch, normalised as ``train`` normalises (sum of token losses over the valid-token
+    count, all-reduced over the ranks when a process group is up). ``after_forward()``, if given, runs between
+    forward and backward (to read what the forward left in memory); returns its result."""
+    ga = GradientAccumulation(1)
+    optimizer.zero_grad(set_to_none=True)
+    ga.plan([int((y != IGNORE_INDEX).sum())])
+    loss_sum, n = token_loss(model(x), y)
+    result = after_forward() if after_forward is not None else None
+    ga.backward_loss(loss_sum, n, 0).backward()
+    optimizer.step()
+    return result
+
+
+def interleaved_rounds(run: Callable[[str], float], names: Sequence[str], repeats: int) -> dict[str, list[float]]:
+    """``repeats`` rounds of ``run(name)`` (which returns the seconds it measured) for every side, in ``names``
+    order on even rounds and reversed on odd ones, so drift over the run hits every side alike; seconds per round."""
+    seconds = {name: [] for name in names}
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            seconds[name].append(run(name))
+    return seconds
+
+
+def median_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """Median over rounds of ``numerator[i] / denominator[i]``: robust to a load spike that hits one round."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
 def run_accumulated_step(model, optimizer, microbatches, ga: GradientAccumulation, grad_clip: float = 0.0):
@@ -26,15 +67,9 @@ def run_accumulated_step(model, optimizer, microbatches, ga: GradientAccumulatio
     return loss_sum.item() / n_tokens
 
 
-def build_model_and_batches(cfg):
-    """The configured GPT, seeded as ``train`` seeds it, and the configured training batches."""
-    seed_everything(cfg.seed)
-    return GPT(GPTConfig.from_config(cfg.model)), build_batches(cfg)
-
-
 def grad_vector(model) -> torch.Tensor:
+    """Every parameter's gradient, flattened into one vector (parameters without a gradient skipped)."""
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
-
 
 
 @contextmanager

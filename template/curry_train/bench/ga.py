@@ -1,7 +1,18 @@
-"""``python -m curry_train bench ga``: gradient-accumulation parity, K=1 vs K=4 gradients and losses on one global
-batch, fixed-length and padded (variable-length), with token and with micro-batch normalisation."""
+"""``python -m curry_train bench ga``: gradient-accumulation parity, K=1 against K=4 on one global batch.
+
+The configured GPT and one global batch of ``train.batch_size x train.seq_len``, fixed-length and padded
+(``Batches(variable_length=True)``: rows of random length, padded targets ignored). The batch runs as one
+micro-batch (K=1, the reference) and as K=4 micro-batches, normalised by tokens (``GradientAccumulation``'s
+default: divide by the step's valid-token count) and by micro-batches (the classic mean of K per-micro-batch
+means). Per case: ``|loss diff|`` and max |grad(K=4) - grad(K=1)| / max |grad(K=1)|.
+
+No pass/fail line: token normalisation should match K=1 to float rounding on both batches; the mean of means
+matches only when every micro-batch holds as many valid tokens (fixed length) and differs on padded batches.
+"""
 
 from __future__ import annotations
+
+import torch
 
 from ..data import Batches
 from ..loop import accumulate_gradients

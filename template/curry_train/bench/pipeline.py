@@ -2,10 +2,10 @@
 
 For each kind at p = 2 and 4 pipeline ranks (spawned gloo ranks; v = 2 stages per rank for the multi-stage
 kinds) and m = 8 micro-batches, on the configured GPT deepened to ``n_layer = 8`` blocks (divisible by every
-p x v used) and a global batch of ``bench.pipeline_batch_size x train.seq_len`` tokens of the embedded corpus
-(default 64 rows: 8 per micro-batch, so each stage call computes for tens of milliseconds and the fixed cost
-of a gloo send/recv and of the schedule's Python is a small part of it; with 2 rows per micro-batch it is not,
-and the bubble is swamped by communication gaps the simulator does not model):
+p x v used) and a global batch of ``bench.pipeline_batch_size x train.seq_len`` tokens of the configured data
+(default 64 rows: 8 per micro-batch, so a stage call computes long enough that the fixed cost of a gloo
+send/recv and of the schedule's Python is a small part of it; with 2 rows per micro-batch it is not, and the
+idle time is mostly those fixed costs, not the schedule's bubble):
 
 * ``analytic``: closed form, ``(p-1)/(m+p-1)`` for GPipe/1F1B, ``(p-1)/(v*m+p-1)`` interleaved/looped BFS;
 * ``simulated``: ``primitives.pipeline.sim.simulate`` with F=1, B=2 (I=W=1);
@@ -36,12 +36,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..data import build_batches
 from ..distributed import launch
 from ..model import GPT, IGNORE_INDEX, GPTConfig, split_model, token_loss
 from ..primitives.pipeline import PipelineSchedule
 from ..primitives.pipeline.sim import (
     KINDS, Event, Timeline, analytic_bubble, check_schedule, default_stages_per_rank, simulate,
 )
+from .plots import plot_timeline
 
 TARGET = 0.05
 REFERENCE_ROWS = {"gpipe-torch": ("gpipe", {"early_recv": False})}  # row -> (kind, PipelineSchedule options)
@@ -128,9 +130,6 @@ def _run_kinds(rank, world_size, kinds, m, model_cfg, batch, steps):
 
 
 def bench_pipeline(cfg, pp_sizes=(2, 4), kinds=tuple(KINDS), m: int = 8, n_layer: int = 8, steps: int = 5) -> dict:
-    from .plots import plot_timeline
-    from ..data import build_batches
-
     model_cfg = {k: v for k, v in dict(cfg.model).items() if k != "name"}
     model_cfg["n_layer"] = n_layer
     batches = build_batches(cfg)

@@ -1,11 +1,10 @@
 """``python -m curry_train bench recompute``: activation memory saved against step time spent.
 
-The the configured GPT and batch (``cfg.model``, ``train.batch_size`` x ``train.seq_len``) under
-no recompute, full, selective, and full on every 2nd block. Per mode: bytes kept for backward after the
-forward and peak bytes over forward + backward (``activation_memory``), and the time of one training step
-(forward, backward, AdamW) as the median of per-round ratios to no recompute over ``bench.repeats``
-interleaved rounds of ``bench.steps_per_repeat`` steps after ``bench.burn_in``. Target: full keeps <= 25% of
-the activations at <= 1.4x the step time.
+The configured GPT and batch (``cfg.model``, ``train.batch_size`` x ``train.seq_len``) under no recompute, full,
+selective, and full on every 2nd block. Per mode: bytes kept for backward after the forward and peak bytes over
+forward + backward (``activation_memory``), and the time of one training step (forward, backward, AdamW) as the
+median of per-round ratios to no recompute over ``bench.repeats`` interleaved rounds of ``bench.steps_per_repeat``
+steps after ``bench.burn_in``. Target: full keeps <= 25% of the activations at <= 1.4x the step time.
 """
 
 from __future__ import annotations
@@ -16,18 +15,10 @@ import time
 
 import torch
 
-from ..model import token_loss
 from ..primitives import activation_memory, apply_recompute
-from .common import MIB, build_model_and_batches, quiet_stderr
+from .common import MIB, build_model_and_batches, interleaved_rounds, median_ratio, quiet_stderr, train_step
 
 RECOMPUTE_MODES = {"none": None, "full": ("full", 1), "selective": ("selective", 1), "full every 2nd": ("full", 2)}
-
-
-def _step(model, optimizer, x, y):
-    optimizer.zero_grad(set_to_none=True)
-    loss_sum, n = token_loss(model(x), y)
-    (loss_sum / n).backward()
-    optimizer.step()
 
 
 def bench_recompute(cfg) -> dict:
@@ -47,19 +38,13 @@ def bench_recompute(cfg) -> dict:
         s = sides[name]
         t0 = time.perf_counter()
         for _ in range(n):
-            _step(s["model"], s["opt"], x, y)
+            train_step(s["model"], s["opt"], x, y)
         return time.perf_counter() - t0
 
     names = list(sides)
     for name in names:
         run(name, b.burn_in)
-    ratios = {name: [] for name in names}
-    for r in range(b.repeats):
-        order = names if r % 2 == 0 else names[::-1]
-        seconds = {name: run(name, b.steps_per_repeat) for name in order}
-        for name in names:
-            sides[name]["rounds"] = sides[name].get("rounds", []) + [seconds[name]]
-            ratios[name].append(seconds[name] / seconds["none"])
+    seconds = interleaved_rounds(lambda name: run(name, b.steps_per_repeat), names, b.repeats)
     ref = sides["none"]
     rows = []
     for name in names:
@@ -70,8 +55,8 @@ def bench_recompute(cfg) -> dict:
             "activation_ratio": s["activation_bytes"] / ref["activation_bytes"],
             "peak_bytes": s["peak_bytes"],
             "peak_ratio": s["peak_bytes"] / ref["peak_bytes"],
-            "step_ms": 1000 * statistics.median(s["rounds"]) / b.steps_per_repeat,  # robust to load spikes
-            "time_ratio": statistics.median(ratios[name]),
+            "step_ms": 1000 * statistics.median(seconds[name]) / b.steps_per_repeat,  # robust to load spikes
+            "time_ratio": median_ratio(seconds[name], seconds["none"]),
         })
     full = next(r for r in rows if r["mode"] == "full")
     ok = full["activation_ratio"] <= 0.25 and full["time_ratio"] <= 1.4

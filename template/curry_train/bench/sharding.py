@@ -1,10 +1,12 @@
-"""``python -m curry_train bench sharding``: ``launch`` N = 2 and 4 gloo ranks; each trains the same GPT under every sharding mode (fp32, and
-bf16 for the FSDP2 modes), interleaved round by round, and reports the largest per-rank bytes (MiB) of parameters,
-gradients and optimizer state (``memory_report``), the unsharded parameter bytes held from forward to backward,
-and the step time against DDP. Next to them: the ZeRO paper's formulas for this model's Psi. Target: FSDP2
-per-rank totals within 1% of 1/N of DDP's.
-"""
+"""``python -m curry_train bench sharding``: per-rank memory and step time of every sharding mode.
 
+``launch`` N = 2 and 4 gloo ranks; each trains the configured GPT on its share of the configured batch under
+every sharding mode (fp32, and bf16 for the FSDP2 modes), interleaved round by round (``bench.repeats`` rounds
+of one step after ``bench.burn_in``), and reports the largest per-rank bytes (MiB) of parameters, gradients and
+optimizer state (``memory_report``), the unsharded parameter bytes held from forward to backward, and the step
+time (the slowest rank's) against DDP. Next to them: the ZeRO paper's formulas for this model's Psi. Target:
+FSDP2 per-rank totals within 1% of 1/N of DDP's.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +15,13 @@ import statistics
 import time
 
 import torch
+from omegaconf import OmegaConf
 
-from ..model import GPT, IGNORE_INDEX, GPTConfig, token_loss
-from ..primitives import DistributedOptimizer, GradientAccumulation
+from ..distributed import launch
+from ..model import GPT, GPTConfig
+from ..primitives import DistributedOptimizer
 from ..primitives.distributed_optimizer import zero_bytes_per_rank
-from .common import MIB
+from .common import MIB, build_model_and_batches, interleaved_rounds, median_ratio, train_step
 
 SHARDING_MODES = [("no_shard", None), ("zero1", None), ("shard_grad_op", None), ("full", None),
                   ("shard_grad_op", "bf16"), ("full", "bf16")]
@@ -25,48 +29,34 @@ ZERO_NAME = {"no_shard": "DDP", "zero1": "ZeRO-1", "shard_grad_op": "ZeRO-2", "f
 
 
 def _sharding_rank(rank, ws, cfg):
-    from ..data import Batches, load_tokens, split
-
-    t, b = cfg["train"], cfg["bench"]
-    torch.manual_seed(cfg["seed"])
-    model = GPT(GPTConfig.from_config({k: v for k, v in cfg["model"].items() if k != "name"}))
-    tokens, _ = split(load_tokens(cfg["data"]["path"], cfg["data"]["max_bytes"]), cfg["data"]["val_fraction"])
-    batches = Batches(tokens, t["batch_size"], t["seq_len"], seed=cfg["seed"])
+    cfg = OmegaConf.create(cfg)  # launched with the plain, resolved dict
+    model, batches = build_model_and_batches(cfg)
     x, y = batches.microbatches(0, rank, ws, 1)[0]
-    ga = GradientAccumulation(1)
+    b = cfg.bench
     sides = {}
     for sharding, precision in SHARDING_MODES:
-        d = DistributedOptimizer.wrap(copy.deepcopy(model), sharding, mixed_precision=precision, lr=t["lr"])
-        sides[(sharding, precision)] = {"d": d, "seconds": []}
+        d = DistributedOptimizer.wrap(copy.deepcopy(model), sharding, mixed_precision=precision, lr=cfg.train.lr)
+        sides[(sharding, precision)] = {"d": d}
 
-    def step(d):
-        d.optimizer.zero_grad(set_to_none=True)
-        ga.plan([int((y != IGNORE_INDEX).sum())])
-        loss_sum, n = token_loss(d.model(x), y)
-        held = d.memory_report()["unsharded_param_bytes"]
-        ga.backward_loss(loss_sum, n, 0).backward()
-        d.optimizer.step()
-        return held
+    def step(key):
+        d = sides[key]["d"]
+        return train_step(d.model, d.optimizer, x, y, lambda: d.memory_report()["unsharded_param_bytes"])
 
-    keys = list(sides)
-    for key in keys:
-        for _ in range(b["burn_in"]):
-            step(sides[key]["d"])
-    for r in range(b["repeats"]):
-        for key in (keys if r % 2 == 0 else keys[::-1]):
-            torch.distributed.barrier()
-            t0 = time.perf_counter()
-            sides[key]["held"] = step(sides[key]["d"])
-            sides[key]["seconds"].append(time.perf_counter() - t0)
-    return {f"{s}|{p}": {"memory": v["d"].memory_report(), "held": v["held"], "seconds": v["seconds"]}
+    def timed(key):
+        torch.distributed.barrier()
+        t0 = time.perf_counter()
+        sides[key]["held"] = step(key)
+        return time.perf_counter() - t0
+
+    for key in sides:
+        for _ in range(b.burn_in):
+            step(key)
+    seconds = interleaved_rounds(timed, list(sides), b.repeats)
+    return {f"{s}|{p}": {"memory": v["d"].memory_report(), "held": v["held"], "seconds": seconds[(s, p)]}
             for (s, p), v in sides.items()}
 
 
 def bench_sharding(cfg, world_sizes=(2, 4)) -> dict:
-    from omegaconf import OmegaConf
-
-    from ..distributed import launch
-
     plain = OmegaConf.to_container(cfg, resolve=True)
     psi = GPT(GPTConfig.from_config(cfg.model)).n_params()
     results = {}
@@ -97,7 +87,7 @@ def bench_sharding(cfg, world_sizes=(2, 4)) -> dict:
                 "zero_fp32": zero_bytes_per_rank(psi, ws, sharding, "fp32")["total"],
                 "zero_mixed": zero_bytes_per_rank(psi, ws, sharding, "mixed")["total"],
                 "step_ms": 1000 * statistics.median(times),
-                "time_ratio": statistics.median(a / b_ for a, b_ in zip(times, ddp_round)),
+                "time_ratio": median_ratio(times, ddp_round),
             }
             rows.append(row)
             if sharding in ("shard_grad_op", "full") and row["ratio_to_ddp_over_n"] > 1.01:

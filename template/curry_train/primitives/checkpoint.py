@@ -194,7 +194,6 @@ class Checkpointer:
         self._group = process_group
         self._group_ready = process_group is not None
         self._pending = None  # (future, step, tmp_dir, final_dir) of an async save not yet committed
-        self.last_save_seconds = None  # blocking time of the last save() call
 
     @classmethod
     def from_config(cls, cfg, process_group=None) -> "Checkpointer":
@@ -253,7 +252,6 @@ class Checkpointer:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
         extra = dict(extra or {})
         json.dumps(extra)  # extra must be JSON: fail here, not after half a save
-        t0 = time.perf_counter()
         self.wait()
         group = self._ensure_group()
         rank, world = _rank(), _world_size()
@@ -284,7 +282,6 @@ class Checkpointer:
             if rank == 0:
                 self._commit(tmp, final)
             self._barrier()
-        self.last_save_seconds = time.perf_counter() - t0
         return final
 
     def _commit(self, tmp: Path, final: Path) -> None:
@@ -391,13 +388,3 @@ class Checkpointer:
             meta["rng_restored"] = True
         return meta
 
-
-def save(directory, step: int, model, optimizer=None, scheduler=None, extra: dict | None = None,
-         keep_last: int = 2) -> Path:
-    """One synchronous save into ``directory`` (see ``Checkpointer.save``)."""
-    return Checkpointer(directory, keep_last=keep_last).save(step, model, optimizer, scheduler, extra)
-
-
-def load(directory, model, optimizer=None, scheduler=None, path=None) -> dict | None:
-    """Load ``directory``'s latest checkpoint (or ``path``); returns its meta, or None when there is none."""
-    return Checkpointer(directory).load(model, optimizer, scheduler, path=path)

@@ -23,7 +23,7 @@ all-gather. Between steps it holds ``16 Psi / N``; from forward to backward ``Ps
 FSDP2 keeps averaging gradients over the group (like DDP), which ``GradientAccumulation``'s ``T / N`` loss
 divisor relies on. ``memory_report()`` counts the bytes each rank really holds (``DTensor.to_local()``).
 
-Seed (FSDP1) arguments: ``use_orig_params=True`` is what FSDP2 always does (``False`` is rejected);
+FSDP1-style arguments: ``use_orig_params=True`` is what FSDP2 always does (``False`` is rejected);
 ``backward_prefetch="backward_pre"`` is FSDP2's built-in behaviour (other values are rejected: use
 ``FSDPModule.set_modules_to_backward_prefetch``); FSDP1 strategy names ``FULL_SHARD``/``SHARD_GRAD_OP``/
 ``NO_SHARD`` and ``zero2``/``zero3`` map to the modes above; ``fp16`` is rejected (it needs a gradient scaler).

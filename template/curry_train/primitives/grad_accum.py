@@ -27,24 +27,21 @@ will all-reduce, so a ``no_sync`` entered only around ``backward()`` silently sy
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from numbers import Integral
 
 import torch
 import torch.distributed as dist
 
+from ._checks import choice, positive_int
 from ._config import config_getter
 
 NORMALIZATIONS = ("tokens", "microbatches")
+STEPS_NOTE = "(1 = no accumulation)"
 
 
 class GradientAccumulation:
     def __init__(self, steps: int = 1, normalization: str = "tokens"):
-        if isinstance(steps, bool) or not isinstance(steps, Integral) or steps < 1:
-            raise ValueError(f"steps must be a positive integer (1 = no accumulation), got {steps!r}")
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-        self.steps = int(steps)
-        self.normalization = normalization
+        self.steps = positive_int("steps", steps, STEPS_NOTE)
+        self.normalization = choice("normalization", normalization, NORMALIZATIONS)
         self.global_tokens: int | None = None
         self._dp_size = 1
 
@@ -52,14 +49,8 @@ class GradientAccumulation:
     def from_config(cls, cfg, key: str = "gradient_accumulation_steps", normalization_key: str = "grad_accum_normalization"):
         """Build from any mapping or attribute object holding ``key`` (e.g. Hydra's ``cfg.train``)."""
         get = config_getter(cfg)
-        steps = get(key, 1)
-        normalization = get(normalization_key, "tokens")
-        try:
-            return cls(steps, normalization)
-        except ValueError:
-            if isinstance(steps, bool) or not isinstance(steps, Integral) or steps < 1:
-                raise ValueError(f"{key} must be a positive integer (1 = no accumulation), got {steps!r}") from None
-            raise ValueError(f"{normalization_key} must be one of {NORMALIZATIONS}, got {normalization!r}") from None
+        steps = positive_int(key, get(key, 1), STEPS_NOTE)
+        return cls(steps, choice(normalization_key, get(normalization_key, "tokens"), NORMALIZATIONS))
 
     @property
     def enabled(self) -> bool:
@@ -106,12 +97,17 @@ class GradientAccumulation:
             raise RuntimeError('normalization="tokens" needs plan(valid_tokens_per_microbatch) once per optimizer step')
         return self.global_tokens / self._dp_size
 
-    def backward_loss(self, loss_sum: torch.Tensor, n_valid, i: int) -> torch.Tensor:
-        """The scalar to call ``backward()`` on for micro-batch ``i``, given its summed token loss and valid count."""
+    def sum_divisor(self, i: int, n_valid) -> float:
+        """What micro-batch ``i``'s *summed* token loss is divided by before backward, given its ``n_valid`` valid
+        tokens: ``T / N`` (``tokens``, after ``plan``) or ``max(n_valid, 1) * K`` (``microbatches``: its mean / K)."""
         self._check(i)
         if self.normalization == "microbatches":
-            return loss_sum / max(int(n_valid), 1) / self.steps
-        return loss_sum / self.loss_divisor()
+            return float(max(int(n_valid), 1) * self.steps)
+        return self.loss_divisor()
+
+    def backward_loss(self, loss_sum: torch.Tensor, n_valid, i: int) -> torch.Tensor:
+        """The scalar to call ``backward()`` on for micro-batch ``i``: ``loss_sum / sum_divisor(i, n_valid)``."""
+        return loss_sum / self.sum_divisor(i, n_valid)
 
     def train_step_kwargs(self, i: int) -> dict:
         last = self.is_last(i)

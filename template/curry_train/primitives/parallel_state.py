@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ._checks import positive_int
 from ._config import config_getter
 
 DIMS = ("pp", "dp", "cp", "tp")
@@ -29,10 +30,10 @@ DEFAULT_ORDER = "pp-dp-cp-tp"
 
 
 def _positive(name: str, value, allow_minus_one: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not (value >= 1 or (allow_minus_one and value == -1)):
-        allowed = "a positive integer or -1 (= what the other dims leave)" if allow_minus_one else "a positive integer"
-        raise ValueError(f"parallel.{name} must be {allowed}, got {value!r}")
-    return value
+    """``parallel.<name>`` as a positive integer (or -1 for dp); the grid's sizes are named as config keys."""
+    if allow_minus_one and value == -1 and not isinstance(value, bool):
+        return -1
+    return positive_int(f"parallel.{name}", value, "or -1 (= what the other dims leave)" if allow_minus_one else "")
 
 
 def parse_order(order: str) -> tuple[str, ...]:
@@ -86,7 +87,7 @@ class ParallelState:
         Raises ``ValueError`` naming every size when the product is not the world size.
         """
         parse_order(order)
-        _positive("world size", world_size)
+        positive_int("world size", world_size)
         pp, tp, cp = _positive("pp", pp), _positive("tp", tp), _positive("cp", cp)
         dp = _positive("dp", dp, allow_minus_one=True)
         model_parallel = pp * cp * tp

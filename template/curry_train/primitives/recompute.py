@@ -30,15 +30,16 @@ from __future__ import annotations
 
 import functools
 import time
-from numbers import Integral
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from ._checks import choice, positive_int
 from ._config import config_get
 
 MODES = ("full", "selective")
+EVERY_N_NOTE = "(1 = every block)"
 
 _aten = torch.ops.aten
 # Outputs worth keeping: expensive to recompute (matmuls, attention), cheap to store relative to their cost.
@@ -58,9 +59,7 @@ def _selective_policy(ctx, op, *args, **kwargs):
 
 
 def _check_mode(mode) -> str:
-    if mode not in MODES:
-        raise ValueError(f"recompute mode must be one of {MODES}, got {mode!r}")
-    return mode
+    return choice("recompute mode", mode, MODES)
 
 
 def _fsdp_module_class():
@@ -134,7 +133,7 @@ class Recompute(nn.Module):
 
 
 def parse_recompute(value, key: str = "recompute") -> str | None:
-    """Config value -> mode or None. Accepts the seed's booleans (``true`` = ``"full"``) and mode names."""
+    """Config value -> mode or None. Accepts booleans (``true`` = ``"full"``, ``false`` = off) and mode names."""
     if value is None or value is False or (isinstance(value, str) and value.lower() in ("none", "false", "off", "")):
         return None
     if value is True or (isinstance(value, str) and value.lower() == "true"):
@@ -146,7 +145,8 @@ def parse_recompute(value, key: str = "recompute") -> str | None:
 
 def transformer_blocks(model: nn.Module, block_types=None) -> list[nn.Module]:
     """The repeated blocks of ``model``: instances of ``block_types`` if given, else the children of every
-    ``nn.ModuleList`` (``GPT.blocks``, torchtitan's ``layers``), outermost lists first, in order."""
+    ``nn.ModuleList`` (``GPT.blocks``, torchtitan's ``layers``) and of an ``nn.ModuleDict`` named ``blocks`` (a
+    pipeline stage's, ``GPTStage.blocks``), outermost first, in order."""
     if block_types is not None:
         types = tuple(block_types) if isinstance(block_types, (list, tuple, set)) else (block_types,)
         found, prefixes = [], []
@@ -158,9 +158,11 @@ def transformer_blocks(model: nn.Module, block_types=None) -> list[nn.Module]:
     found = []
 
     def visit(module):
-        for child in module.children():
+        for name, child in module.named_children():
             if isinstance(child, nn.ModuleList):
                 found.extend(child)
+            elif name == "blocks" and isinstance(child, nn.ModuleDict):
+                found.extend(child.values())
             else:
                 visit(child)
 
@@ -175,8 +177,7 @@ def apply_recompute(model: nn.Module, mode: str | bool = "full", every_n: int = 
     now under recompute. ``mode``: ``"full"``, ``"selective"`` or ``True`` (= full)."""
     mode = "full" if mode is True else mode
     _check_mode(mode)
-    if isinstance(every_n, bool) or not isinstance(every_n, Integral) or every_n <= 0:
-        raise ValueError(f"every_n must be a positive integer (1 = every block), got {every_n!r}")
+    every_n = positive_int("every_n", every_n, EVERY_N_NOTE)
     blocks = transformer_blocks(model, block_types)
     if not blocks:
         raise ValueError(
@@ -190,10 +191,7 @@ def apply_recompute(model: nn.Module, mode: str | bool = "full", every_n: int = 
 def check_recompute_config(cfg, key: str = "recompute", every_n_key: str = "recompute_every_n") -> tuple[str | None, int]:
     """(mode or None, every_n) from ``cfg``, validated; no model needed (run it before any process group)."""
     mode = parse_recompute(config_get(cfg, key, False), key)
-    every_n = config_get(cfg, every_n_key, 1)
-    if isinstance(every_n, bool) or not isinstance(every_n, Integral) or every_n <= 0:
-        raise ValueError(f"{every_n_key} must be a positive integer (1 = every block), got {every_n!r}")
-    return mode, int(every_n)
+    return mode, positive_int(every_n_key, config_get(cfg, every_n_key, 1), EVERY_N_NOTE)
 
 
 def apply_recompute_from_config(model: nn.Module, cfg, key: str = "recompute", every_n_key: str = "recompute_every_n",

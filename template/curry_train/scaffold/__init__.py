@@ -28,7 +28,7 @@ RENDERED = {
     "ci_run.j2": ".ci/run",
 }
 DEPENDENCIES = ["torch>=2.6", "numpy", "hydra-core>=1.3", "jinja2", "pyyaml", "tqdm", "matplotlib"]
-DEV_DEPENDENCIES = ["pytest>=8", "pytest-timeout"]
+DEV_DEPENDENCIES = ["pytest>=8", "pytest-timeout", "transformers>=4.50"]
 
 
 def find_tests_dir() -> Path:
@@ -47,6 +47,8 @@ def scaffold(dest: str | Path, name: str | None = None, description: str | None 
     name = name or dest.name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise ValueError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (a valid Python project name)")
+    if dest.exists() and not dest.is_dir():
+        raise FileExistsError(f"{dest} is a file; scaffold needs a new or empty folder")
     if dest.exists() and any(dest.iterdir()) and not force:
         raise FileExistsError(f"{dest} exists and is not empty; choose a new folder or pass --force")
     tests_dir = find_tests_dir()

@@ -12,12 +12,12 @@ same list, e.g. with ``curry_train.model.split_model`` for the reference GPT); e
 dim 0). The rank holding stage 0 feeds ``batch``, the rank holding the last stage feeds ``target``: pass both on
 every rank, the others ignore them. Gradients *accumulate* into ``.grad`` (zero them yourself).
 
-Loss normalisation. ``loss_fn(output, target_chunk)`` returns the scalar to back-propagate for one micro-batch.
-``scale_grads=False`` (our default; PyTorch's is True) keeps the gradient the plain sum over micro-batches, so
-with ``loss_fn = token_loss_sum / global_valid_tokens`` the gradient is exactly that of the batch's mean token
-loss, however padding falls (the ``GradientAccumulation`` convention). ``train_step`` returns the sum of the
-micro-batch losses (their mean with ``scale_grads=True``) on the last-stage rank, or on every rank with
-``broadcast_loss=True``.
+Loss normalisation. ``loss_fn(output, target_chunk)`` returns one micro-batch's loss; ``train_step(...,
+loss_divisor=d)`` back-propagates ``loss_fn(...) / d``. ``scale_grads=False`` (our default; PyTorch's is True)
+keeps the gradient the plain sum over micro-batches, so with ``loss_fn = token_loss_sum`` and ``d`` = the
+step's global valid-token count the gradient is exactly that of the batch's mean token loss, however padding
+falls (the ``GradientAccumulation`` convention). ``train_step`` returns the sum of the undivided micro-batch
+losses (their mean with ``scale_grads=True``) on the last-stage rank, or on every rank with ``broadcast_loss=True``.
 
 Tied weights. A Parameter that appears in several stage modules (the GPT's head tied to the token embedding)
 is found by identity. If its stages sit on one rank (V style) autograd already sums both uses. If they sit on
@@ -108,8 +108,9 @@ class PipelineSchedule:
         self._tied = self._find_tied(stages)
         self._user_loss_fn, self.record, self.events, self._t0 = loss_fn, record, [], 0.0
         self.losses: list[torch.Tensor] = []
+        self._loss_divisor = 1.0
 
-        from torch.distributed import pipelining  # imported here: 0.4 s, paid only by processes that pipeline
+        from torch.distributed import pipelining  # imported here: a slow import, paid only by processes that pipeline
 
         from .gpipe_early_recv import ScheduleGPipeEarlyRecv, missing_torch_internals
 
@@ -179,7 +180,7 @@ class PipelineSchedule:
         loss = self._user_loss_fn(output, target)
         if self.record and self.events and self.events[-1][2] == "F":  # the loss belongs to the last stage's F
             self.events[-1][5] = time.perf_counter() - self._t0
-        return loss
+        return loss / self._loss_divisor
 
     def measured_timeline(self) -> Timeline:
         """Gather the last recorded step's events from every rank of ``pp_group`` (collective) into a Timeline."""
@@ -203,14 +204,16 @@ class PipelineSchedule:
                         f"(schedule {self.kind!r})")
         return ""
 
-    def train_step(self, batch=None, target=None, *, broadcast_loss: bool = False, sync_tied: bool = True):
-        """Forward + backward of ``batch`` in ``n_microbatches`` chunks; returns the step loss (see module doc)."""
+    def train_step(self, batch=None, target=None, *, loss_divisor: float = 1.0, broadcast_loss: bool = False,
+                   sync_tied: bool = True):
+        """Forward + backward of ``batch`` in ``n_microbatches`` chunks, each back-propagating
+        ``loss_fn / loss_divisor``; returns the step loss (see module doc)."""
         error = self._input_error(batch, target)
         flag = torch.tensor([1.0 if error else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)  # every rank learns of any rank's bad input
         if flag.item():
             raise ValueError(error or "a peer rank of the pipeline rejected its input (see its error)")
-        self.events = []
+        self.events, self._loss_divisor = [], float(loss_divisor)
         if self.record:
             dist.barrier(group=self.group)
             self._t0 = time.perf_counter()
@@ -224,7 +227,7 @@ class PipelineSchedule:
             self.sync_tied_grads()
         loss = None
         if self.rank == self.last_rank:
-            loss = torch.stack(self.losses).sum()
+            loss = torch.stack(self.losses).sum() * self._loss_divisor  # the losses back-propagated were divided
             if self.scale_grads:
                 loss = loss / self.n_microbatches
         if broadcast_loss:

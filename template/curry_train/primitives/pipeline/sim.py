@@ -17,8 +17,10 @@ Analytic bubbles (fraction of ``p x makespan`` a rank is idle), uniform stages, 
 
 ``simulate`` runs a dependency-driven event simulation over the per-rank action lists: each rank executes its
 list in order; ``F(s, mb)`` waits for ``F(s-1, mb)``; ``B``/``I(s, mb)`` waits for ``F(s, mb)`` and for the
-input-gradient action (``B`` or ``I``) of ``(s+1, mb)``; ``W(s, mb)`` waits for ``I(s, mb)``. Communication is
-free. A list that cannot finish raises ``RuntimeError`` (deadlock), printing the stuck actions.
+input-gradient action (``B`` or ``I``) of ``(s+1, mb)``; ``W(s, mb)`` waits for ``I(s, mb)``. A dependency between
+stages on different ranks waits ``comm`` longer (one point-to-point transfer; default 0, free communication, which
+gives the textbook bubble). A list that cannot finish raises ``RuntimeError`` (deadlock), printing the stuck
+actions.
 
 Action lists. GPipe and 1F1B are generated here, exactly as ``ScheduleGPipe`` / ``Schedule1F1B`` execute them
 (PyTorch 2.13's ``Schedule1F1B._get_pipeline_order`` is wrong for the last rank: it lists ``F1..F8`` instead of
@@ -31,7 +33,8 @@ from __future__ import annotations
 import contextlib
 import io
 from dataclasses import dataclass, field
-from numbers import Integral
+
+from .._checks import positive_int
 
 # kind -> (PyTorch class name, stage placement, allowed stages per rank: (min, max or None))
 KINDS = {
@@ -58,12 +61,6 @@ def default_stages_per_rank(kind: str) -> int:
     return KINDS[normalize_kind(kind)][2][0]
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def check_schedule(kind: str, p: int, m: int, v: int | None = None) -> tuple[str, int]:
     """Validate ``(kind, p ranks, m micro-batches, v stages per rank)``; returns ``(kind, v)``.
 
@@ -72,10 +69,10 @@ def check_schedule(kind: str, p: int, m: int, v: int | None = None) -> tuple[str
     ``m`` divisible by the number of rounds ``max(1, m // p)``; ZBV and DualPipeV need exactly ``v = 2``.
     """
     kind = normalize_kind(kind)
-    p = _positive_int("pipeline size (ranks in pp_group)", p)
-    m = _positive_int("n_microbatches", m)
+    p = positive_int("pipeline size (ranks in pp_group)", p)
+    m = positive_int("n_microbatches", m)
     lo, hi = KINDS[kind][2]
-    v = lo if v is None else _positive_int("stages per rank", v)
+    v = lo if v is None else positive_int("stages per rank", v)
     if v < lo or (hi is not None and v > hi):
         allowed = f"exactly {lo}" if lo == hi else f"at least {lo}"
         raise ValueError(f"schedule {kind!r} needs {allowed} stage(s) per rank, got {v} ({p * v} stages on {p} ranks)")
@@ -221,10 +218,6 @@ class Timeline:
     def bubble_fraction(self) -> float:
         per_rank = self.bubble_per_rank()
         return sum(per_rank) / len(per_rank)
-
-    def mean_duration(self, kind: str) -> float | None:
-        d = [e.end - e.start for e in self.events if e.kind == kind]
-        return sum(d) / len(d) if d else None
 
     def to_dict(self) -> dict:
         return {

@@ -1,0 +1,1 @@
+"""Hydra config files (``config.yaml``, ``model/*.yaml``) and their typed schema (``schema.py``)."""

@@ -1,0 +1,187 @@
+"""The config schema: one dataclass per group, a docstring per field (what it is, what is allowed).
+
+Every key the package reads is declared here with its type and default; ``config.load_config`` composes
+``conf/config.yaml`` on top of ``Config`` (registered in Hydra's ``ConfigStore`` as ``curry_train_schema``), and
+each ``conf/model/*.yaml`` preset extends ``ModelConfig`` (``model_schema/gpt``). ``config.validate`` checks the
+values. ``python -m curry_train config`` prints every key with its docstring (``field_docs``).
+"""
+
+import ast
+import inspect
+import textwrap
+from dataclasses import dataclass, field, is_dataclass
+from functools import cache
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from ..model import GPTConfig
+
+
+@dataclass
+class ModelConfig(GPTConfig):
+    """``model.*``: the reference GPT's fields (``model.GPTConfig``, documented there) and the preset's name."""
+
+    name: str = "tiny"
+    """Preset name, printed in logs and bench output; ``model=tiny|small`` picks ``conf/model/NAME.yaml``."""
+
+
+@dataclass
+class DataConfig:
+    """``data.*``: what to train on (``data.py``)."""
+
+    path: Optional[str] = None
+    """A text file, read as bytes (vocab 256), with more than train.seq_len + 1 training bytes; null = the embedded
+    corpus (this Python's stdlib source)."""
+    max_bytes: int = 4_000_000
+    """Size cap of the embedded corpus in bytes (= tokens), > 0."""
+    val_fraction: float = 0.1
+    """Tail of the tokens held out for validation, in [0, 1)."""
+    variable_length: bool = False
+    """Rows of random length in [min_len, train.seq_len], right-padded; padded targets are ignored by the loss."""
+    min_len: int = 16
+    """Shortest row when variable_length is true: >= 1 and <= train.seq_len."""
+
+
+@dataclass
+class TrainConfig:
+    """``train.*``: the loop, the optimizer and its schedule, recompute and compile (``train.py``, ``loop.py``)."""
+
+    steps: int = 300
+    """Optimizer steps, > 0."""
+    batch_size: int = 16
+    """Global batch in sequences per optimizer step (all ranks, all micro-batches), > 0: divisible by
+    dp x gradient_accumulation_steps (x parallel.n_microbatches with pp > 1)."""
+    seq_len: int = 128
+    """Tokens per row, in [1, model.block_size]."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step on each rank, > 0 (1 = no accumulation)."""
+    grad_accum_normalization: str = "tokens"
+    """tokens (mean over every valid token of the global batch) | microbatches (classic mean of K micro-batch means)."""
+    lr: float = 3.0e-3
+    """Peak AdamW learning rate, > 0."""
+    min_lr_ratio: float = 0.1
+    """Cosine decays to lr * min_lr_ratio at the last step; in [0, 1]."""
+    warmup_steps: int = 10
+    """Linear warmup steps, >= 0."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (not on biases or LayerNorm gains), >= 0."""
+    beta1: float = 0.9
+    """AdamW beta1, in [0, 1)."""
+    beta2: float = 0.95
+    """AdamW beta2, in [0, 1)."""
+    grad_clip: float = 1.0
+    """Max global gradient norm, >= 0; 0 disables clipping."""
+    log_every: int = 10
+    """Print a log line every N steps (and after the last), >= 0; 0 = never."""
+    progress: bool = True
+    """tqdm progress bar on rank 0."""
+    metrics_file: Optional[str] = None
+    """Rank 0 appends one JSON line per optimizer step here; its folder must exist. null = no file."""
+    recompute: Any = False
+    """Activation checkpointing: false | true (= full) | full | selective."""
+    recompute_every_n: int = 1
+    """Recompute every n-th block, > 0 (1 = every block)."""
+    compile: bool = False
+    """torch.compile each block (after recompute, before sharding)."""
+
+
+@dataclass
+class ParallelConfig:
+    """``parallel.*``: the rank grid (``ParallelState``), data-parallel sharding and the pipeline schedule."""
+
+    dp: int = -1
+    """Data-parallel size, > 0; -1 = what the world size leaves after pp * cp * tp."""
+    pp: int = 1
+    """Pipeline stages (ranks), > 0; 1 = no pipeline."""
+    tp: int = 1
+    """Tensor-parallel size: only 1 (tensor parallelism is not implemented yet; the rank grid reserves the dim)."""
+    cp: int = 1
+    """Context-parallel size: only 1 (context parallelism is not implemented yet; the rank grid reserves the dim)."""
+    order: str = "pp-dp-cp-tp"
+    """Rank-grid order, outermost first: pp, dp, cp and tp, each once, joined by '-'."""
+    sharding: str = "no_shard"
+    """no_shard (DDP) | zero1 | shard_grad_op (ZeRO-2) | full (ZeRO-3); all but no_shard need torchrun and pp = 1."""
+    mixed_precision: Optional[str] = None
+    """null (fp32) | bf16 (FSDP2 shardings); null with pp > 1."""
+    cpu_offload: bool = False
+    """Offload FSDP2 parameters and optimizer state to CPU (shard_grad_op, full only)."""
+    pp_schedule: str = "1f1b"
+    """gpipe | 1f1b | interleaved | looped_bfs | zb | zbv | dualpipev (used when pp > 1)."""
+    n_microbatches: int = 4
+    """Pipeline micro-batches per step, > 0; 1f1b needs >= pp, dualpipev >= 2 * pp."""
+    pp_stages_per_rank: Optional[int] = None
+    """Stages per pipeline rank (gpipe, 1f1b: 1; interleaved, looped_bfs, zb: >= 2; zbv, dualpipev: 2);
+    null = the schedule's default."""
+    layers_per_stage: Optional[List[int]] = None
+    """Blocks per pipeline stage, pp * stages-per-rank counts >= 0 summing to model.n_layer; null = an even split."""
+
+
+@dataclass
+class CheckpointConfig:
+    """``checkpoint.*``: DCP checkpoints and resume (``train_state.py``, ``primitives/checkpoint.py``)."""
+
+    dir: Optional[str] = None
+    """Folder for checkpoints; a run resumes from its ``latest``. null = no checkpoints."""
+    every: int = 0
+    """Save every N steps and after the last step, >= 0 (0 = never; > 0 needs dir)."""
+    keep_last: int = 2
+    """Checkpoints kept (``latest`` and the newest before it), >= 0; 0 keeps every checkpoint."""
+    async_save: bool = False
+    """dcp.async_save: write in a background thread, committed when done or at exit."""
+
+
+@dataclass
+class BenchConfig:
+    """``bench.*``: ``python -m curry_train bench`` (``bench/``)."""
+
+    out_dir: str = "bench-results"
+    """Folder for the JSON (and PNG) results."""
+    burn_in: int = 3
+    """Untimed steps per side before measuring, >= 0."""
+    repeats: int = 10
+    """Interleaved timing rounds (the side that goes first alternates), > 0."""
+    steps_per_repeat: int = 5
+    """Steps per side per round, > 0."""
+    pipeline_batch_size: int = 64
+    """Rows of the pipeline bench's global batch, > 0 and a multiple of its micro-batch count."""
+
+
+@dataclass
+class Config:
+    """The whole config: ``python -m curry_train config`` prints it."""
+
+    model: Any = MISSING
+    """Picked by the defaults list (``model=tiny|small``); typed by the preset's schema."""
+    seed: int = 1337
+    """Seeds Python, numpy and torch (same initial weights on every rank) and the batch order; in [0, 2**32 - 1]."""
+    device: str = "auto"
+    """auto (CUDA if available, else CPU) | cpu | cuda."""
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+def register() -> None:
+    """Put the schemas in Hydra's ``ConfigStore`` (idempotent): ``curry_train_schema`` and ``model_schema/gpt``."""
+    store = ConfigStore.instance()
+    store.store(name="curry_train_schema", node=Config)
+    store.store(group="model_schema", name="gpt", node=ModelConfig)
+
+
+@cache
+def field_docs(schema: type) -> dict[str, str]:
+    """Field name -> its docstring (the string right under the field), over ``schema`` and its dataclass bases."""
+    docs = {}
+    for klass in reversed(schema.__mro__):
+        if not is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, after in zip(body, body[1:]):
+            doc = after.value.value if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) else None
+            if isinstance(node, ast.AnnAssign) and isinstance(doc, str):
+                docs[node.target.id] = " ".join(doc.split())
+    return docs
