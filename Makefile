@@ -1,6 +1,8 @@
 # Two commands on a fresh machine:
-#   make bench   set up .venv (CPU torch 2.13.0 + curry_train) and run the benchmarks on the embedded model and data
+#   make bench   set up .venv (CPU torch 2.13.0 + curry_train) and run every benchmark with --quick (reduced
+#                settings, about a minute on 2 CPU cores) on the embedded model and data: bench-results/<time>/report.md
 #   make test    set up .venv if needed and run the test suite
+# make bench-full runs the full settings; BENCH="mfu ga model=small" picks benches and overrides for either.
 # Re-running skips the install unless template/pyproject.toml or this Makefile changed.
 
 PYTHON ?= python3
@@ -9,7 +11,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.curry-train-installed
 BENCH  ?=
 
-.PHONY: bench test train setup clean
+.PHONY: bench bench-full test train setup clean
 
 setup: $(STAMP)
 
@@ -21,6 +23,9 @@ $(STAMP): template/pyproject.toml Makefile
 	touch $(STAMP)
 
 bench: $(STAMP)
+	$(PY) -m curry_train bench --quick $(BENCH)
+
+bench-full: $(STAMP)
 	$(PY) -m curry_train bench $(BENCH)
 
 test: $(STAMP)

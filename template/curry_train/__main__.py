@@ -13,12 +13,19 @@ EPILOG = """examples:
   torchrun --nproc-per-node 2 -m curry_train train             # DDP (gloo on CPU, nccl on GPU)
   python -m curry_train train checkpoint.dir=ckpt checkpoint.every=50   # a rerun resumes from ckpt/latest
   torchrun --nproc-per-node 4 --max-restarts 1 -m curry_train train parallel.dp=2 parallel.pp=2 checkpoint.dir=ckpt checkpoint.every=50
-  python -m curry_train bench                                  # every benchmark
+  python -m curry_train bench                                  # every benchmark -> bench-results/<time>/report.md
+  python -m curry_train bench --quick                          # every benchmark, reduced settings (make bench)
   python -m curry_train bench loop ga                          # only these
+  python -m curry_train train model._target_=my_pkg.build model.n_layer=8   # your nn.Module: factory + its kwargs
+  python -m curry_train train model._target_=my_pkg.build train.loss._target_=my_pkg.loss   # ... and your loss
+  python -m curry_train bench loop ga model._target_=my_pkg.build           # the benches on your model
   python -m curry_train config train.lr=1e-3                   # print the composed config
   python -m curry_train scaffold ../my-llm                     # new repo with this code, its tests, make test/bench
 
 Overrides are Hydra syntax (key=value); `python -m curry_train config` lists every key.
+Your model: model._target_=pkg.module.factory is built with hydra.utils.instantiate, every other model.KEY=VALUE a
+keyword argument (no + needed); model(x) on token ids 0..255 returns logits (a tensor, .logits or a tuple), else
+name train.loss._target_=pkg.module.fn, fn(model, (x, y)) -> (loss_sum, n_valid). Both are checked before training.
 """
 
 
@@ -36,23 +43,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def bench_params(names: list[str]) -> dict[str, dict]:
-    """Each bench's keyword defaults (``{"ga": {"k": 4}}``), read from its function: ``validate_bench`` needs them."""
-    import importlib
-    import inspect
+def bench_params(cfg, names: list[str], quick: bool = False) -> dict[str, dict]:
+    """The keyword arguments each bench will run with (``{"ga": {"k": 4}}``: its defaults, ``--quick``'s, rank
+    counts from the machine; ``bench.bench_kwargs``): ``validate_bench`` checks the batch splits against them."""
+    from .bench import bench_kwargs
 
-    from .bench import BENCHES
-
-    params = {}
-    for name in names:
-        module, fn = BENCHES[name].split(":")
-        signature = inspect.signature(getattr(importlib.import_module(module), fn))
-        params[name] = {k: p.default for k, p in signature.parameters.items() if p.default is not p.empty}
-    return params
+    return {name: bench_kwargs(cfg, name, quick) for name in names}
 
 
 def _main(argv: list[str] | None) -> int:
-    from .bench import BENCH_HELP, BENCHES
+    from .bench import BENCH_HELP, BENCHES, quick_help
 
     parser = argparse.ArgumentParser(
         prog="python -m curry_train", description="curry_train: LLM-training primitives you can run, test and measure.",
@@ -66,8 +66,12 @@ def _main(argv: list[str] | None) -> int:
                                           subsequent_indent=" " * 14) for name in BENCHES)
     p_bench = sub.add_parser("bench", help=f"run benchmarks ({', '.join(BENCHES)})",
                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                             epilog=f"benches:\n{bench_list}\n\nJSON results (and pipeline PNGs) go to bench.out_dir "
-                                    "(default bench-results/); make bench runs them all.")
+                             epilog=f"benches:\n{bench_list}\n\n{quick_help()}\n\nEach run writes a new folder "
+                                    "bench.out_dir/<timestamp>/ (default bench-results/): report.md, report.json, "
+                                    "PNGs.\nmake bench runs --quick; make bench-full the full settings.")
+    p_bench.add_argument("--quick", action="store_true",
+                         help="reduced settings (fewer rounds and steps, small batches, N=2, 3 pipeline kinds): "
+                              "every bench in under a minute on 2 CPU cores")
     p_bench.add_argument("args", nargs="*", metavar="NAME|OVERRIDE",
                          help=f"bench names (default: all of {', '.join(BENCHES)}) and Hydra overrides")
     p_config = sub.add_parser("config", help="print the composed config: every key, its value and what it allows")
@@ -91,15 +95,15 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "bench":
         names = [a for a in args.args if "=" not in a]
         overrides = [a for a in args.args if "=" in a]
-        unknown = [n for n in names if n not in BENCHES]
-        if unknown:
-            parser.error(f"unknown bench {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
-        from .bench import run_benches
+        from .bench import QUICK, check_names, run_benches
+        from .bench.report import command_line
 
-        cfg, selected = load_config(overrides), names or list(BENCHES)
+        check_names(names)
+        cfg = load_config([*QUICK["overrides"], *overrides] if args.quick else overrides)  # the user's win
+        selected = names or list(BENCHES)
         validate(cfg, world_size=1)  # the benches run in this process (and launch their own ranks)
-        validate_bench(cfg, selected, bench_params(selected))
-        run_benches(cfg, selected)
+        validate_bench(cfg, selected, bench_params(cfg, selected, args.quick))
+        run_benches(cfg, selected, quick=args.quick, command=command_line(argv))
         return 0
     cfg = load_config(args.overrides)
     if args.command == "config":

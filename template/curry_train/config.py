@@ -3,7 +3,11 @@
 Schema: ``conf/schema.py``, one dataclass per group with a docstring per field (``Config``, ``TrainConfig``...),
 registered in Hydra's ``ConfigStore``. ``conf/config.yaml`` starts from it, and each ``conf/model/*.yaml`` preset
 extends the GPT model schema (``ModelConfig``). ``Config.model`` is untyped so that a preset with another schema
-can sit beside the GPT ones; the preset's own schema types it.
+can sit beside the GPT ones; the preset's own schema types it. The user's own model is the untyped preset
+``custom`` (``conf/model/custom.yaml``): ``model._target_=pkg.module.factory`` selects it, and every other
+``model.KEY=VALUE`` becomes a keyword argument of the factory (``user_model.user_overrides``: added with ``++``,
+so no ``+`` is needed); ``train.loss.KEY=VALUE`` likewise. Those keys are checked against the factory's signature
+instead (``user_model.check_model``).
 
 ``load_config(overrides)`` composes with Hydra's compose API (no working-directory change, no ``outputs/``):
 the result is in struct mode and typed, so ``train.steps=abc`` and ``train.step=5`` fail, and so does
@@ -12,9 +16,10 @@ Every Hydra/OmegaConf error comes out as one ``ValueError`` line naming the key 
 
 ``validate(cfg, world_size)`` checks every value, and how values fit together (rank grid, batch splits,
 pipeline schedule), *before* a process group starts: bad input fails in one process with one message instead
-of hanging N. ``validate_bench`` adds what the selected benches need. This module imports no runtime module
-(train, loop, parallelize, bench): only the primitives' checks, ``data``'s batch split and
-``GPTConfig``.
+of hanging N; a user's model is built once on CPU and tried on a 1 x 2 batch (``user_model.check_model``).
+``validate_bench`` adds what the selected benches need. This module imports no runtime module
+(train, loop, parallelize, bench): only the primitives' checks, ``data``'s batch split and the model builder
+``user_model``.
 """
 
 import re
@@ -32,7 +37,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .conf.schema import Config, ModelConfig, field_docs, register
 from .data import check_batch_split, check_text_file
-from .model import GPTConfig
 from .primitives import GradientAccumulation
 from .primitives._checks import (boolean, choice, fraction, integer, non_negative_float, non_negative_int,
                                  positive_float, positive_int, prefixed)
@@ -41,7 +45,8 @@ from .primitives.distributed_optimizer import check_options
 from .primitives.parallel_state import ParallelState
 from .primitives.pipeline.schedule import layer_split
 from .primitives.pipeline.sim import check_schedule, default_stages_per_rank, normalize_kind
-from .primitives.recompute import check_recompute_config
+from .primitives.recompute import check_recompute_config, parse_recompute
+from .user_model import USER_PRESET, ModelInfo, check_model, user_overrides, user_target
 
 CONF_DIR = Path(__file__).parent / "conf"
 DEVICES = ("auto", "cpu", "cuda")
@@ -53,7 +58,7 @@ register()
 
 def load_config(overrides: list[str] | None = None) -> DictConfig:
     """Compose ``conf/config.yaml`` with ``overrides``; any error is one ``ValueError`` line naming the key."""
-    overrides = list(overrides or [])
+    overrides = user_overrides(list(overrides or []))
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
@@ -77,7 +82,7 @@ def check_keys(cfg, path: str = "") -> None:
     """Every key under ``cfg`` is declared by its node's schema: ``+train.step=5`` is refused like ``train.step=5``.
 
     A node typed by a dataclass (every group, and a model preset that extends ``model_schema/gpt``) is checked
-    against its fields; an untyped model preset is left to its own checks (``GPTConfig.from_config``)."""
+    against its fields; an untyped model preset (``custom``) is left to its own checks (``user_model.check_model``)."""
     schema = OmegaConf.get_type(cfg) if path else Config
     declared = {f.name for f in fields(schema)} if is_dataclass(schema) else set(cfg)
     for key in cfg:
@@ -123,7 +128,9 @@ def _one_line(e: Exception, overrides: list[str]) -> str:
 
     if isinstance(e, MissingConfigException) and e.options is not None:
         group = (e.missing_cfg_file or "").split("/")[0]
-        return f"{group}={given(group)} is not a {group} preset; choose from {', '.join(sorted(e.options))}"
+        options = sorted(o for o in e.options if not (group == "model" and o == USER_PRESET))
+        own = " (or your own: model._target_=pkg.module.factory)" if group == "model" else ""
+        return f"{group}={given(group)} is not a {group} preset; choose from {', '.join(options)}{own}"
     cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
     key = (getattr(cause, "full_key", None) or "").split("[")[0]
     kind = type(cause).__name__
@@ -151,18 +158,37 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     choice("device", cfg.device, DEVICES)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda but torch.cuda.is_available() is False; use device=cpu or device=auto")
-    model = GPTConfig.from_config(cfg.model)
+    model = check_model(cfg)  # a user's model: built once on CPU, tried on a 1 x 2 batch
     _check_train(cfg.train, model)
     _check_data(cfg.data, cfg.train)
     _check_checkpoint(cfg.checkpoint)
     _check_bench(cfg.bench)
-    _check_parallel(cfg, world_size)
+    _check_parallel(cfg, world_size, model.n_layer)
+    _check_blocks(cfg, model)
 
 
-def _check_train(t, model: GPTConfig) -> None:
+def _check_blocks(cfg, model: ModelInfo) -> None:
+    """Recompute and FSDP2 work block by block: asked for on a model where ``find_blocks`` finds none, refused here
+    (the GPT always has blocks; a user's model may not)."""
+    if model.n_layer:
+        return
+    sharding, _ = check_options(cfg.parallel.sharding, cfg.parallel.mixed_precision, cfg.parallel.cpu_offload)
+    uses = [f"train.recompute={cfg.train.recompute}"] if parse_recompute(cfg.train.recompute) else []
+    uses += [f"parallel.sharding={sharding}"] if sharding in ("shard_grad_op", "full") else []
+    if uses:
+        raise ValueError(f"{' and '.join(uses)} {'work' if len(uses) > 1 else 'works'} block by block, and no blocks "
+                         f"were found in {model.name} "
+                         "(an nn.ModuleList / nn.ModuleDict of same-class modules, e.g. model.layers, transformer.h, "
+                         "layers); turn them off or keep the blocks in such a container")
+
+
+def _check_train(t, model: ModelInfo) -> None:
     positive_int("train.steps", t.steps)
     positive_int("train.batch_size", t.batch_size)
-    integer("train.seq_len", t.seq_len, 1, model.block_size, f"(model.block_size={model.block_size})")
+    if model.context is None:
+        positive_int("train.seq_len", t.seq_len)
+    else:
+        integer("train.seq_len", t.seq_len, 1, model.context, f"({model.context_source}={model.context})")
     with prefixed("train."):
         GradientAccumulation.from_config(t)
     positive_float("train.lr", t.lr)
@@ -220,9 +246,13 @@ def _check_bench(b) -> None:
     positive_int("bench.repeats", b.repeats)
     positive_int("bench.steps_per_repeat", b.steps_per_repeat)
     positive_int("bench.pipeline_batch_size", b.pipeline_batch_size)
+    if b.world_sizes is not None:
+        if not b.world_sizes or not all(isinstance(n, int) and n >= 2 for n in b.world_sizes):
+            raise ValueError(f"bench.world_sizes must be a non-empty list of integers >= 2 (rank counts) or null "
+                             f"(= from the machine), got {list(b.world_sizes)}")
 
 
-def _check_parallel(cfg, world_size: int) -> None:
+def _check_parallel(cfg, world_size: int, n_layer: int) -> None:
     p = cfg.parallel
     for dim, what in (("tp", "tensor parallelism"), ("cp", "context parallelism")):
         if positive_int(f"parallel.{dim}", p[dim]) > 1:
@@ -243,7 +273,10 @@ def _check_parallel(cfg, world_size: int) -> None:
         raise ValueError(f"parallel.layers_per_stage must be a list of integers >= 0 (blocks per stage) or null "
                          f"(= an even split), got {list(p.layers_per_stage)}") from None
     if p.pp > 1:
-        pipeline_settings(cfg, world_size, dp)  # schedule kind, micro-batches vs stages, layer split
+        if cfg.train.loss is not None:
+            raise ValueError(f"train.loss is not supported with parallel.pp={p.pp} (the last stage's logits go "
+                             "through the token loss); use train.loss=null or parallel.pp=1")
+        pipeline_settings(cfg, world_size, dp, n_layer)  # schedule kind, micro-batches vs stages, layer split
 
 
 def data_parallel_size(cfg: DictConfig, world_size: int) -> int:
@@ -271,8 +304,10 @@ def check_parallelize_config(cfg, world_size: int = 1) -> None:
         )
 
 
-def pipeline_settings(cfg, world_size: int, dp_size: int = 1) -> dict:
-    """Check the pipeline config without a process group; returns kind, pp, v, n_microbatches, layers_per_stage."""
+def pipeline_settings(cfg, world_size: int, dp_size: int = 1, n_layer: int | None = None) -> dict:
+    """Check the pipeline config without a process group; returns kind, pp, v, n_microbatches, layers_per_stage.
+
+    ``n_layer``: the model's blocks (``user_model.ModelInfo.n_layer``); None = ``model.n_layer`` of the GPT."""
     p = cfg.parallel
     get = config_getter(p)
     with prefixed("parallel.pp_schedule: "):
@@ -290,8 +325,12 @@ def pipeline_settings(cfg, world_size: int, dp_size: int = 1) -> dict:
                              f"(pipeline stages are not wrapped in DDP/FSDP); use parallel.{key}={ok[0]}")
     layers = get("layers_per_stage", None)
     layers = list(layers) if layers is not None else None
+    target = user_target(cfg.model)
+    if target is not None and not n_layer:
+        raise ValueError(f"parallel.pp={p.pp} divides the model's blocks over stages, but model._target_={target} "
+                         "has none that were found (an nn.ModuleList / nn.ModuleDict of same-class modules)")
     with prefixed("parallel." if layers is not None else ""):  # layer_split names layers_per_stage or model.n_layer
-        layer_split(cfg.model.n_layer, p.pp * v, layers)
+        layer_split(cfg.model.n_layer if target is None else n_layer, p.pp * v, layers)
     t = cfg.train
     rows = t.batch_size // dp_size // t.gradient_accumulation_steps
     if rows % p.n_microbatches:

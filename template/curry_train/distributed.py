@@ -7,6 +7,7 @@ Two ways in:
 * ``launch(fn, world_size, *args)``: tests and benches start ``world_size`` local ranks with
   ``torch.multiprocessing.spawn`` on 127.0.0.1, run ``fn(rank, world_size, *args)`` in each and return the
   per-rank return values. A hard timeout kills every rank: a hang is reported as a failure, never waited on.
+  gloo by default; ``backend="nccl"`` gives rank ``r`` the GPU ``cuda:r`` (needs ``world_size`` GPUs).
 
 Gloo worker threads can abort the interpreter at exit (``terminate called without an active exception``,
 in a fraction of runs on PyTorch 2.13) *after* ``destroy_process_group`` has returned. ``exit_cleanly()``
@@ -112,7 +113,7 @@ def exit_cleanly(code: int = 0) -> None:
     os._exit(code)
 
 
-def _spawn_entry(local_rank, fn, world_size, port, result_dir, args):
+def _spawn_entry(local_rank, fn, world_size, port, result_dir, args, backend="gloo"):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
         RANK=str(local_rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
@@ -120,7 +121,9 @@ def _spawn_entry(local_rank, fn, world_size, port, result_dir, args):
     torch.set_num_threads(1)
     code = 0
     try:
-        dist.init_process_group("gloo", rank=local_rank, world_size=world_size)
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend, rank=local_rank, world_size=world_size)
         result = fn(local_rank, world_size, *args)
         torch.save(result, os.path.join(result_dir, f"rank{local_rank}.pt"))
     except BaseException:
@@ -146,15 +149,21 @@ def _first_traceback(result_dir: str) -> str:
     return open(written[0][1]).read() if written else ""
 
 
-def launch(fn, world_size: int, *args, timeout: float = 180.0) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks; return each rank's result.
+def launch(fn, world_size: int, *args, timeout: float = 180.0, backend: str = "gloo") -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks (``backend``: gloo on CPU, or nccl
+    with one GPU per rank); return each rank's result.
 
     ``fn`` must be importable by name (a module-level function). Raises ``LaunchError`` with the failing
     rank's traceback, or after ``timeout`` seconds with every rank killed.
     """
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    if backend == "nccl" and torch.cuda.device_count() < world_size:
+        raise ValueError(f"backend='nccl' needs one GPU per rank: world size {world_size}, "
+                         f"{torch.cuda.device_count()} GPU(s) visible")
     with tempfile.TemporaryDirectory(prefix="curry_train_launch_") as result_dir:
         ctx = mp.spawn(
-            _spawn_entry, args=(fn, world_size, free_port(), result_dir, args), nprocs=world_size, join=False
+            _spawn_entry, args=(fn, world_size, free_port(), result_dir, args, backend), nprocs=world_size, join=False
         )
         deadline = time.monotonic() + timeout
         try:

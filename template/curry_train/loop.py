@@ -2,17 +2,17 @@
 
 One optimizer step (``run_training_steps``), the same code with or without pipeline parallelism::
 
-    micro = batches.microbatches(step, dp_rank, dp_size, K)     # this rank's K (x, y) pairs
+    micro = batches.microbatches(step, dp_rank, dp_size, K)     # this rank's K (x, y) pairs (or HF-style dicts)
     accumulate_gradients(model, micro, ga, dp_group, schedule):
-        ga.plan([valid tokens of each y], dp_group)             # one all-reduce: global token count T
-        for i, (x, y) in enumerate(micro):
+        ga.plan([count_target_tokens(mb) for mb in micro], dp_group)  # one all-reduce: global token count T
+        for i, mb in enumerate(micro):
             d = ga.sum_divisor(i, n_valid)                      # T / dp, or n_valid * K for "microbatches"
             if schedule is None:
                 with ga.sync_context(model, i):                 # no_sync / no reduce-scatter unless last
-                    loss_sum, _ = token_loss(model(x), y)
+                    loss_sum, _ = forward_loss_sum(model, mb)   # any output: logits, ModelOutput, tuple
                     ga.backward_loss(loss_sum, n_valid, i).backward()   # loss_sum / d
             else:                                               # pipeline: n_microbatches chunks through the stages
-                schedule.train_step(x, y, loss_divisor=d)       # each chunk back-propagates token_loss_sum / d
+                schedule.train_step(*mb, loss_divisor=d)        # each chunk back-propagates token_loss_sum / d
         if schedule is not None: sum tied grads over pp, average grads over dp_group
     clip_grad_norm(model.parameters(), grad_clip, pp_group, owns)   # one global norm for every layout
     optimizer.step(), scheduler.step()
@@ -30,8 +30,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .model import IGNORE_INDEX, token_loss
+from .model import token_loss
 from .primitives import GradientAccumulation
+from .primitives.model_io import count_target_tokens, forward_loss_sum
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95), **kwargs):
@@ -61,27 +62,35 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return token_loss(logits, targets)[0]
 
 
-def accumulate_gradients(model, microbatches, ga: GradientAccumulation, dp_group=None, schedule=None):
+def accumulate_gradients(model, microbatches, ga: GradientAccumulation, dp_group=None, schedule=None, loss_fn=None):
     """Forward + backward of one optimizer step's K micro-batches; returns (summed token loss, local valid tokens).
 
-    Micro-batch ``i`` back-propagates its summed token loss over ``ga.sum_divisor(i, n_valid)``. Without
+    A micro-batch is an ``(x, y)`` pair or a dict of keyword inputs with ``labels`` (shifted, Hugging Face style)
+    or ``targets`` (``primitives.model_io``); ``n_valid`` is ``count_target_tokens`` of it, the targets exactly as
+    the loss sees them. Micro-batch ``i`` back-propagates its summed token loss (``forward_loss_sum``: the model
+    may return logits, a ``ModelOutput`` or a tuple) over ``ga.sum_divisor(i, n_valid)``. Without
     ``schedule`` it runs through ``model`` under ``ga.sync_context`` (data-parallel wrappers reduce on the last).
     With a ``PipelineSchedule`` it is one ``schedule.train_step`` (the loss sum broadcast from the last stage);
     afterwards, once per step, tied-weight gradients are summed over the pipeline group and every gradient of
     ``model`` (this rank's stages) is averaged over ``dp_group``: with divisor ``T / dp`` the average is the
     gradient of the global mean token loss, as DDP gives the plain path.
+
+    ``loss_fn(model, microbatch) -> (loss_sum, n_valid)`` replaces ``forward_loss_sum`` for a model whose forward
+    is not ``(inputs) -> logits`` (``train.loss._target_``); its ``n_valid`` must equal ``count_target_tokens``.
     """
-    counts = [int((y != IGNORE_INDEX).sum()) for _, y in microbatches]
+    loss_fn = forward_loss_sum if loss_fn is None else loss_fn
+    counts = [int(count_target_tokens(mb)) for mb in microbatches]
     ga.plan(counts, group=dp_group)
     model.zero_grad(set_to_none=True)
     loss_total = torch.zeros((), dtype=torch.float64)
-    for i, (x, y) in enumerate(microbatches):
+    for i, mb in enumerate(microbatches):
         if schedule is not None:
+            x, y = mb
             loss_sum = schedule.train_step(x, y, loss_divisor=ga.sum_divisor(i, counts[i]), broadcast_loss=True,
                                            sync_tied=False)
         else:
             with ga.sync_context(model, i):
-                loss_sum, _ = token_loss(model(x), y)
+                loss_sum, _ = loss_fn(model, mb)
                 ga.backward_loss(loss_sum, counts[i], i).backward()
         loss_total += loss_sum.detach().double().cpu()
     if schedule is not None:
@@ -142,14 +151,16 @@ def run_training_steps(
     log_every: int = 10,
     progress: bool = True,
     schedule=None,
+    loss_fn=None,
     on_step=None,
 ) -> list[dict]:
     """Train from ``start_step`` up to ``steps``; returns one metrics dict per step.
 
     Metrics: ``step``, ``loss`` (mean token loss of the global batch), ``lr``, ``grad_norm``,
     ``tokens`` (valid tokens in the global batch) and ``tokens_per_s``. ``on_step(step, metrics)`` runs after
-    each optimizer step (checkpointing hooks in here). ``schedule``: the ``PipelineSchedule`` running this rank's
-    stages (``model`` then holds them), or None; ``grad_norm`` is the whole model's either way.
+    each optimizer step (checkpointing hooks in here). ``loss_fn``: see ``accumulate_gradients``. ``schedule``: the
+    ``PipelineSchedule`` running this rank's stages (``model`` then holds them), or None; ``grad_norm`` is the whole
+    model's either way.
     """
     pp_group, owns = (schedule.group, schedule.owns) if schedule is not None else (None, None)
     model.train()
@@ -161,7 +172,7 @@ def run_training_steps(
             (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             for x, y in batches.microbatches(step, dp_rank, dp_size, ga.steps)
         ]
-        loss_sum, n_tokens = accumulate_gradients(model, micro, ga, dp_group, schedule)
+        loss_sum, n_tokens = accumulate_gradients(model, micro, ga, dp_group, schedule, loss_fn)
         norm = clip_grad_norm(model.parameters(), grad_clip, pp_group, owns)
         optimizer.step()
         scheduler.step()

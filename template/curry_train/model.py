@@ -222,20 +222,30 @@ def split_model(model: "GPT", n_stages: int, layers_per_stage=None) -> list[GPTS
 
 
 class StageModules(nn.Module):
-    """One pipeline rank's stage modules merged under the GPT's attribute names, for the optimizer and checkpoints:
+    """One pipeline rank's stage modules merged under the model's attribute names, for the optimizer and checkpoints:
     parameter names (and DCP keys) are the full model's (``tok_emb.weight``, ``blocks.5.attn.qkv.weight``,
-    ``head.weight``), so a checkpoint saved by ``pp`` ranks loads into the whole GPT. The stages run inside
-    ``PipelineSchedule.train_step``; calling this module is an error."""
+    ``head.weight``; ``model.layers.3.mlp.up_proj.weight`` for a Hugging Face stage from ``curry_train.stages``), so a
+    checkpoint saved by ``pp`` ranks loads into the whole model. Merge rule: an ``nn.ModuleDict`` (a stage's blocks)
+    or a container marked ``_stage_container`` (``stages.StageNode``) is merged key by key across stages, any other
+    child is taken as it is; buffers registered on a stage itself keep their name and persistence. The stages run
+    inside ``PipelineSchedule.train_step``; calling this module is an error."""
 
     def __init__(self, stages):
         super().__init__()
-        self.blocks = nn.ModuleDict()
         for stage in stages:
-            for name, child in stage.named_children():
-                if name == "blocks":
-                    self.blocks.update(child)
-                else:
-                    setattr(self, name, child)
+            _merge_stage(self, stage)
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("a pipeline rank's modules run inside PipelineSchedule.train_step, not module(x)")
+
+
+def _merge_stage(into: nn.Module, stage: nn.Module) -> None:
+    for name, buf in stage.named_buffers(recurse=False):
+        into.register_buffer(name, buf, persistent=name not in stage._non_persistent_buffers_set)
+    for name, child in stage.named_children():
+        if isinstance(child, nn.ModuleDict) or getattr(child, "_stage_container", False):
+            if name not in into._modules:
+                into.add_module(name, nn.ModuleDict())
+            _merge_stage(into._modules[name], child)
+        else:
+            into.add_module(name, child)

@@ -11,6 +11,8 @@ Order (torchtitan's): recompute (activation checkpointing) -> ``torch.compile`` 
    ``parallel.cpu_offload``: ``DistributedOptimizer`` (DDP, DDP + ZeRO-1, FSDP2). In one process without
    torch.distributed, ``no_shard`` leaves the model as it is and the other modes are an error saying to use torchrun.
 
+Blocks, in all three steps, are what ``primitives.blocks.find_blocks`` finds (or instances of ``block_types``).
+
 A pipeline stage (``pipeline_stage=True``, e.g. a ``model.GPTStage``: its blocks in the ``nn.ModuleDict``
 ``blocks``) goes through steps 1 and 2 like the whole model: ``recompute_every_n`` counts the stage's blocks, and a
 stage holding no block (``layers_per_stage`` with a 0) is left as it is. Step 3 is not applied (see the comment in
@@ -27,17 +29,19 @@ from __future__ import annotations
 
 import torch
 
+from .primitives.blocks import find_blocks
 from .primitives.distributed_optimizer import DistributedOptimizer
-from .primitives.recompute import apply_recompute_from_config, transformer_blocks
+from .primitives.recompute import apply_recompute_from_config
 
 
-def parallelize(model: torch.nn.Module, cfg, dp_group=None, *, pipeline_stage: bool = False
+def parallelize(model: torch.nn.Module, cfg, dp_group=None, *, pipeline_stage: bool = False, block_types=None
                 ) -> tuple[torch.nn.Module, DistributedOptimizer | None]:
-    """``cfg``: the full config (reads ``cfg.train.recompute``, ``recompute_every_n``, ``compile`` and ``cfg.parallel``)."""
+    """``cfg``: the full config (reads ``cfg.train.recompute``, ``recompute_every_n``, ``compile`` and ``cfg.parallel``).
+    ``block_types``: the model's block classes, when ``primitives.blocks.find_blocks`` cannot find them."""
     t, p = cfg.train, cfg.parallel
-    blocks = transformer_blocks(model)
-    if blocks or not pipeline_stage:  # a whole model without blocks gets recompute's error naming block_types
-        apply_recompute_from_config(model, t, "recompute", "recompute_every_n")
+    blocks = find_blocks(model, block_types)
+    if blocks or not pipeline_stage:  # a whole model without blocks gets NoBlocksError naming block_types
+        apply_recompute_from_config(model, t, "recompute", "recompute_every_n", block_types)
         if getattr(t, "compile", False):
             for block in blocks or [model]:
                 block.compile()
@@ -47,5 +51,6 @@ def parallelize(model: torch.nn.Module, cfg, dp_group=None, *, pipeline_stage: b
         # bucket rebuild asserts) and with the split-backward schedules (zb: weight gradients never averaged; zbv,
         # dualpipev: error). A plain all-reduce over dp_group once per optimizer step works for every schedule.
         return model, None
-    dist_opt = DistributedOptimizer.from_config(p, model, process_group=dp_group, optimizer_class=None)
+    dist_opt = DistributedOptimizer.from_config(p, model, process_group=dp_group, optimizer_class=None,
+                                                block_types=block_types)
     return dist_opt.model, dist_opt

@@ -3,9 +3,10 @@
 Works in one process and under ``torchrun --nproc-per-node N -m curry_train train`` (DDP over gloo on
 CPU, nccl on GPU). Every config error is raised before the process group starts.
 
-With ``parallel.pp > 1`` the GPT is split into stages (``model.split_model``), this rank's stages go through the
-same ``parallelize`` as a whole model, and the loop gets their ``PipelineSchedule``: the same optimizer step,
-its pipeline branch open in ``loop.accumulate_gradients``.
+The model is ``user_model.build_model(cfg)``: the reference GPT, or the user's ``model._target_=pkg.module.factory``.
+With ``parallel.pp > 1`` the model is split into stages (``stages.split_model``: the GPT, Hugging Face Llama /
+GPT-2, torchtitan, nanoGPT), this rank's stages go through the same ``parallelize`` as a whole model, and the loop
+gets their ``PipelineSchedule``: the same optimizer step, its pipeline branch open in ``loop.accumulate_gradients``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from . import distributed, train_state
 from .config import pipeline_settings, validate
 from .data import build_batches, seed_everything
 from .loop import build_optimizer, build_scheduler, run_training_steps, token_loss_sum
-from .model import GPT, GPTConfig, StageModules, split_model
 from .parallelize import parallelize
 from .primitives import GradientAccumulation, ParallelState, PipelineSchedule
+from .primitives.blocks import find_blocks
+from .stages import StageModules, split_model
+from .user_model import build_loss, build_model, model_name, n_params
 
 
 def train(cfg) -> list[dict]:
@@ -32,18 +35,19 @@ def train(cfg) -> list[dict]:
     device = distributed.resolve_device(cfg.device)
 
     seed_everything(cfg.seed)  # same initial weights on every rank
-    model = GPT(GPTConfig.from_config(cfg.model)).to(device)
+    model = build_model(cfg).to(device)  # the reference GPT, or model._target_ (user_model.py)
     batches = build_batches(cfg)
     ga = GradientAccumulation.from_config(cfg.train)
     if rank == 0:
-        print(f"model: {model.n_params():,} parameters | world size {world_size} (dp {dp_size}) | {ga} | device {device}")
+        print(f"model: {model_name(cfg)}, {n_params(model):,} parameters | world size {world_size} (dp {dp_size}) | "
+              f"{ga} | device {device}")
         if world_size > 1:
             print(ps)
 
     t = cfg.train
     schedule = None
     if ps.pp > 1:  # pipeline parallelism: this rank keeps its stages and the loop runs them through the schedule
-        s = pipeline_settings(cfg, world_size, dp_size)
+        s = pipeline_settings(cfg, world_size, dp_size, len(find_blocks(model)))
         stages = split_model(model, s["pp"] * s["v"], s["layers_per_stage"])  # same seed: tied copies start equal
         schedule = PipelineSchedule(s["kind"], s["n_microbatches"], stages, ps.pp_group, token_loss_sum,
                                     device=device)
@@ -61,6 +65,7 @@ def train(cfg) -> list[dict]:
         dp_rank=ps.dp_rank, dp_size=dp_size, dp_group=ps.dp_group, device=device, grad_clip=t.grad_clip,
         log_every=t.log_every if rank == 0 else 0, progress=t.progress and rank == 0, schedule=schedule,
         on_step=train_state.step_hook(cfg, ckpt, model, optimizer, scheduler, fault_step),
+        loss_fn=build_loss(cfg) if t.loss is not None else None,  # train.loss._target_ (user_model.py)
     )
     train_state.finish(ckpt)  # an async save still in flight is waited for and committed
     if rank == 0 and history:

@@ -29,8 +29,10 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 
 from ..loop import build_optimizer, build_scheduler
-from ..model import GPT, GPTConfig, token_loss
 from ..primitives.checkpoint import Checkpointer, step_dirname
+from ..primitives.model_io import forward_loss_sum
+from ..user_model import VOCAB, build_model, model_name, n_params as count_params
+from .common import user_loss
 
 ADAMW_FP32_BYTES_PER_PARAM = 12  # weights + exp_avg + exp_avg_sq, fp32
 
@@ -57,11 +59,11 @@ def dir_bytes(path: Path) -> int:
 
 def _trained(cfg, seed: int):
     torch.manual_seed(seed)
-    model = GPT(GPTConfig.from_config(cfg.model))
+    model = build_model(cfg)
     opt = build_optimizer(model, 1e-3)
     sched = build_scheduler(opt, 1, 10)
-    x = torch.randint(0, model.cfg.vocab_size, (2, min(16, model.cfg.block_size)))
-    loss_sum, n = token_loss(model(x), x)
+    x = torch.randint(0, VOCAB, (2, min(16, cfg.train.seq_len)))
+    loss_sum, n = (user_loss(cfg) or forward_loss_sum)(model, (x, x))
     (loss_sum / n).backward()
     opt.step()  # creates the AdamW state that the checkpoint carries
     sched.step()
@@ -69,9 +71,10 @@ def _trained(cfg, seed: int):
 
 
 def measure(cfg, repeats: int = 5, directory=None) -> dict:
-    """Save/load the configured GPT + AdamW ``repeats`` times in one process; sizes in bytes, times in seconds."""
+    """Save/load the configured model (``user_model``) + AdamW ``repeats`` times in one process; sizes in bytes, times
+    in seconds."""
     model, opt, sched = _trained(cfg, 0)
-    n_params = model.n_params()
+    params = count_params(model)
     with tempfile.TemporaryDirectory(prefix="curry_train_ckpt_bench_", dir=directory) as tmp:
         ckpt = Checkpointer(Path(tmp) / "sync", keep_last=1)
         saves = []
@@ -99,9 +102,9 @@ def measure(cfg, repeats: int = 5, directory=None) -> dict:
             loads.append(time.perf_counter() - t0)
     save_s = statistics.median(saves)
     return {
-        "model": str(cfg.model.get("name", "custom")), "params": n_params, "bytes": total, "data_bytes": data,
-        "bytes_per_param": total / n_params, "entries": entries,
-        "overhead_bytes_per_entry": (total - ADAMW_FP32_BYTES_PER_PARAM * n_params) / entries, "save_s": save_s, "save_s_all": saves,
+        "model": model_name(cfg), "params": params, "bytes": total, "data_bytes": data,
+        "bytes_per_param": total / params, "entries": entries,
+        "overhead_bytes_per_entry": (total - ADAMW_FP32_BYTES_PER_PARAM * params) / entries, "save_s": save_s, "save_s_all": saves,
         "async_blocking_s": statistics.median(blocking), "async_total_s": statistics.median(committed),
         "load_s": statistics.median(loads), "write_MB_per_s": total / save_s / 1e6, "repeats": repeats,
     }
@@ -109,7 +112,7 @@ def measure(cfg, repeats: int = 5, directory=None) -> dict:
 
 def bench_checkpoint(cfg, mtbf_hours=(1.0, 24.0), restart_seconds: float = 60.0) -> dict:
     r = measure(cfg, repeats=max(3, int(cfg.bench.repeats) // 2))
-    print(f"checkpoint of the {r['model']} GPT + AdamW (fp32), one process, median of {r['repeats']} saves")
+    print(f"checkpoint of {r['model']} + AdamW (fp32), one process, median of {r['repeats']} saves")
     print(f"  params              {r['params']:>12,}")
     print(f"  size on disk        {r['bytes']:>12,} B  = {r['bytes_per_param']:.2f} B/param "
           f"(weights + 2 AdamW moments = {ADAMW_FP32_BYTES_PER_PARAM} B/param; the rest: {r['entries']} entries, "

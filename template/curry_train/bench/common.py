@@ -1,6 +1,10 @@
 """Helpers the benches share: the configured model and batches, one training step, interleaved timing rounds and
 their per-round ratios, a flat gradient, a quiet stderr for the profiler.
 
+The model is ``user_model.build_model(cfg)`` (the reference GPT, or the user's ``model._target_``) and the loss
+``user_model.build_loss(cfg)`` (``model_io.forward_loss_sum``, or the user's ``train.loss._target_``), both
+``(model, (x, y)) -> (loss_sum, n_valid)``: every bench runs on whatever model the config names.
+
 ``run_accumulated_step`` (one optimizer step with gradient accumulation) is used by no bench: it is the short
 form of the loop that ``skills/primitive-gradient-accumulation`` points to, tested in ``tests/test_benchmark.py``.
 """
@@ -17,26 +21,33 @@ import torch
 
 from ..data import build_batches, seed_everything
 from ..loop import accumulate_gradients
-from ..model import GPT, IGNORE_INDEX, GPTConfig, token_loss
 from ..primitives import GradientAccumulation
+from ..primitives.model_io import forward_loss_sum
+from ..user_model import build_loss, build_model
 
 MIB = 2**20
 
 
 def build_model_and_batches(cfg):
-    """The configured GPT, seeded as ``train`` seeds it, and the configured training batches."""
+    """The configured model (``user_model.build_model``), seeded as ``train`` seeds it, and the training batches."""
     seed_everything(cfg.seed)
-    return GPT(GPTConfig.from_config(cfg.model)), build_batches(cfg)
+    return build_model(cfg), build_batches(cfg)
 
 
-def train_step(model, optimizer, x, y, after_forward: Callable | None = None):
+def user_loss(cfg) -> Callable | None:
+    """The user's ``train.loss`` as ``(model, (x, y)) -> (loss_sum, n_valid)``, or None (the token loss on logits)."""
+    return build_loss(cfg) if cfg.train.loss is not None else None
+
+
+def train_step(model, optimizer, x, y, after_forward: Callable | None = None, loss_fn: Callable = forward_loss_sum):
     """One optimizer step on one batch, normalised as ``train`` normalises (sum of token losses over the valid-token
-    count, all-reduced over the ranks when a process group is up). ``after_forward()``, if given, runs between
-    forward and backward (to read what the forward left in memory); returns its result."""
+    count, all-reduced over the ranks when a process group is up). ``loss_fn(model, (x, y)) -> (loss_sum, n_valid)``
+    (``user_model.build_loss``). ``after_forward()``, if given, runs between forward and backward (to read what the
+    forward left in memory); returns its result."""
     ga = GradientAccumulation(1)
     optimizer.zero_grad(set_to_none=True)
-    ga.plan([int((y != IGNORE_INDEX).sum())])
-    loss_sum, n = token_loss(model(x), y)
+    loss_sum, n = loss_fn(model, (x, y))
+    ga.plan([int(n)])  # K = 1: the count the loss saw, all-reduced when a process group is up
     result = after_forward() if after_forward is not None else None
     ga.backward_loss(loss_sum, n, 0).backward()
     optimizer.step()

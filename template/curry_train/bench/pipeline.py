@@ -1,8 +1,12 @@
 """``python -m curry_train bench pipeline``: every pipeline schedule, simulated and measured, side by side.
 
-For each kind at p = 2 and 4 pipeline ranks (spawned gloo ranks; v = 2 stages per rank for the multi-stage
+For each kind at p pipeline ranks, p in ``bench.world_sizes`` (null = from the CPU cores: 2 and 4 on >= 4 cores,
+``machine.world_sizes``), spawned gloo ranks on CPU even where GPUs are (the measured timeline is host time around
+each stage call, which on a GPU would time kernel launches, not kernels); v = 2 stages per rank for the multi-stage
 kinds) and m = 8 micro-batches, on the configured GPT deepened to ``n_layer = 8`` blocks (divisible by every
-p x v used) and a global batch of ``bench.pipeline_batch_size x train.seq_len`` tokens of the configured data
+p x v used) -- or the user's ``model._target_`` as built, split by ``model.split_model`` (a kind whose stage count
+does not divide its blocks is skipped; a model ``split_model`` cannot split, or a ``train.loss``, skips the bench
+with one line) -- and a global batch of ``bench.pipeline_batch_size x train.seq_len`` tokens of the configured data
 (default 64 rows: 8 per micro-batch, so a stage call computes long enough that the fixed cost of a gloo
 send/recv and of the schedule's Python is a small part of it; with 2 rows per micro-batch it is not, and the
 idle time is mostly those fixed costs, not the schedule's bubble):
@@ -23,26 +27,31 @@ Target: for GPipe and 1F1B, measured within 0.05 of the simulator run on this ru
 the first stage carries the embedding, the last the head and loss, so uniform F=1, B=2 is not what ran).
 It is judged only where every rank has a core of its own (p <= cores): with more ranks than cores, busy
 intervals stretch while a rank waits for a core, and the comparison says nothing ("n/a").
-Writes ``timeline-{kind}-p{p}-m{m}.png`` (simulated above measured) under ``bench.out_dir``.
+Writes ``timeline-{kind}-p{p}-m{m}.png`` (simulated above measured) into ``out_dir`` (``bench`` passes its run
+folder; default ``bench.out_dir``).
 """
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from ..data import build_batches
 from ..distributed import launch
 from ..model import GPT, IGNORE_INDEX, GPTConfig, split_model, token_loss
+from ..primitives.blocks import find_blocks
+from ..primitives.model_io import logits_of
+from ..user_model import build_model, model_name, user_target
 from ..primitives.pipeline import PipelineSchedule
 from ..primitives.pipeline.sim import (
     KINDS, Event, Timeline, analytic_bubble, check_schedule, default_stages_per_rank, simulate,
 )
+from .machine import cpu_cores, world_sizes
 from .plots import plot_timeline
 
 TARGET = 0.05
@@ -69,13 +78,32 @@ def _stage_costs(timeline: Timeline, n_stages: int) -> dict:
     return {"f": f, "b": b, "w": w}
 
 
-def _allowed(kind: str, p: int, m: int) -> bool:
+def _allowed(kind: str, p: int, m: int, n_layer: int) -> bool:
     try:
         check_schedule(kind, p, m)
-        return True
     except ValueError as e:
         print(f"  skipping {kind} at p={p}: {e}")
         return False
+    stages = p * default_stages_per_rank(kind)
+    if n_layer % stages:
+        print(f"  skipping {kind} at p={p}: {n_layer} blocks do not split evenly over {stages} stages")
+        return False
+    return True
+
+
+def _pipeline_model(cfg: dict, n_layer: int):
+    """The model the bench splits: the configured GPT with ``n_layer`` blocks, or the user's model as built."""
+    torch.manual_seed(0)  # every rank builds the same weights (tied copies start equal)
+    if user_target(cfg["model"]) is not None:
+        return build_model(OmegaConf.create(cfg))
+    return GPT(GPTConfig(**{**{k: v for k, v in cfg["model"].items() if k != "name"}, "n_layer": n_layer}))
+
+
+def _activation_shape(cfg: dict, n_layer: int, x: torch.Tensor) -> tuple:
+    """Shape of what the first of two stages sends to the next for one micro-batch ``x`` (for ``p2p_latency``)."""
+    with torch.no_grad():
+        out = split_model(_pipeline_model(cfg, n_layer), 2)[0](x)
+    return tuple((out if isinstance(out, torch.Tensor) else logits_of(out)).shape)
 
 
 def p2p_latency(activation: torch.Tensor, repeats: int = 20) -> float:
@@ -99,18 +127,16 @@ def p2p_latency(activation: torch.Tensor, repeats: int = 20) -> float:
     return latency.item()
 
 
-def _run_kinds(rank, world_size, kinds, m, model_cfg, batch, steps):
+def _run_kinds(rank, world_size, kinds, m, cfg, n_layer, act_shape, batch, steps):
     x, y = batch
-    out = {"_comm": p2p_latency(torch.zeros(x.shape[0] // m, x.shape[1], model_cfg["n_embd"]))}
+    out = {"_comm": p2p_latency(torch.zeros(act_shape))}
     for row in kinds:
         kind, options = row_schedule(row)
         v = default_stages_per_rank(kind)
-        torch.manual_seed(0)
-        model = GPT(GPTConfig(**model_cfg))
-        stages = split_model(model, world_size * v)
+        stages = split_model(_pipeline_model(cfg, n_layer), world_size * v)
         n_valid = (y != IGNORE_INDEX).sum()
-        sched = PipelineSchedule(kind, m, stages, None, lambda o, t: token_loss(o, t)[0] / n_valid, record=True,
-                                 **options)
+        sched = PipelineSchedule(kind, m, stages, None, lambda o, t: token_loss(logits_of(o), t)[0] / n_valid,
+                                 record=True, device="cpu", **options)
         records = []
         for step in range(steps + 1):  # step 0 warms up (shape inference, allocator)
             for p in sched.parameters():
@@ -129,18 +155,33 @@ def _run_kinds(rank, world_size, kinds, m, model_cfg, batch, steps):
     return out if rank == 0 else None
 
 
-def bench_pipeline(cfg, pp_sizes=(2, 4), kinds=tuple(KINDS), m: int = 8, n_layer: int = 8, steps: int = 5) -> dict:
-    model_cfg = {k: v for k, v in dict(cfg.model).items() if k != "name"}
-    model_cfg["n_layer"] = n_layer
+def bench_pipeline(cfg, pp_sizes=None, kinds=tuple(KINDS), m: int = 8, n_layer: int = 8, steps: int = 5,
+                   out_dir=None) -> dict:
+    """``n_layer``: the GPT's depth here; a user's model keeps its own (its blocks, ``primitives.blocks``)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
     batches = build_batches(cfg)
     batches.batch_size = cfg.bench.pipeline_batch_size
     batch = batches.global_batch(0)
-    out_dir = Path(cfg.bench.out_dir)
+    name = model_name(cfg)
+    try:
+        if cfg.train.loss is not None:
+            raise ValueError("train.loss is set, and pipeline stages train on the token loss of the last stage's "
+                             "logits")
+        if user_target(cfg.model) is not None:
+            n_layer = len(find_blocks(_pipeline_model(plain, n_layer)))
+        act_shape = _activation_shape(plain, n_layer, batch[0][: batch[0].shape[0] // m])
+    except (ValueError, TypeError, NotImplementedError) as e:
+        print(f"pipeline: skipped for {name}: {' '.join(str(e).split())}")
+        return {"skipped": str(e), "model": name}
+    out_dir = Path(out_dir if out_dir is not None else cfg.bench.out_dir)
+    pp_sizes = pp_sizes if pp_sizes is not None else world_sizes(cfg, "pipeline")
     rows = []
     for p in pp_sizes:
-        runnable = [row for k in kinds if _allowed(k, p, m)
+        runnable = [row for k in kinds if _allowed(k, p, m, n_layer)
                     for row in (k, *(ref for ref, (kind, _) in REFERENCE_ROWS.items() if kind == k))]
-        measured = launch(_run_kinds, p, runnable, m, model_cfg, batch, steps, timeout=600)[0]
+        if not runnable:
+            continue
+        measured = launch(_run_kinds, p, runnable, m, plain, n_layer, act_shape, batch, steps, timeout=600)[0]
         comm, timelines = measured["_comm"], {}
         for row in runnable:
             r, kind = measured[row], row_schedule(row)[0]
@@ -154,12 +195,12 @@ def bench_pipeline(cfg, pp_sizes=(2, 4), kinds=tuple(KINDS), m: int = 8, n_layer
             if row in REFERENCE_ROWS:  # ours between the simulation and PyTorch's, to see where the waits went
                 panels, title = [sim, timelines[kind], timeline], f"{kind} vs {row}: simulated and measured"
             png = plot_timeline(panels, out_dir / f"timeline-{row}-p{p}-m{m}.png",
-                                title=f"{title}, {cfg.model.name} GPT n_layer={n_layer}")
+                                title=f"{title}, {name}, {n_layer} blocks")
             rows.append({"kind": row, "p": p, "v": v, "m": m, "analytic": analytic_bubble(kind, p, m, v),
                          "simulated": sim.bubble_fraction, "sim_at_measured": sim_measured.bubble_fraction,
                          "measured": r["measured"], "step_ms": r["step_ms"], "p2p_ms": 1e3 * comm, "png": str(png)})
-    cores = os.cpu_count()
-    print(f"pipeline schedules: {cfg.model.name} GPT with n_layer={n_layer}, global batch {batches.batch_size}x"
+    cores = cpu_cores()
+    print(f"pipeline schedules: {name} with {n_layer} blocks, global batch {batches.batch_size}x"
           f"{cfg.train.seq_len}, m={m} micro-batches, gloo on CPU, {cores} cores; median of {steps} steps")
     print(f"  {'kind':11s} {'p':>2s} {'v':>2s} {'analytic':>9s} {'simulated':>10s} {'sim@meas':>9s} {'measured':>9s} "
           f"{'step ms':>8s}  target")

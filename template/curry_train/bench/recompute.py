@@ -1,10 +1,14 @@
 """``python -m curry_train bench recompute``: activation memory saved against step time spent.
 
-The configured GPT and batch (``cfg.model``, ``train.batch_size`` x ``train.seq_len``) under no recompute, full,
+The configured model and batch (``user_model``: the GPT or ``model._target_``, ``train.batch_size`` x ``train.seq_len``;
+its ``train.loss`` if named) under no recompute, full,
 selective, and full on every 2nd block. Per mode: bytes kept for backward after the forward and peak bytes over
 forward + backward (``activation_memory``), and the time of one training step (forward, backward, AdamW) as the
 median of per-round ratios to no recompute over ``bench.repeats`` interleaved rounds of ``bench.steps_per_repeat``
 steps after ``bench.burn_in``. Target: full keeps <= 25% of the activations at <= 1.4x the step time.
+Runs on ``device`` (``machine.bench_device``: CUDA when available). ``peak=False`` (``--quick``) skips the peak
+(on CPU its memory timeline is the slow part): ``peak_bytes`` and ``peak_ratio`` are then None.
+A model whose blocks are not found (``primitives.blocks``) is skipped with one line saying why.
 """
 
 from __future__ import annotations
@@ -14,31 +18,59 @@ import statistics
 import time
 
 import torch
+import torch.nn as nn
 
 from ..primitives import activation_memory, apply_recompute
-from .common import MIB, build_model_and_batches, interleaved_rounds, median_ratio, quiet_stderr, train_step
+from ..primitives.blocks import NoBlocksError, find_blocks
+from ..user_model import model_name, n_params
+from .machine import bench_device, synchronize
+from .common import (MIB, build_model_and_batches, interleaved_rounds, median_ratio, quiet_stderr, train_step,
+                     user_loss)
 
 RECOMPUTE_MODES = {"none": None, "full": ("full", 1), "selective": ("selective", 1), "full every 2nd": ("full", 2)}
 
 
-def bench_recompute(cfg) -> dict:
+class _MeanLoss(nn.Module):
+    """``model`` and a user's ``loss_fn(model, (x, y)) -> (loss_sum, n_valid)`` as one module returning the mean
+    loss, so that ``activation_memory`` (which calls a module on a batch) measures that loss's forward."""
+
+    def __init__(self, model: nn.Module, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, x, y):
+        loss_sum, n_valid = self.loss_fn(self.model, (x, y))
+        return loss_sum / n_valid
+
+
+def bench_recompute(cfg, peak: bool = True) -> dict:
+    device = bench_device(cfg)
     base, batches = build_model_and_batches(cfg)
-    x, y = batches.global_batch(0)
+    base.to(device)
+    x, y = (t.to(device) for t in batches.global_batch(0))
     b, t = cfg.bench, cfg.train
+    loss_fn = user_loss(cfg)
+    step_loss = {"loss_fn": loss_fn} if loss_fn is not None else {}
     sides = {}
     for name, spec in RECOMPUTE_MODES.items():
         m = copy.deepcopy(base)
         if spec:
-            apply_recompute(m, spec[0], every_n=spec[1])
+            try:
+                apply_recompute(m, spec[0], every_n=spec[1])
+            except NoBlocksError as e:
+                print(f"recompute: skipped for {model_name(cfg)}: {e}")
+                return {"skipped": str(e), "model": model_name(cfg)}
         sides[name] = {"model": m, "opt": torch.optim.AdamW(m.parameters(), lr=t.lr)}
+        measured, batch = (m, (x, y)) if loss_fn is None else (_MeanLoss(m, loss_fn), {"x": x, "y": y})
         with quiet_stderr():  # the CPU profiler prints two USDT lines per profile on stderr
-            sides[name].update(activation_memory(m, (x, y)))
+            sides[name].update(activation_memory(measured, batch, peak=peak))
 
     def run(name, n):
         s = sides[name]
         t0 = time.perf_counter()
         for _ in range(n):
-            train_step(s["model"], s["opt"], x, y)
+            train_step(s["model"], s["opt"], x, y, **step_loss)
+        synchronize(device)
         return time.perf_counter() - t0
 
     names = list(sides)
@@ -54,18 +86,19 @@ def bench_recompute(cfg) -> dict:
             "activation_bytes": s["activation_bytes"],
             "activation_ratio": s["activation_bytes"] / ref["activation_bytes"],
             "peak_bytes": s["peak_bytes"],
-            "peak_ratio": s["peak_bytes"] / ref["peak_bytes"],
+            "peak_ratio": s["peak_bytes"] / ref["peak_bytes"] if peak else None,
             "step_ms": 1000 * statistics.median(seconds[name]) / b.steps_per_repeat,  # robust to load spikes
             "time_ratio": median_ratio(seconds[name], seconds["none"]),
         })
     full = next(r for r in rows if r["mode"] == "full")
     ok = full["activation_ratio"] <= 0.25 and full["time_ratio"] <= 1.4
-    print(f"recompute on {cfg.model.name} GPT ({cfg.model.n_layer} blocks, d={cfg.model.n_embd}), batch "
+    print(f"recompute on {model_name(cfg)} ({len(find_blocks(base))} blocks, {n_params(base):,} parameters), batch "
           f"{t.batch_size}x{t.seq_len}, fp32, device {x.device}; step (fwd+bwd+AdamW): median over {b.repeats} "
           f"interleaved rounds of {b.steps_per_repeat} steps, ratio = median of per-round ratios to none")
     print(f"  {'mode':15s} {'activations':>12s} {'ratio':>6s} {'peak fwd+bwd':>13s} {'ratio':>6s} {'step':>9s} {'ratio':>6s}")
     for r in rows:
         print(f"  {r['mode']:15s} {r['activation_bytes'] / MIB:8.1f} MiB {r['activation_ratio']:6.3f} "
-              f"{r['peak_bytes'] / MIB:9.1f} MiB {r['peak_ratio']:6.3f} {r['step_ms']:6.1f} ms {r['time_ratio']:6.2f}")
+              + (f"{r['peak_bytes'] / MIB:9.1f} MiB {r['peak_ratio']:6.3f} " if peak else f"{'-':>13s} {'-':>6s} ")
+              + f"{r['step_ms']:6.1f} ms {r['time_ratio']:6.2f}")
     print(f"  target: full keeps <= 25% of activations at <= 1.4x step time: {'PASS' if ok else 'MISS'}")
-    return {"rows": rows, "target_pass": ok, "batch": [t.batch_size, t.seq_len], "model": cfg.model.name}
+    return {"rows": rows, "target_pass": ok, "batch": [t.batch_size, t.seq_len], "model": model_name(cfg)}

@@ -2,8 +2,10 @@
 
 Every key the package reads is declared here with its type and default; ``config.load_config`` composes
 ``conf/config.yaml`` on top of ``Config`` (registered in Hydra's ``ConfigStore`` as ``curry_train_schema``), and
-each ``conf/model/*.yaml`` preset extends ``ModelConfig`` (``model_schema/gpt``). ``config.validate`` checks the
-values. ``python -m curry_train config`` prints every key with its docstring (``field_docs``).
+each GPT preset ``conf/model/{tiny,small}.yaml`` extends ``ModelConfig`` (``model_schema/gpt``); the ``custom``
+preset (the user's own model, ``model._target_=...``) is untyped: its keys are the factory's keyword arguments,
+checked against its signature by ``user_model.check_model``. ``config.validate`` checks the values.
+``python -m curry_train config`` prints every key with its docstring (``field_docs``).
 """
 
 import ast
@@ -85,6 +87,10 @@ class TrainConfig:
     """Recompute every n-th block, > 0 (1 = every block)."""
     compile: bool = False
     """torch.compile each block (after recompute, before sharding)."""
+    loss: Any = None
+    """null = cross-entropy on the model's logits over targets != -100 (model_io.forward_loss_sum); or your loss for a
+    model whose forward is not (idx) -> logits: train.loss._target_=pkg.module.fn, fn(model, (x, y), **kwargs) ->
+    (loss_sum, n_valid), each other train.loss.KEY=VALUE a keyword argument (user_model.py)."""
 
 
 @dataclass
@@ -137,7 +143,7 @@ class BenchConfig:
     """``bench.*``: ``python -m curry_train bench`` (``bench/``)."""
 
     out_dir: str = "bench-results"
-    """Folder for the JSON (and PNG) results."""
+    """Each run writes a new folder OUT_DIR/<timestamp>/ with report.md, report.json and the PNGs."""
     burn_in: int = 3
     """Untimed steps per side before measuring, >= 0."""
     repeats: int = 10
@@ -146,6 +152,9 @@ class BenchConfig:
     """Steps per side per round, > 0."""
     pipeline_batch_size: int = 64
     """Rows of the pipeline bench's global batch, > 0 and a multiple of its micro-batch count."""
+    world_sizes: Optional[List[int]] = None
+    """Rank counts of the sharding and pipeline benches, each >= 2; null = from the machine: powers of two from 2 up
+    to the GPUs (nccl) or CPU cores (gloo), at most 8 GPUs or 4 CPU ranks (2 cores: [2]; 4: [2, 4])."""
 
 
 @dataclass
@@ -153,7 +162,9 @@ class Config:
     """The whole config: ``python -m curry_train config`` prints it."""
 
     model: Any = MISSING
-    """Picked by the defaults list (``model=tiny|small``); typed by the preset's schema."""
+    """The reference GPT of a preset (``model=tiny|small``, typed by its schema), or your own nn.Module:
+    ``model._target_=pkg.module.factory``, each other ``model.KEY=VALUE`` a keyword argument of the factory
+    (preset ``custom``, keys free; ``user_model.py``)."""
     seed: int = 1337
     """Seeds Python, numpy and torch (same initial weights on every rank) and the batch order; in [0, 2**32 - 1]."""
     device: str = "auto"

@@ -1,10 +1,14 @@
 """Training primitives, one module each. They import only torch: plain arguments plus ``from_config``."""
 
+from .blocks import NoBlocksError, find_blocks, require_blocks
 from .checkpoint import Checkpointer
 from .distributed_optimizer import DistributedOptimizer
 from .grad_accum import GradientAccumulation
+from .model_io import count_target_tokens, forward_loss_sum
 from .parallel_state import ParallelState
 from .pipeline import PipelineSchedule
 from .recompute import Recompute, activation_memory, apply_recompute
 
-__all__ = ["Checkpointer", "DistributedOptimizer", "Recompute", "activation_memory", "apply_recompute", "GradientAccumulation", "ParallelState", "PipelineSchedule"]
+__all__ = ["Checkpointer", "DistributedOptimizer", "Recompute", "activation_memory", "apply_recompute",
+           "GradientAccumulation", "count_target_tokens", "forward_loss_sum", "ParallelState", "PipelineSchedule",
+           "find_blocks", "require_blocks", "NoBlocksError"]

@@ -10,6 +10,10 @@ splitting ask "which modules are the blocks?".
 3. Else every outermost ``nn.ModuleList`` / ``nn.ModuleDict`` whose children are two or more modules of one class
    holding parameters, in the order ``named_modules`` visits them.
 
+"One class" looks through in-place re-classing (``block_class``): ``Recompute`` and FSDP2's ``fully_shard`` turn a
+``Block`` into ``Recompute<Block>`` / ``FSDP<Block>``, and a stack where only every n-th block recomputes is still
+found.
+
 ``require_blocks`` raises ``NoBlocksError`` (a ``ValueError``) naming the model's class and how to pass
 ``block_types``, instead of silently treating the whole model as one unit.
 """
@@ -33,12 +37,31 @@ def _get(model: nn.Module, path: str):
     return module
 
 
+def _fsdp_module_class() -> tuple:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed
+        return ()
+    return (FSDPModule,)
+
+
+def block_class(module: nn.Module) -> type:
+    """``module``'s own class, seen through in-place re-classing: ``Recompute`` (classes marked
+    ``_reclasses_in_place``) and FSDP2's ``fully_shard`` make ``Recompute<Block>`` / ``FSDP<Block>`` subclasses,
+    and a half-recomputed stack is still one kind of block."""
+    wrappers = _fsdp_module_class()
+    for cls in type(module).__mro__:
+        if not getattr(cls, "_reclasses_in_place", False) and not (wrappers and issubclass(cls, wrappers)):
+            return cls
+    return type(module)
+
+
 def _homogeneous_children(container) -> list[nn.Module] | None:
     """The children of an ``nn.ModuleList`` / ``nn.ModuleDict`` when they are modules of one class."""
     if not isinstance(container, (nn.ModuleList, nn.ModuleDict)):
         return None
     children = list(container.values()) if isinstance(container, nn.ModuleDict) else list(container)
-    if not children or len({type(c) for c in children}) != 1:
+    if not children or len({block_class(c) for c in children}) != 1:
         return None
     return children
 

@@ -18,8 +18,11 @@ FSDP2's ``shard_grad_op`` is not DeepSpeed's ZeRO-2: parameters are sharded at r
 set is gathered in forward and kept until backward (``reshard_after_forward=False``), which saves the second
 all-gather. Between steps it holds ``16 Psi / N``; from forward to backward ``Psi`` more unsharded params.
 
-``DistributedOptimizer.wrap(model, sharding=...)`` shards every transformer block (the children of each
-``nn.ModuleList``, or ``block_types``), then the root, and builds the optimizer for the wrapped model.
+``DistributedOptimizer.wrap(model, sharding=...)`` shards every transformer block, then the root, and builds the
+optimizer for the wrapped model. Blocks come from ``primitives.blocks.find_blocks`` (the reference GPT, Hugging
+Face ``model.layers`` / ``transformer.h``, torchtitan's ``layers`` ``nn.ModuleDict``, or ``block_types=``); an
+FSDP2 mode on a model where none is found raises ``NoBlocksError`` naming the model class and ``block_types``,
+before any collective, instead of sharding the whole model as one unit (one all-gather of every parameter).
 FSDP2 keeps averaging gradients over the group (like DDP), which ``GradientAccumulation``'s ``T / N`` loss
 divisor relies on. ``memory_report()`` counts the bytes each rank really holds (``DTensor.to_local()``).
 
@@ -38,7 +41,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ._config import config_getter
-from .recompute import transformer_blocks
+from .blocks import NoBlocksError, require_blocks
 
 SHARDINGS = ("no_shard", "zero1", "shard_grad_op", "full")
 ALIASES = {"ddp": "no_shard", "zero1": "zero1", "zero2": "shard_grad_op", "zero3": "full", "fsdp": "full",
@@ -178,6 +181,8 @@ class DistributedOptimizer:
           optimizer step runs there). FSDP2 modes only.
         * ``reshard_after_forward``: overrides the mode's choice for the blocks (True for ``full``, False for
           ``shard_grad_op``; an int reshards to that smaller world size). FSDP2 modes only.
+        * ``block_types``: the block classes FSDP2 shards one unit each (default: ``find_blocks``' discovery);
+          FSDP2 modes raise ``NoBlocksError`` (a ``ValueError``) when no block is found, before any collective.
         * ``optimizer_class(param_groups(model) or model.parameters(), **optimizer_kwargs)`` is built on the
           wrapped model; for ``zero1`` it is wrapped in ``ZeroRedundancyOptimizer``. ``optimizer_class=None``
           builds none: build your own on ``.model`` and hand it to ``shard_optimizer``.
@@ -189,6 +194,9 @@ class DistributedOptimizer:
         sharding, mixed_precision = check_options(sharding, mixed_precision, cpu_offload, reshard_after_forward,
                                                   use_orig_params, backward_prefetch)
         fsdp = sharding in FSDP_MODES
+        blocks = None
+        if fsdp:
+            blocks = require_blocks(model, block_types, purpose=f"sharding={sharding!r} (FSDP2 shards each block)")
         device = next(iter(model.parameters()), torch.zeros(0)).device
         if mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError(f"mixed_precision='bf16' but {torch.cuda.get_device_name(device)} has no bf16 support; "
@@ -208,8 +216,8 @@ class DistributedOptimizer:
                        process_group, mixed_precision, cpu_offload)
 
         if fsdp:
-            wrapped = _fully_shard(model, sharding, mixed_precision, cpu_offload, reshard_after_forward,
-                                   process_group, block_types, device)
+            wrapped = _fully_shard(model, blocks, sharding, mixed_precision, cpu_offload, reshard_after_forward,
+                                   process_group, device)
         else:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -232,6 +240,8 @@ class DistributedOptimizer:
         try:
             return cls.wrap(model, get("sharding", "no_shard"), get("mixed_precision", None),
                             bool(get("cpu_offload", False)), process_group=process_group, **kwargs)
+        except NoBlocksError:
+            raise  # about the model, not a config key
         except ValueError as e:
             raise ValueError(f"parallel.{e}") from None
 
@@ -295,7 +305,7 @@ def _autocast_forward(model: nn.Module, device: torch.device) -> None:
     model.forward = torch.autocast(device_type=device.type, dtype=torch.bfloat16)(model.forward)
 
 
-def _fully_shard(model, sharding, mixed_precision, cpu_offload, reshard_after_forward, group, block_types, device):
+def _fully_shard(model, blocks, sharding, mixed_precision, cpu_offload, reshard_after_forward, group, device):
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -306,7 +316,7 @@ def _fully_shard(model, sharding, mixed_precision, cpu_offload, reshard_after_fo
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     block_reshard = (sharding == "full") if reshard_after_forward is None else reshard_after_forward
     kw = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
-    for block in transformer_blocks(model, block_types):
+    for block in blocks:
         fully_shard(block, reshard_after_forward=block_reshard, **kw)
     # Root (embeddings, final norm, tied head): FSDP2's default for the root is not to reshard after forward,
     # since backward needs it first; under shard_grad_op nothing is resharded after forward.

@@ -74,6 +74,10 @@ class GradientAccumulation:
         ``valid_tokens_per_microbatch``: this rank's K counts (ints or tensors). The sum is all-reduced over
         ``group`` (the data-parallel group; ``None`` = the default group) when torch.distributed is
         initialised: one collective per optimizer step, not per micro-batch.
+
+        Count each micro-batch with ``model_io.count_target_tokens(batch)``: the valid targets exactly as the loss
+        sees them. For Hugging Face ``labels`` (shifted inside the model) a row of ``n`` non-padding labels has
+        ``n - 1`` targets; ``(labels != -100).sum()`` over-counts by one per row and scales the gradient down.
         """
         counts = [int(c) for c in valid_tokens_per_microbatch]
         if len(counts) != self.steps:

@@ -22,21 +22,38 @@ itself run once, hooks on modules *inside* it run twice per step (forward, then 
 Order with other wrappers (torchtitan's): recompute, then ``torch.compile``, then FSDP. ``Recompute`` on a
 block that ``fully_shard`` already wrapped is an error.
 
+Blocks: ``apply_recompute`` asks ``primitives.blocks.find_blocks`` (the reference GPT's ``blocks``, Hugging Face
+``model.layers`` / ``transformer.h``, torchtitan's ``layers`` ``nn.ModuleDict``, or ``block_types=``); a model
+where none is found raises ``NoBlocksError`` naming its class and ``block_types``.
+
+KV cache (Hugging Face decoders, ``use_cache=True`` by default even in training): while a block runs under
+recompute, ``Recompute`` calls it with ``use_cache=False`` and ``past_key_values`` / ``past_key_value`` /
+``layer_past`` set to None, positional or keyword, as HF's own ``GradientCheckpointingLayer`` does; otherwise
+the recompute in backward would append the same keys and values to the cache a second time. The model's
+returned cache is then empty (or None). Blocks with ``_can_checkpoint_with_cache = True`` (cache readers) keep
+their cache argument. Without gradients (generation) nothing is checkpointed and the cache works as usual.
+Do not also turn on HF's ``gradient_checkpointing_enable()``: ``Recompute`` on such a block is an error.
+
 ``activation_memory(model, batch)`` measures what a mode saves: bytes kept for backward at the end of
-forward and the peak over forward + backward (profiler on CPU, ``torch.cuda`` memory stats on GPU).
+forward and the peak over forward + backward (profiler on CPU, ``torch.cuda`` memory stats on GPU). Batches and
+outputs are read by ``primitives.model_io``: a tensor, an ``(x, y)`` pair or a dict of keyword inputs with
+``labels`` / ``targets``; a logits tensor, a ``ModelOutput`` / dict with ``logits`` or a tuple.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from . import model_io
 from ._checks import choice, positive_int
 from ._config import config_get
+from .blocks import require_blocks
 
 MODES = ("full", "selective")
 EVERY_N_NOTE = "(1 = every block)"
@@ -52,6 +69,11 @@ SELECTIVE_SAVE_OPS = {
     _aten._scaled_dot_product_flash_attention.default,
     _aten._scaled_dot_product_cudnn_attention.default,
 }
+
+
+# What a block is called with while it runs under recompute: no KV cache written (see the module docstring).
+CACHE_OFF = {"use_cache": False, "past_key_values": None, "past_key_value": None, "layer_past": None}
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 def _selective_policy(ctx, op, *args, **kwargs):
@@ -78,10 +100,13 @@ class Recompute(nn.Module):
     ``model.blocks[i] = Recompute(model.blocks[i])`` changes no parameter name. ``preserve_rng_state=True``
     replays the forward's RNG state in the recompute, so dropout masks match; set it False only for blocks
     without randomness (it saves a small RNG stash per block). Checkpointing is skipped when gradients are
-    off (``torch.no_grad()``, eval loops) or ``enabled`` is False.
+    off (``torch.no_grad()``, eval loops) or ``enabled`` is False. A checkpointed call writes no KV cache
+    (``CACHE_OFF``, see the module docstring).
     """
 
+    _reclasses_in_place = True  # primitives.blocks.block_class sees through it
     _classes: dict[type, type] = {}
+    _cache_positions: dict[type, dict[str, int]] = {}
 
     def __new__(cls, block: nn.Module | None = None, *args, **kwargs):
         if block is None:  # copy.deepcopy / unpickling build an empty instance, then fill its __dict__
@@ -92,6 +117,11 @@ class Recompute(nn.Module):
             raise ValueError(
                 "Recompute must be applied before fully_shard (order: recompute -> torch.compile -> FSDP); "
                 "this block is already sharded"
+            )
+        if getattr(block, "gradient_checkpointing", False) is True:
+            raise ValueError(
+                f"{type(block).__name__} already runs under Hugging Face gradient checkpointing; use one of the two: "
+                "model.gradient_checkpointing_disable() before Recompute, or no Recompute"
             )
         if not isinstance(block, Recompute):
             base = type(block)
@@ -116,8 +146,31 @@ class Recompute(nn.Module):
             if self.recompute_mode == "selective" else None
         )
         extra = {"context_fn": context_fn} if context_fn is not None else {}
+        args, kwargs = self._cache_off(inner, args, dict(kwargs))
         return checkpoint(inner, *args, use_reentrant=False, preserve_rng_state=self.preserve_rng_state,
                           **extra, **kwargs)
+
+    def _cache_off(self, inner, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """``args``/``kwargs`` with every ``CACHE_OFF`` argument the call passes set to its off value."""
+        positions = Recompute._cache_positions.get(type(self))
+        if positions is None:
+            try:
+                params = list(inspect.signature(inner).parameters.values())
+            except (TypeError, ValueError):  # a forward without an introspectable signature
+                params = []
+            positions = {p.name: i for i, p in enumerate(params) if p.name in CACHE_OFF and p.kind in _POSITIONAL}
+            Recompute._cache_positions[type(self)] = positions
+        keep_cache = getattr(self, "_can_checkpoint_with_cache", False) is True
+        args = list(args)
+        for name, off in CACHE_OFF.items():
+            if keep_cache and name != "use_cache":
+                continue
+            if name in kwargs:
+                kwargs[name] = off
+            i = positions.get(name)
+            if i is not None and i < len(args):
+                args[i] = off
+        return tuple(args), kwargs
 
     @classmethod
     def from_config(cls, cfg, block: nn.Module, key: str = "recompute") -> nn.Module:
@@ -143,47 +196,16 @@ def parse_recompute(value, key: str = "recompute") -> str | None:
     raise ValueError(f"{key} must be false, true (= full) or one of {MODES}; got {value!r}")
 
 
-def transformer_blocks(model: nn.Module, block_types=None) -> list[nn.Module]:
-    """The repeated blocks of ``model``: instances of ``block_types`` if given, else the children of every
-    ``nn.ModuleList`` (``GPT.blocks``, torchtitan's ``layers``) and of an ``nn.ModuleDict`` named ``blocks`` (a
-    pipeline stage's, ``GPTStage.blocks``), outermost first, in order."""
-    if block_types is not None:
-        types = tuple(block_types) if isinstance(block_types, (list, tuple, set)) else (block_types,)
-        found, prefixes = [], []
-        for name, m in model.named_modules():  # pre-order: a block comes before anything inside it
-            if isinstance(m, types) and not any(name.startswith(p + ".") for p in prefixes):
-                found.append(m)
-                prefixes.append(name)
-        return found
-    found = []
-
-    def visit(module):
-        for name, child in module.named_children():
-            if isinstance(child, nn.ModuleList):
-                found.extend(child)
-            elif name == "blocks" and isinstance(child, nn.ModuleDict):
-                found.extend(child.values())
-            else:
-                visit(child)
-
-    visit(model)
-    return found
-
-
 def apply_recompute(model: nn.Module, mode: str | bool = "full", every_n: int = 1, block_types=None,
                     preserve_rng_state: bool = True) -> list[nn.Module]:
     """Checkpoint every ``every_n``-th block of ``model`` (the ``every_n``-th, ``2*every_n``-th, ...; all
-    when 1, as torchtitan's ``ac_freq``). Blocks are found by ``transformer_blocks``. Returns the blocks
+    when 1, as torchtitan's ``ac_freq``). Blocks are found by ``primitives.blocks.find_blocks`` (instances of
+    ``block_types`` when given); none found raises ``NoBlocksError`` (a ``ValueError``). Returns the blocks
     now under recompute. ``mode``: ``"full"``, ``"selective"`` or ``True`` (= full)."""
     mode = "full" if mode is True else mode
     _check_mode(mode)
     every_n = positive_int("every_n", every_n, EVERY_N_NOTE)
-    blocks = transformer_blocks(model, block_types)
-    if not blocks:
-        raise ValueError(
-            f"no blocks to recompute in {type(model).__name__}: it has no nn.ModuleList of blocks; "
-            "pass block_types=(YourBlock,)"
-        )
+    blocks = require_blocks(model, block_types, purpose="recompute")
     chosen = [b for i, b in enumerate(blocks) if (i + 1) % every_n == 0]
     return [Recompute(b, mode=mode, preserve_rng_state=preserve_rng_state) for b in chosen]
 
@@ -204,22 +226,35 @@ def apply_recompute_from_config(model: nn.Module, cfg, key: str = "recompute", e
     return mode
 
 
+def _raw_targets(batch):
+    """The targets as the batch holds them (``y``, ``labels`` or ``targets``, unshifted), or None."""
+    if isinstance(batch, dict):
+        return next((batch[k] for k in model_io.TARGET_KEYS if k in batch), None)
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[1]
+    return None
+
+
 def _forward_loss(model, batch, loss_fn):
-    if isinstance(batch, (tuple, list)):
-        x, y = batch
-        out = model(x)
-        if loss_fn is None:
-            return nn.functional.cross_entropy(out.reshape(-1, out.size(-1)).float(), y.reshape(-1), ignore_index=-100)
-        return loss_fn(out, y)
-    out = model(batch)
-    return out.float().sum() if loss_fn is None else loss_fn(out)
+    targets = _raw_targets(batch)
+    if loss_fn is not None:
+        output = model_io.forward(model, batch)
+        return loss_fn(output) if targets is None else loss_fn(output, targets)
+    if targets is None:
+        return model_io.logits_of(model_io.forward(model, batch)).float().sum()
+    loss_sum, n_valid = model_io.forward_loss_sum(model, batch)
+    return loss_sum / n_valid.clamp(min=1)
 
 
 def activation_memory(model: nn.Module, batch, loss_fn=None, peak: bool = True) -> dict:
     """Bytes the forward pass keeps for backward, and the peak over forward + backward.
 
-    ``batch``: the model input, or ``(inputs, targets)`` (default loss: cross-entropy). ``loss_fn(out)`` or
-    ``loss_fn(out, targets)`` overrides the loss. Gradients are cleared first and again at the end.
+    ``batch``: a tensor (the inputs), an ``(inputs, targets)`` pair, or a dict of keyword inputs with ``labels``
+    (shifted inside, Hugging Face style) or ``targets`` (see ``primitives.model_io``). Default loss: the mean
+    token cross-entropy, ``forward_loss_sum / count`` (the logits' sum for a batch without targets); the model
+    may return logits, a ``ModelOutput`` / dict with ``logits`` or a tuple. ``loss_fn(output)`` (no targets) or
+    ``loss_fn(output, targets)`` (targets as the batch holds them) overrides it, ``output`` being what the model
+    returned. Gradients are cleared first and again at the end.
 
     * CPU: ``activation_bytes`` = ``sum(self_cpu_memory_usage)`` over a forward-only profile (allocations
       minus frees: exactly what is still alive when forward returns, output and loss included);

@@ -3,7 +3,7 @@
 ``PipelineSchedule(kind, n_microbatches, stages, pp_group, loss_fn)`` wraps ``PipelineStage`` and the schedule
 class of ``kind`` (``KINDS``: gpipe, 1f1b, interleaved, looped_bfs, zb, zbv, dualpipev); it does not
 re-implement the runtime. ``stages`` is the list of *all* ``S = p * v`` stage modules (every rank builds the
-same list, e.g. with ``curry_train.model.split_model`` for the reference GPT); each rank keeps the stages it owns:
+same list, e.g. with ``curry_train.stages.split_model``: the reference GPT, HF Llama/GPT-2, torchtitan); each rank keeps the stages it owns:
 
 * loop style (gpipe, 1f1b, interleaved, looped_bfs, zb): rank r holds stages r, r + p, r + 2p, ...
 * V style (zbv, dualpipev): rank r holds r and 2p - 1 - r (rank 0 holds the first *and* the last stage).
