@@ -11,6 +11,7 @@ form of the loop that ``skills/primitive-gradient-accumulation`` points to, test
 
 from __future__ import annotations
 
+import copy
 import os
 import statistics
 import sys
@@ -20,7 +21,7 @@ from contextlib import contextmanager
 import torch
 
 from ..data import build_batches, seed_everything
-from ..loop import accumulate_gradients
+from ..loop import accumulate_gradients, build_optimizer, build_scheduler
 from ..primitives import GradientAccumulation
 from ..primitives.model_io import forward_loss_sum
 from ..user_model import build_loss, build_model
@@ -39,19 +40,32 @@ def user_loss(cfg) -> Callable | None:
     return build_loss(cfg) if cfg.train.loss is not None else None
 
 
-def train_step(model, optimizer, x, y, after_forward: Callable | None = None, loss_fn: Callable = forward_loss_sum):
+def train_step(model, optimizer, x, y, after_forward: Callable | None = None, loss_fn: Callable | None = None):
     """One optimizer step on one batch, normalised as ``train`` normalises (sum of token losses over the valid-token
     count, all-reduced over the ranks when a process group is up). ``loss_fn(model, (x, y)) -> (loss_sum, n_valid)``
     (``user_model.build_loss``). ``after_forward()``, if given, runs between forward and backward (to read what the
     forward left in memory); returns its result."""
     ga = GradientAccumulation(1)
     optimizer.zero_grad(set_to_none=True)
-    loss_sum, n = loss_fn(model, (x, y))
+    loss_sum, n = (loss_fn or forward_loss_sum)(model, (x, y))
     ga.plan([int(n)])  # K = 1: the count the loss saw, all-reduced when a process group is up
     result = after_forward() if after_forward is not None else None
     ga.backward_loss(loss_sum, n, 0).backward()
     optimizer.step()
     return result
+
+
+def training_sides(model, cfg, names: Sequence[str] = ("curry_train", "plain")) -> dict[str, dict]:
+    """One deep copy of ``model`` per side of a side-by-side timing, each with its own AdamW and warmup-cosine
+    schedule from ``cfg.train``: ``{name: {"model", "opt", "sched", "step": 0}}``."""
+    t = cfg.train
+    sides = {}
+    for name in names:
+        m = copy.deepcopy(model)
+        opt = build_optimizer(m, t.lr, t.weight_decay, (t.beta1, t.beta2))
+        sides[name] = {"model": m, "opt": opt, "sched": build_scheduler(opt, t.warmup_steps, t.steps, t.min_lr_ratio),
+                       "step": 0}
+    return sides
 
 
 def interleaved_rounds(run: Callable[[str], float], names: Sequence[str], repeats: int) -> dict[str, list[float]]:

@@ -11,19 +11,18 @@ Target: ratio >= 0.98, the loop costs at most 2% of a step.
 
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
 import torch.nn.functional as F
 
 from ..data import Batches
-from ..loop import build_optimizer, build_scheduler, run_training_steps
+from ..loop import run_training_steps
 from ..model import IGNORE_INDEX
 from ..primitives import GradientAccumulation
 from ..primitives.model_io import logits_of
 from ..user_model import model_name
-from .common import build_model_and_batches, interleaved_rounds, median_ratio, user_loss
+from .common import build_model_and_batches, interleaved_rounds, median_ratio, training_sides, user_loss
 
 
 def _plain_pytorch_steps(model, optimizer, scheduler, batches: Batches, start: int, n: int, grad_clip: float,
@@ -49,22 +48,16 @@ def bench_loop(cfg) -> dict:
     b = cfg.bench
     model, batches = build_model_and_batches(cfg)
     t = cfg.train
-    sides = {}
-    for name in ("curry_train", "plain"):
-        m = copy.deepcopy(model)
-        opt = build_optimizer(m, t.lr, t.weight_decay, (t.beta1, t.beta2))
-        sides[name] = {"model": m, "opt": opt, "sched": build_scheduler(opt, t.warmup_steps, t.steps, t.min_lr_ratio),
-                       "step": 0}
+    sides = training_sides(model, cfg)
     ga = GradientAccumulation(1)
     loss_fn = user_loss(cfg)
-    loop_loss = {"loss_fn": loss_fn} if loss_fn is not None else {}
 
     def run(name, n):
         s = sides[name]
         t0 = time.perf_counter()
         if name == "curry_train":
             run_training_steps(s["model"], s["opt"], s["sched"], batches, ga, s["step"] + n, start_step=s["step"],
-                               grad_clip=t.grad_clip, log_every=0, progress=False, **loop_loss)
+                               grad_clip=t.grad_clip, log_every=0, progress=False, loss_fn=loss_fn)
         else:
             _plain_pytorch_steps(s["model"], s["opt"], s["sched"], batches, s["step"], n, t.grad_clip, loss_fn)
         s["step"] += n

@@ -34,18 +34,17 @@ No pass/fail target: MFU depends on the model's shapes (small matmuls run far be
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..loop import build_optimizer, build_scheduler, run_training_steps
+from ..loop import run_training_steps
 from ..primitives import GradientAccumulation
 from ..primitives.model_io import forward_loss_sum
 from ..user_model import model_name
-from .common import build_model_and_batches, interleaved_rounds, user_loss
+from .common import build_model_and_batches, interleaved_rounds, training_sides, user_loss
 from .machine import bench_device, synchronize
 
 # scaled_dot_product_attention's kernels -> True for a backward
@@ -200,14 +199,8 @@ def bench_mfu(cfg, peak_size: int | None = None, peak_repeats: int = 5, repeats:
         for p in peak.values():
             p.sample()
 
-    sides = {}
-    for name in ("curry_train", "plain"):
-        m = copy.deepcopy(model)
-        opt = build_optimizer(m, t.lr, t.weight_decay, (t.beta1, t.beta2))
-        sides[name] = {"model": m, "opt": opt, "sched": build_scheduler(opt, t.warmup_steps, t.steps, t.min_lr_ratio),
-                       "step": 0}
+    sides = training_sides(model, cfg)
     ga = GradientAccumulation(1)
-    loop_loss = {"loss_fn": custom_loss} if custom_loss is not None else {}
 
     def run(name, steps):
         if name == "peak":  # sampled in every round too: a load spike on a shared machine cannot lower the best
@@ -217,7 +210,7 @@ def bench_mfu(cfg, peak_size: int | None = None, peak_repeats: int = 5, repeats:
         t0 = time.perf_counter()
         if name == "curry_train":
             run_training_steps(s["model"], s["opt"], s["sched"], batches, ga, s["step"] + steps, start_step=s["step"],
-                               device=device, grad_clip=t.grad_clip, log_every=0, progress=False, **loop_loss)
+                               device=device, grad_clip=t.grad_clip, log_every=0, progress=False, loss_fn=custom_loss)
         else:
             _plain_steps(s["model"], s["opt"], s["sched"], batches, device, s["step"], steps, t.grad_clip, loss_fn)
         synchronize(device)

@@ -50,7 +50,6 @@ def bench_recompute(cfg, peak: bool = True) -> dict:
     x, y = (t.to(device) for t in batches.global_batch(0))
     b, t = cfg.bench, cfg.train
     loss_fn = user_loss(cfg)
-    step_loss = {"loss_fn": loss_fn} if loss_fn is not None else {}
     sides = {}
     for name, spec in RECOMPUTE_MODES.items():
         m = copy.deepcopy(base)
@@ -69,7 +68,7 @@ def bench_recompute(cfg, peak: bool = True) -> dict:
         s = sides[name]
         t0 = time.perf_counter()
         for _ in range(n):
-            train_step(s["model"], s["opt"], x, y, **step_loss)
+            train_step(s["model"], s["opt"], x, y, loss_fn=loss_fn)
         synchronize(device)
         return time.perf_counter() - t0
 

@@ -41,7 +41,6 @@ def _sharding_rank(rank, ws, cfg, backend="gloo"):
     model.to(device)
     x, y = (t.to(device) for t in batches.microbatches(0, rank, ws, 1)[0])
     loss_fn = user_loss(cfg)
-    step_loss = {"loss_fn": loss_fn} if loss_fn is not None else {}
     b = cfg.bench
     sides = {}
     for sharding, precision in SHARDING_MODES:
@@ -50,7 +49,7 @@ def _sharding_rank(rank, ws, cfg, backend="gloo"):
 
     def step(key):
         d = sides[key]["d"]
-        return train_step(d.model, d.optimizer, x, y, lambda: d.memory_report()["unsharded_param_bytes"], **step_loss)
+        return train_step(d.model, d.optimizer, x, y, lambda: d.memory_report()["unsharded_param_bytes"], loss_fn=loss_fn)
 
     def timed(key):
         torch.distributed.barrier()
