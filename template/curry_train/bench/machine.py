@@ -49,7 +49,7 @@ def rank_backend(cfg, bench: str = "sharding") -> str:
 def world_sizes(cfg, bench: str = "sharding") -> list[int]:
     """``bench.world_sizes`` if set, else the powers of two in ``[2, min(units, cap)]`` (at least ``[2]``), units =
     GPUs for nccl, CPU cores for gloo."""
-    given = cfg.bench.get("world_sizes") if hasattr(cfg.bench, "get") else None
+    given = cfg.bench.world_sizes
     if given is not None:
         return [int(n) for n in given]
     backend = rank_backend(cfg, bench)
