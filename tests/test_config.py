@@ -80,20 +80,6 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.fixture
-def no_launch(monkeypatch):
-    """Fail loudly if bad input gets as far as a process group or a bench."""
-    import curry_train.bench
-    import curry_train.distributed
-
-    def reached(*args, **kwargs):
-        raise AssertionError("bad input reached init / a bench")
-
-    monkeypatch.setattr(curry_train.distributed, "init_from_env", reached)
-    monkeypatch.setattr(curry_train.bench, "run_benches", reached)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-
-
 @pytest.mark.parametrize("argv,message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
 def test_bad_input_is_one_error_line_before_any_process_group(argv, message, tmp_path, capsys, no_launch):
     (tmp_path / "empty.txt").write_text("")

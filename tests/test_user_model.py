@@ -183,19 +183,6 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.fixture
-def no_launch(monkeypatch):
-    """Fail loudly if bad input gets as far as a process group or a bench."""
-    import curry_train.bench
-    import curry_train.distributed
-
-    def reached(*args, **kwargs):
-        raise AssertionError("bad input reached init / a bench")
-
-    monkeypatch.setattr(curry_train.distributed, "init_from_env", reached)
-    monkeypatch.setattr(curry_train.bench, "run_benches", reached)
-
-
 @pytest.mark.parametrize("argv,message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
 def test_bad_model_is_one_error_line_before_any_process_group(argv, message, capsys, no_launch):
     argv = argv if argv[0] == "bench" else ["train", *argv]
