@@ -99,3 +99,27 @@ def titan_like(n_layer: int = 2, n_embd: int = 64, n_head: int = 4, vocab_size: 
 
 
 FACTORIES = {"llama": tiny_llama, "gpt2": tiny_gpt2, "titan": titan_like}
+
+
+class _Poisoned(nn.Module):
+    """A reference GPT whose forward returns NaN logits on calls ``nan_from`` .. ``nan_from + nan_calls - 1``
+    (counted per instance, 0-based): a diverging step, on demand, for the non-finite guard tests."""
+
+    def __init__(self, inner: nn.Module, nan_from: int, nan_calls: int):
+        super().__init__()
+        self.inner, self.nan_from, self.nan_calls, self.calls = inner, nan_from, nan_calls, 0
+
+    def forward(self, idx):
+        logits = self.inner(idx)
+        call, self.calls = self.calls, self.calls + 1
+        if self.nan_from <= call < self.nan_from + self.nan_calls:
+            logits = logits * float("nan")
+        return logits
+
+
+def poisoned_gpt(nan_from: int = 3, nan_calls: int = 2, n_layer: int = 1, n_embd: int = 32, n_head: int = 2,
+                 block_size: int = 32) -> nn.Module:
+    from curry_train.model import GPT, GPTConfig
+
+    return _Poisoned(GPT(GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, block_size=block_size)),
+                     nan_from, nan_calls)

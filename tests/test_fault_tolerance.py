@@ -1,5 +1,5 @@
 """Multi-process training under ``torchrun``: a SIGKILLed rank with ``--max-restarts 1`` resumes to the
-uninterrupted loss; FSDP2 (``parallel.sharding=full``, async saves), ZeRO-1 and dp x pp checkpoints resume exactly.
+uninterrupted loss, and a truncated shard of the newest checkpoint rolls back to the previous one; FSDP2 (``parallel.sharding=full``, async saves), ZeRO-1 and dp x pp checkpoints resume exactly.
 
 Every run is a real ``torchrun`` subprocess (gloo, a small GPT, 8-12 steps) with a hard timeout; on timeout the
 whole process group (torchrun and its workers) is killed. Rendezvous is c10d on 127.0.0.1.
@@ -70,6 +70,14 @@ def test_killed_rank_restarts_and_resumes_to_the_uninterrupted_loss(tmp_path):
     assert abs(final[11] - reference[11]) <= 1e-6, (final[11], reference[11])
     assert max(abs(final[s] - reference[s]) for s in range(12)) <= 1e-6
     assert sorted(p.name for p in ckpt_dir.iterdir() if p.name.startswith("step-")) == ["step-00000008", "step-00000012"]
+
+    # Rank 1's shard of the newest checkpoint is truncated: both ranks skip it (named) and roll back to step-8.
+    shard = ckpt_dir / "step-00000012" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    rolled, out = _torchrun(tmp_path, "rolled-back", [f"checkpoint.dir={ckpt_dir}", "checkpoint.every=4"])
+    assert "step-00000012 is damaged: __1_0.distcp has" in out and "resumed from" in out and "at step 8" in out
+    assert [m["step"] for m in rolled] == [8, 9, 10, 11]
+    assert abs(rolled[-1]["loss"] - reference[11]) <= 1e-6, (rolled[-1]["loss"], reference[11])
 
 
 def _resume_in_one_process(tmp_path, source_step_dir, name, steps=8):

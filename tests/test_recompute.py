@@ -154,3 +154,12 @@ def test_recompute_bench_reports_what_activation_memory_measures(capsys):
     assert rows["full"]["activation_bytes"] < rows["selective"]["activation_bytes"] < rows["none"]["activation_bytes"]
     assert all(r["step_ms"] > 0 and r["peak_bytes"] > 0 for r in rows.values())
     assert "target: full keeps" in capsys.readouterr().out
+
+
+def test_a_bad_mode_leaves_the_block_untouched():
+    block = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)).blocks[0]
+    before = type(block)
+    with pytest.raises(ValueError, match="mode"):
+        Recompute(block, mode="bad")
+    assert type(block) is before  # not left half-converted (class changed, no recompute_mode)
+    block(torch.randn(1, 4, 32))

@@ -1,3 +1,3 @@
 """curry_train: runnable, tested LLM-training primitives on torch.distributed."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,4 +1,4 @@
-"""Command line: ``python -m curry_train {train,bench,config} [NAME ...] [hydra.overrides=...]``."""
+"""Command line: ``python -m curry_train {train,bench,config,add,scaffold} ...`` (``--help`` on each)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ EPILOG = """examples:
   python -m curry_train bench loop ga model._target_=my_pkg.build           # the benches on your model
   python -m curry_train config train.lr=1e-3                   # print the composed config
   python -m curry_train scaffold ../my-llm                     # new repo with this code, its tests, make test/bench
+  python -m curry_train scaffold --update ../my-llm            # refresh it from this curry_train (edits are kept)
+  python -m curry_train add recompute grad_accum --dest ../their-repo   # copy primitives into an existing repo
 
 Overrides are Hydra syntax (key=value); `python -m curry_train config` lists every key.
 Your model: model._target_=pkg.module.factory is built with hydra.utils.instantiate, every other model.KEY=VALUE a
@@ -35,12 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     Config errors are raised by ``config.load_config`` / ``config.validate`` before any process group starts."""
     from hydra.errors import HydraException
 
+    from .loop import NonFiniteTrainingError
+
     try:
         return _main(argv)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, HydraException) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, HydraException) as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]  # one line, even from a library
         print(f"error: {'; '.join(lines) or type(e).__name__}", file=sys.stderr)
         return 2
+    except NonFiniteTrainingError as e:  # the run diverged: not the input's fault, but no traceback either
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def bench_params(cfg, names: list[str], quick: bool = False) -> dict[str, dict]:
@@ -51,6 +58,37 @@ def bench_params(cfg, names: list[str], quick: bool = False) -> dict[str, dict]:
     return {name: bench_kwargs(cfg, name, quick) for name in names}
 
 
+def _add(args) -> int:
+    from .scaffold.add import add, listing, summary
+
+    if args.list:
+        print(listing())
+        return 0
+    print(summary(add(args.names, args.dest, args.tests, args.force), args.names))
+    return 0
+
+
+def _scaffold(args, parser) -> int:
+    from .scaffold import scaffold, update
+
+    if args.update:
+        if args.name or args.description:
+            parser.error("--name and --description are set when the repo is created; --update keeps them")
+        repo, report = update(args.dest or ".", args.force)
+        print(f"updated {repo}")
+    else:
+        if args.dest is None:
+            parser.error("the folder to create is required (or --update to refresh an existing repo)")
+        repo, report, git_note = scaffold(args.dest, args.name, args.description, args.force, git=not args.no_git)
+        print(f"created {repo} ({git_note})")
+    print("\n".join(report.lines(count_new=not args.update)))
+    for rel, diff in report.diffs.items():
+        print(f"\n--- what this curry-train would change in {rel} (not applied):\n{diff.rstrip()}")
+    if not args.update:
+        print(f"next: cd {repo} && make test")
+    return 0
+
+
 def _main(argv: list[str] | None) -> int:
     from .bench import BENCH_HELP, BENCHES, quick_help
 
@@ -58,7 +96,7 @@ def _main(argv: list[str] | None) -> int:
         prog="python -m curry_train", description="curry_train: LLM-training primitives you can run, test and measure.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,bench,config,scaffold}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,bench,config,add,scaffold}")
     p_train = sub.add_parser("train", help="train the configured model", epilog=EPILOG,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p_train.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.steps=100 model=small")
@@ -76,19 +114,36 @@ def _main(argv: list[str] | None) -> int:
                          help=f"bench names (default: all of {', '.join(BENCHES)}) and Hydra overrides")
     p_config = sub.add_parser("config", help="print the composed config: every key, its value and what it allows")
     p_config.add_argument("overrides", nargs="*")
-    p_scaffold = sub.add_parser("scaffold", help="start a new training repo with this code and its tests")
-    p_scaffold.add_argument("dest", help="folder to create (must be new or empty)")
+    from .scaffold.add import DEFAULT_TESTS, listing
+
+    p_add = sub.add_parser(
+        "add", help="copy primitives (and their tests) into a repository you already have",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"{listing()}\n\nRe-running updates the files you have not edited; edited files are left alone and "
+               "their diff is printed.\ncurry_train/MANIFEST.json records the version and a hash of every copied file.")
+    p_add.add_argument("names", nargs="*", metavar="NAME", help="primitives to copy, or all")
+    p_add.add_argument("--dest", default=".", help="the repository (default: the current folder); the package goes "
+                                                    "to DEST/curry_train/")
+    p_add.add_argument("--tests", help=f"tests folder inside DEST (default: {DEFAULT_TESTS}, or the one used before)")
+    p_add.add_argument("--force", action="store_true",
+                       help="replace edited files (each kept as <file>.orig) and write into a curry_train/ without a manifest")
+    p_add.add_argument("--list", action="store_true", help="list the primitives and exit")
+    p_scaffold = sub.add_parser("scaffold", help="start a new training repo with this code and its tests, or --update one")
+    p_scaffold.add_argument("dest", nargs="?", help="folder to create (new or empty); with --update the repo (default: .)")
+    p_scaffold.add_argument("--update", action="store_true",
+                            help="refresh a scaffolded repo's vendored files; edited ones are kept and their diff printed")
     p_scaffold.add_argument("--name", help="project name (default: the folder name)")
     p_scaffold.add_argument("--description", help="one-line project description for README and pyproject")
-    p_scaffold.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    p_scaffold.add_argument("--force", action="store_true",
+                            help="write into a non-empty folder / replace edited files; each replaced file is kept as "
+                                 "<file>.orig")
+    p_scaffold.add_argument("--no-git", action="store_true", help="no git init and first commit")
     args = parser.parse_args(argv)
 
+    if args.command == "add":
+        return _add(args)
     if args.command == "scaffold":
-        from .scaffold import scaffold
-
-        dest = scaffold(args.dest, args.name, args.description, args.force)
-        print(f"created {dest}\nnext: cd {dest} && make test")
-        return 0
+        return _scaffold(args, p_scaffold)
 
     from .config import load_config, to_yaml, validate, validate_bench
 

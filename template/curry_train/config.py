@@ -198,6 +198,7 @@ def _check_train(t, model: ModelInfo) -> None:
     fraction("train.beta1", t.beta1, include_high=False)
     fraction("train.beta2", t.beta2, include_high=False)
     non_negative_float("train.grad_clip", t.grad_clip, "(0 = no clipping)")
+    positive_int("train.nonfinite_patience", t.nonfinite_patience, "(consecutive non-finite steps that end the run)")
     non_negative_int("train.log_every", t.log_every, "(0 = never)")
     boolean("train.progress", t.progress)
     boolean("train.compile", t.compile)

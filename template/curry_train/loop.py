@@ -134,6 +134,10 @@ def clip_grad_norm(parameters, max_norm: float, pp_group=None, owns=None) -> flo
     return float(norm)
 
 
+class NonFiniteTrainingError(RuntimeError):
+    """``nonfinite_patience`` steps in a row had a NaN/Inf loss or gradient norm: the run cannot go on."""
+
+
 def run_training_steps(
     model,
     optimizer,
@@ -153,6 +157,7 @@ def run_training_steps(
     schedule=None,
     loss_fn=None,
     on_step=None,
+    nonfinite_patience: int = 3,
 ) -> list[dict]:
     """Train from ``start_step`` up to ``steps``; returns one metrics dict per step.
 
@@ -161,10 +166,16 @@ def run_training_steps(
     each optimizer step (checkpointing hooks in here). ``loss_fn``: see ``accumulate_gradients``. ``schedule``: the
     ``PipelineSchedule`` running this rank's stages (``model`` then holds them), or None; ``grad_norm`` is the whole
     model's either way.
+
+    Non-finite guard: when the step's loss or gradient norm is NaN/Inf (both are global, so every rank agrees) the
+    update is not applied: the gradients are dropped, the optimizer does not step (the LR schedule and the data move
+    on), ``metrics["skipped"]`` is True and a line is logged. ``nonfinite_patience`` such steps in a row raise
+    ``NonFiniteTrainingError`` naming the step and the values.
     """
     pp_group, owns = (schedule.group, schedule.owns) if schedule is not None else (None, None)
     model.train()
     history = []
+    bad_in_a_row = bad_total = 0
     bar = tqdm(range(start_step, steps), desc="train", disable=not progress, dynamic_ncols=True, leave=False)
     for step in bar:
         t0 = time.perf_counter()
@@ -174,9 +185,23 @@ def run_training_steps(
         ]
         loss_sum, n_tokens = accumulate_gradients(model, micro, ga, dp_group, schedule, loss_fn)
         norm = clip_grad_norm(model.parameters(), grad_clip, pp_group, owns)
-        optimizer.step()
-        scheduler.step()
         loss, global_tokens = _global_mean_loss(loss_sum, n_tokens, dp_group, device)
+        skipped = not (math.isfinite(loss) and math.isfinite(norm))
+        if skipped:
+            bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
+            optimizer.zero_grad(set_to_none=True)
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                tqdm.write(f"step {step:5d} | non-finite loss {loss} / grad norm {norm}: update skipped "
+                           f"({bad_in_a_row} in a row, {bad_total} in this run)")
+            if bad_in_a_row >= nonfinite_patience:
+                raise NonFiniteTrainingError(
+                    f"step {step}: loss {loss}, grad norm {norm}: {bad_in_a_row} non-finite steps in a row "
+                    f"(train.nonfinite_patience={nonfinite_patience}); no update of these steps was applied or "
+                    "saved. Lower train.lr, raise train.warmup_steps or check the data at these steps")
+        else:
+            bad_in_a_row = 0
+            optimizer.step()
+        scheduler.step()
         dt = time.perf_counter() - t0
         metrics = {
             "step": step,
@@ -185,6 +210,7 @@ def run_training_steps(
             "grad_norm": norm,
             "tokens": global_tokens,
             "tokens_per_s": global_tokens / dt,
+            "skipped": skipped,
         }
         history.append(metrics)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")

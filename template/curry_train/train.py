@@ -66,6 +66,7 @@ def train(cfg) -> list[dict]:
         log_every=t.log_every if rank == 0 else 0, progress=t.progress and rank == 0, schedule=schedule,
         on_step=train_state.step_hook(cfg, ckpt, model, optimizer, scheduler, fault_step),
         loss_fn=build_loss(cfg) if t.loss is not None else None,  # train.loss._target_ (user_model.py)
+        nonfinite_patience=t.nonfinite_patience,
     )
     train_state.finish(ckpt)  # an async save still in flight is waited for and committed
     if rank == 0 and history:

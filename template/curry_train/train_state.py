@@ -6,8 +6,13 @@
 * ``fault_step_from_env()``: the step of ``CURRY_TRAIN_FAULT_AT_STEP`` (None when unset); a bad value is a
   ``ValueError`` before training.
 * ``resume(ckpt, model, optimizer, scheduler, cfg)``: every rank, after the model is parallelized and the
-  optimizer and scheduler built over it; loads ``latest`` into them and returns the step to start from (0 when
-  there is no checkpoint), warning when the data settings differ from the checkpoint's.
+  optimizer and scheduler built over it; loads the newest checkpoint that verifies into them (damaged ones are
+  skipped with a warning naming the file: ``Checkpointer.load``) and returns the step to start from (0 when there
+  is no checkpoint). Honest resume: every setting that differs from the checkpoint's saved config is printed with
+  what happens to it (``RESUME_POLICY``); the optimizer's hyperparameters (``train.lr``, ``weight_decay``,
+  ``beta1``, ``beta2``) are the *current* config's from the resumed step on (the saved optimizer state would
+  otherwise keep the old ones silently), the LR schedule follows the current ``warmup_steps``/``min_lr_ratio``/
+  ``steps``; a checkpoint beyond ``train.steps`` is refused with one line.
 * ``step_hook(...)``: the ``on_step`` callback for ``run_training_steps`` (below).
 * ``finish(ckpt)``: every rank, after the last step; waits for an async save still in flight (an unwaited save
   is lost).
@@ -21,7 +26,8 @@
    JSON line to ``train.metrics_file`` (``attempt`` = torchelastic restart count, so a restarted run's
    repeated steps are visible; the last line per step is the one that counts);
 3. checkpoint: every ``checkpoint.every`` steps and after the last step, ``ckpt.save(step + 1, ...)`` with
-   ``extra = {"data_position": step + 1, ...}``; the data position *is* the step (``data.Batches``).
+   ``extra = {"data_position": step + 1, "config": ...}``; the data position *is* the step (``data.Batches``).
+   A step the non-finite guard skipped is not saved (only states after an applied, finite update are).
 """
 
 from __future__ import annotations
@@ -70,13 +76,62 @@ def restart_count() -> int:
 
 
 def data_extra(cfg, next_step: int) -> dict:
-    """What the data stream needs to continue: the next step, plus the keys that define the batch order."""
-    return {"data_position": next_step, "seed": cfg.seed, "batch_size": cfg.train.batch_size,
-            "seq_len": cfg.train.seq_len}
+    """What resuming needs besides the tensors: the next step (the data stream continues there) and the config."""
+    from omegaconf import OmegaConf
+
+    return {"data_position": next_step, "config": OmegaConf.to_container(cfg, resolve=True)}
+
+
+APPLIED = ("train.lr", "train.weight_decay", "train.beta1", "train.beta2")
+RESUME_POLICY = {  # key prefix -> what a changed value does on resume
+    **{k: "applied from the resumed step (replaces the checkpoint's optimizer value)" for k in APPLIED},
+    "train.warmup_steps": "the LR schedule follows the new value from the resumed step",
+    "train.min_lr_ratio": "the LR schedule follows the new value from the resumed step",
+    "train.steps": "the LR schedule follows the new value from the resumed step",
+    "seed": "the batches after the resumed step differ from the original run's",
+    "data.": "the batches after the resumed step differ from the original run's",
+    "train.batch_size": "the batches after the resumed step differ from the original run's",
+    "train.seq_len": "the batches after the resumed step differ from the original run's",
+    "parallel.": "resharded on load (model, optimizer and step exact)",
+}
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+
+
+def config_changes(saved: dict, cfg) -> list[tuple[str, object, object, str]]:
+    """``(key, saved, now, what happens)`` for every setting that differs from the checkpoint's config."""
+    from omegaconf import OmegaConf
+
+    before, now = _flatten(saved), _flatten(OmegaConf.to_container(cfg, resolve=True))
+    changes = []
+    for key in sorted(set(before) | set(now)):
+        if before.get(key, "<absent>") != now.get(key, "<absent>"):
+            policy = next((v for k, v in RESUME_POLICY.items() if key == k or (k.endswith(".") and key.startswith(k))),
+                          "takes effect from the resumed step")
+            changes.append((key, before.get(key, "<absent>"), now.get(key, "<absent>"), policy))
+    return changes
+
+
+def apply_optimizer_settings(optimizer, scheduler, cfg) -> None:
+    """Put the current ``train.lr``/``weight_decay``/``beta1``/``beta2`` into the loaded optimizer and schedule."""
+    t = cfg.train
+    for i, group in enumerate(optimizer.param_groups):
+        group["initial_lr"] = t.lr
+        if group.get("weight_decay", 0.0):  # the no-decay group (biases, norms) stays at 0
+            group["weight_decay"] = t.weight_decay
+        if "betas" in group:
+            group["betas"] = (t.beta1, t.beta2)
+        group["lr"] = t.lr * scheduler.lr_lambdas[min(i, len(scheduler.lr_lambdas) - 1)](scheduler.last_epoch)
+    scheduler.base_lrs = [t.lr] * len(optimizer.param_groups)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def resume(ckpt: Checkpointer | None, model, optimizer, scheduler, cfg) -> int:
-    """Load ``checkpoint.dir``'s latest complete checkpoint if there is one; return the step to start from."""
+    """Load ``checkpoint.dir``'s newest intact checkpoint if there is one; return the step to start from."""
     if ckpt is None:
         return 0
     meta = ckpt.load(model, optimizer, scheduler)
@@ -84,13 +139,19 @@ def resume(ckpt: Checkpointer | None, model, optimizer, scheduler, cfg) -> int:
         return 0
     extra = meta.get("extra", {})
     start = int(extra.get("data_position", meta["step"]))
+    if start > cfg.train.steps:
+        raise ValueError(f"train.steps={cfg.train.steps} but the checkpoint {meta['path']} is at step {start}: "
+                         f"raise train.steps, or use another checkpoint.dir")
+    apply_optimizer_settings(optimizer, scheduler, cfg)
     if distributed.rank() == 0:
         note = "RNG restored" if meta["rng_restored"] else meta.get("rng_note", "")
-        print(f"resumed from {meta['path']} at step {start} ({note})", flush=True)
-        changed = {k: (extra[k], v) for k, v in data_extra(cfg, start).items() if k in extra and extra[k] != v}
-        if changed:
-            print(f"warning: data settings changed since the checkpoint (saved, now): {changed}; "
-                  f"the batches after step {start} differ from the original run's", flush=True)
+        skipped = "".join(f"; skipped damaged {name} ({reason})" for name, reason in meta["skipped"])
+        print(f"resumed from {meta['path']} at step {start} ({note}){skipped}", flush=True)
+        if "config" not in extra:
+            print("warning: this checkpoint records no config (an older curry_train): changed settings cannot be "
+                  "listed; the optimizer takes the current train.lr/weight_decay/beta1/beta2", flush=True)
+        for key, before, now, policy in config_changes(extra.get("config", {}), cfg) if "config" in extra else []:
+            print(f"resume: {key} changed {before!r} -> {now!r}: {policy}", flush=True)
     return start
 
 
@@ -125,7 +186,7 @@ def step_hook(cfg, ckpt: Checkpointer | None, model, optimizer, scheduler, fault
         if ckpt is not None:
             ckpt.poll()
             done = step + 1
-            if every > 0 and (done % every == 0 or done == total):
+            if every > 0 and (done % every == 0 or done == total) and not metrics.get("skipped"):
                 ckpt.save(done, model, optimizer, scheduler, extra=data_extra(cfg, done))
 
     return on_step

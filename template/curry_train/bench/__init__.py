@@ -10,7 +10,7 @@ Every run writes a new folder ``bench.out_dir/<timestamp>/`` (``report.new_run_d
 ``report.md`` (every table, the machine, the config, the command), ``report.json`` (every number) and the PNGs,
 rewritten after each bench so that a run stopped half way keeps what it measured.
 
-One module per bench (``loop``, ``ga``, ``recompute``, ``sharding``, ``pipeline``, ``checkpoint``, ``mfu``),
+One module per bench (``loop``, ``ga``, ``recompute``, ``sharding``, ``pipeline``, ``checkpoint``, ``mfu``, ``faults``),
 helpers they share in ``common``, device and rank counts in ``machine``, plots in ``plots``, the report in ``report``.
 """
 
@@ -33,6 +33,7 @@ BENCHES = {
     "recompute": "curry_train.bench.recompute:bench_recompute",
     "sharding": "curry_train.bench.sharding:bench_sharding",
     "mfu": "curry_train.bench.mfu:bench_mfu",
+    "faults": "curry_train.bench.faults:bench_faults",
 }
 # name -> what it prints (shown by `python -m curry_train bench --help`)
 BENCH_HELP = {
@@ -46,6 +47,8 @@ BENCH_HELP = {
                 "(target: FSDP2 within 1% of DDP/N)",
     "mfu": "model FLOPs per step (FlopCounterMode) over a torch.mm peak measured in the run: MFU, tokens/s and "
            "step time of the curry_train loop and of a plain PyTorch loop",
+    "faults": "damaged checkpoints (truncated, flipped bytes, garbage or missing metadata, stale pointer) and NaN "
+              "steps, done on purpose: what the resume does, the warning, whether the final loss is the clean run's",
 }
 # `--quick` (what `make bench` runs): config overrides, applied before the user's (which win), and keyword arguments
 # per bench. Fewer rounds and steps, small batches, N = 2 only, three pipeline kinds on a 4-block model.

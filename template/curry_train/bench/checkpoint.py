@@ -6,9 +6,10 @@ hyperparameter of the flattened optimizer state, plus DCP ``.metadata``), which 
 The tied head is stored under both names. The bench sums the file sizes actually written by
 ``Checkpointer.save`` and reports ``(bytes - 12 * params) / entries``.
 
-Time. ``save`` is timed end to end (state dict, DCP write with fsync, rename, ``latest``), median of
+Time. ``save`` is timed end to end (state dict, DCP write with fsync, integrity record, rename, ``latest``), median of
 ``bench.repeats`` saves; ``async_save=True`` is timed twice: until ``save()`` returns (the training stall: staging
-copies the state to CPU memory) and until the background write is committed. ``load`` is timed into a fresh model.
+copies the state to CPU memory) and until the background write is committed. ``load`` is timed into a fresh model,
+its integrity check (``checkpoint_files.verify``: sha256 of every file) on its own too.
 
 Interval (Young 1974, Daly 2006, first order). With blocking save cost ``C``, mean time between failures ``M``
 and restart cost ``R``, checkpointing every ``T`` seconds wastes the fraction ``C/T + (T/2 + R)/M`` of the run
@@ -30,6 +31,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from ..loop import build_optimizer, build_scheduler
 from ..primitives.checkpoint import Checkpointer, step_dirname
+from ..primitives.checkpoint_files import verify
 from ..primitives.model_io import forward_loss_sum
 from ..user_model import VOCAB, build_model, model_name, n_params as count_params
 from .common import user_loss
@@ -94,6 +96,11 @@ def measure(cfg, repeats: int = 5, directory=None) -> dict:
             async_ckpt.wait()
             committed.append(time.perf_counter() - t0)
         assert (Path(tmp) / "async" / step_dirname(repeats) / ".metadata").is_file()
+        verifies = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            assert verify(path) is None
+            verifies.append(time.perf_counter() - t0)
         loads = []
         for _ in range(repeats):
             fresh, fresh_opt, fresh_sched = _trained(cfg, 1)
@@ -106,7 +113,7 @@ def measure(cfg, repeats: int = 5, directory=None) -> dict:
         "bytes_per_param": total / params, "entries": entries,
         "overhead_bytes_per_entry": (total - ADAMW_FP32_BYTES_PER_PARAM * params) / entries, "save_s": save_s, "save_s_all": saves,
         "async_blocking_s": statistics.median(blocking), "async_total_s": statistics.median(committed),
-        "load_s": statistics.median(loads), "write_MB_per_s": total / save_s / 1e6, "repeats": repeats,
+        "load_s": statistics.median(loads), "verify_s": statistics.median(verifies), "write_MB_per_s": total / save_s / 1e6, "repeats": repeats,
     }
 
 
@@ -119,7 +126,8 @@ def bench_checkpoint(cfg, mtbf_hours=(1.0, 24.0), restart_seconds: float = 60.0)
           f"{r['overhead_bytes_per_entry']:.0f} B each)")
     print(f"  save (sync)         {r['save_s'] * 1e3:>12.1f} ms  ({r['write_MB_per_s']:.0f} MB/s end to end)")
     print(f"  save (async) stall  {r['async_blocking_s'] * 1e3:>12.1f} ms, committed after {r['async_total_s'] * 1e3:.1f} ms")
-    print(f"  load                {r['load_s'] * 1e3:>12.1f} ms")
+    print(f"  load                {r['load_s'] * 1e3:>12.1f} ms  (of which verify, sha256 of every file: "
+          f"{r['verify_s'] * 1e3:.1f} ms = {r['bytes'] / r['verify_s'] / 1e6:.0f} MB/s)")
     rows = []
     for hours in mtbf_hours:
         m = hours * 3600.0

@@ -75,6 +75,9 @@ class TrainConfig:
     """AdamW beta2, in [0, 1)."""
     grad_clip: float = 1.0
     """Max global gradient norm, >= 0; 0 disables clipping."""
+    nonfinite_patience: int = 3
+    """A step whose loss or gradient norm is NaN/Inf is skipped (no update; counted and logged); this many in a
+    row end the run with an error, >= 1 (1 = stop at the first)."""
     log_every: int = 10
     """Print a log line every N steps (and after the last), >= 0; 0 = never."""
     progress: bool = True

@@ -7,8 +7,15 @@ Layout of ``dir``::
         meta.json           step, world size, ``extra`` (e.g. the data position), written by rank 0
         scheduler.pt        LR scheduler state, rank 0
         rng-rank0.pt ...    torch / cuda / numpy / python RNG states, one file per rank
+        integrity.json      every other file's size and sha256 (``checkpoint_files``), written last
     latest                  text file naming the newest complete step directory
     .tmp-step-00000020/     a save in progress (or one that crashed: ignored, removed by the next save)
+
+Integrity: ``load`` verifies a checkpoint against its ``integrity.json`` before reading it; on resume a damaged
+one (truncated, flipped bytes, garbage or missing metadata) is skipped with a ``CheckpointWarning`` naming the
+file, for the newest older one that verifies; none left is ``CheckpointDamagedError``, one line listing each.
+A state holding NaN/Inf is never saved (``NonFiniteStateError``). Leftovers of a killed save (``.tmp-*``
+directories, ``latest.tmp-*``) are removed by the next save.
 
 Atomicity: every rank writes into ``.tmp-step-N`` (DCP fsyncs each file, rank 0 writes ``.metadata`` only
 after every rank reported its writes done). Rank 0 then fsyncs the directory, renames it to ``step-N`` and
@@ -35,9 +42,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import shutil
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -51,6 +56,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ._config import config_getter
+from .checkpoint_files import fsync_dir, rng_state, save_fsynced, set_rng_state
+from .checkpoint_files import first_nonfinite, verify, write_description
 
 LATEST = "latest"
 STEP_PREFIX = "step-"
@@ -72,6 +79,23 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint's tensors do not match the model's (different shape, missing or unexpected keys)."""
 
 
+class CheckpointDamagedError(ValueError):
+    """No checkpoint that was asked for (or none of those in ``dir``) passes verification; names each and why."""
+
+
+class NonFiniteStateError(ValueError):
+    """The state to save holds NaN or Inf: it is never written (a checkpoint must be a state worth resuming)."""
+
+
+class CheckpointWarning(UserWarning):
+    """A damaged checkpoint was skipped, a ``latest`` pointer was stale, or an RNG state was missing."""
+
+
+def _warn(message: str) -> None:
+    if _rank() == 0:
+        warnings.warn(message, CheckpointWarning, stacklevel=3)
+
+
 def step_dirname(step: int) -> str:
     return f"{STEP_PREFIX}{step:08d}"
 
@@ -86,42 +110,6 @@ def _rank() -> int:
 
 def _world_size() -> int:
     return dist.get_world_size() if _distributed() else 1
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _save_file(obj, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def rng_state() -> dict:
-    """This process's RNG states: torch CPU, every CUDA device, numpy (if loaded) and python ``random``."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    np = sys.modules.get("numpy")  # primitives import only torch; numpy's state matters only if it is in use
-    if np is not None:
-        state["numpy"] = np.random.get_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    np = sys.modules.get("numpy")
-    if "numpy" in state and np is not None:
-        np.random.set_state(state["numpy"])
 
 
 # Optimizer state flattened to one entry per parameter FQN, hyperparameters included
@@ -225,13 +213,35 @@ class Checkpointer:
 
     def latest_path(self) -> Path | None:
         """The directory ``latest`` names; if that is missing or dangling, the newest complete step directory."""
-        pointer = self.dir / LATEST
-        if pointer.is_file():
-            target = self.dir / pointer.read_text().strip()
-            if (target / ".metadata").is_file() and (target / "meta.json").is_file():
-                return target
+        step, _ = self._pointer()
+        if step is not None and (self.dir / step_dirname(step) / ".metadata").is_file() \
+                and (self.dir / step_dirname(step) / "meta.json").is_file():
+            return self.dir / step_dirname(step)
         steps = self.steps()
         return self.dir / step_dirname(steps[-1]) if steps else None
+
+    def _pointer(self) -> tuple[int | None, str | None]:
+        """The step ``latest`` names (None without a usable pointer) and, for an unusable one, why."""
+        pointer = self.dir / LATEST
+        if not pointer.is_file():
+            return None, None
+        name = pointer.read_text(errors="replace").strip()
+        digits = name[len(STEP_PREFIX):]
+        if name.startswith(STEP_PREFIX) and digits.isdigit() and (self.dir / name).is_dir():
+            return int(digits), None
+        return None, f"{pointer} names {name[:60]!r}, which is not a checkpoint directory"
+
+    def candidates(self) -> list[Path]:
+        """Where a resume looks, newest first: every step directory up to the one ``latest`` names (all of them
+        without a usable pointer; later ones are an abandoned timeline, left from before a rollback), complete or
+        not, so a damaged one is named rather than passed over."""
+        if not self.dir.is_dir():
+            return []
+        found = sorted((int(p.name[len(STEP_PREFIX):]) for p in self.dir.iterdir()
+                        if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX):].isdigit()),
+                       reverse=True)
+        latest, _ = self._pointer()
+        return [self.dir / step_dirname(s) for s in found if latest is None or s <= latest]
 
     # -- save ----------------------------------------------------------------------------------------
     def _ensure_group(self):
@@ -251,26 +261,30 @@ class Checkpointer:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
         extra = dict(extra or {})
-        json.dumps(extra)  # extra must be JSON: fail here, not after half a save
+        try:
+            json.dumps(extra)  # extra must be JSON: fail here, not after half a save
+        except TypeError as e:
+            raise ValueError(f"extra must hold JSON values only (numbers, strings, lists, dicts): {e}") from None
         self.wait()
         group = self._ensure_group()
         rank, world = _rank(), _world_size()
+        state = training_state(model, optimizer)
+        self._refuse_nonfinite(step, state, scheduler)
         tmp, final = self.dir / f"{TMP_PREFIX}{step_dirname(step)}", self.dir / step_dirname(step)
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
             tmp.mkdir(parents=True)
         self._barrier()
-        _save_file(rng_state(), tmp / f"rng-rank{rank}.pt")
+        save_fsynced(rng_state(), tmp / f"rng-rank{rank}.pt")
         if rank == 0:
             if scheduler is not None:
-                _save_file(scheduler.state_dict(), tmp / "scheduler.pt")
+                save_fsynced(scheduler.state_dict(), tmp / "scheduler.pt")
             meta = {"step": step, "world_size": world, "extra": extra, "has_optimizer": optimizer is not None,
                     "has_scheduler": scheduler is not None, "saved_at": time.time()}
             with open(tmp / "meta.json", "w") as f:
                 json.dump(meta, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
-        state = training_state(model, optimizer)
         writer = FileSystemWriter(str(tmp), sync_files=True)
         if self.async_save:
             with _quiet():
@@ -284,9 +298,24 @@ class Checkpointer:
             self._barrier()
         return final
 
+    def _refuse_nonfinite(self, step: int, state: dict, scheduler) -> None:
+        """Raise ``NonFiniteStateError`` on every rank if any rank's state holds NaN/Inf (nothing is written)."""
+        bad = first_nonfinite(state)
+        if bad is None and scheduler is not None:
+            bad = first_nonfinite(scheduler.state_dict(), "scheduler.")
+        if _distributed():
+            everyone = [None] * _world_size()
+            dist.all_gather_object(everyone, bad, group=self._group)
+            bad = next((f"{b} (rank {r})" for r, b in enumerate(everyone) if b is not None), None)
+        if bad is not None:
+            raise NonFiniteStateError(f"not saving step {step}: {bad} holds NaN or Inf. Earlier checkpoints in "
+                                      f"{self.dir} are kept; lower train.lr or check the data")
+
     def _commit(self, tmp: Path, final: Path) -> None:
-        """Rank 0, after every rank's files are written: rename into place, move ``latest``, prune."""
-        _fsync_dir(tmp)
+        """Rank 0, after every rank's files are written: describe them (``integrity.json``), rename into place,
+        move ``latest``, prune."""
+        write_description(tmp)
+        fsync_dir(tmp)
         if final.exists():  # re-saving a step (after a rollback): move the old copy aside first
             old = self.dir / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
             os.replace(final, old)
@@ -294,14 +323,14 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         pointer_tmp = self.dir / f"{LATEST}.tmp-{os.getpid()}"
         with open(pointer_tmp, "w") as f:
             f.write(final.name + "\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(pointer_tmp, self.dir / LATEST)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         self._prune(int(final.name[len(STEP_PREFIX):]))
 
     def _prune(self, latest_step: int) -> None:
@@ -309,9 +338,11 @@ class Checkpointer:
 
         Checkpoints *after* ``latest`` (left over from before a rollback) are never touched.
         """
-        for p in self.dir.iterdir():
+        for p in self.dir.iterdir():  # what killed saves leave behind: temporary dirs, pointer and probe files
             if p.name.startswith(TMP_PREFIX) and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
+            elif p.is_file() and (p.name.startswith(f"{LATEST}.tmp-") or p.name.startswith(".write-test-")):
+                p.unlink(missing_ok=True)
         if self.keep_last == 0:
             return
         older = [s for s in self.steps() if s <= latest_step]
@@ -342,23 +373,64 @@ class Checkpointer:
         self.wait()
 
     # -- load ----------------------------------------------------------------------------------------
-    def load(self, model, optimizer=None, scheduler=None, path=None, restore_rng: bool = True) -> dict | None:
-        """Load ``path`` (default: ``latest``) into model/optimizer/scheduler; returns its ``meta`` or None if none.
+    def verify(self, path) -> str | None:
+        """``checkpoint_files.verify`` run by rank 0, its verdict shared with every rank (``None`` = intact)."""
+        verdict = [verify(Path(path)) if _rank() == 0 else None]
+        if _distributed():
+            dist.broadcast_object_list(verdict, src=0, group=self._group if self._group_ready else None)
+        return verdict[0]
 
-        ``meta`` gains ``path`` and ``rng_restored`` (False with ``rng_note`` when the world size changed).
+    def load(self, model, optimizer=None, scheduler=None, path=None, restore_rng: bool = True) -> dict | None:
+        """Load ``path`` (default: the newest checkpoint that verifies) into model/optimizer/scheduler; returns its
+        ``meta``, or None when ``dir`` holds no checkpoint at all.
+
+        Without ``path``: ``latest`` first, then older checkpoints, newest first. A checkpoint that fails
+        verification (``checkpoint_files``) or whose files cannot be read is skipped with a
+        ``CheckpointWarning`` naming the file and what is wrong; if none is left, ``CheckpointDamagedError``
+        lists every one tried. With ``path``: that checkpoint or ``CheckpointDamagedError``. A model of another
+        shape is ``CheckpointMismatchError`` (nothing loaded), never a fallback. ``meta`` gains ``path``,
+        ``skipped`` (``[(name, reason)]``) and ``rng_restored`` (False with ``rng_note`` saying why).
         """
         self.wait()
-        path = Path(path) if path is not None else self.latest_path()
-        if path is None:
+        if path is not None:
+            tried = [Path(path)]
+        else:
+            tried = self.candidates()
+            _, problem = self._pointer()
+            if problem:
+                _warn(f"{problem}; looking at the step directories instead")
+        if not tried:
             return None
-        if not (path / ".metadata").is_file() or not (path / "meta.json").is_file():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no .metadata / meta.json)")
+        skipped = []
+        for candidate in tried:
+            reason = self.verify(candidate)
+            if reason is None:
+                try:
+                    meta = self._load_one(candidate, model, optimizer, scheduler, restore_rng)
+                except CheckpointMismatchError:
+                    raise
+                except Exception as e:  # unreadable although it verified (an older checkpoint without integrity.json)
+                    reason = f"loading failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+            if reason is not None:
+                skipped.append((candidate.name, reason))
+                if path is None:  # an explicit path is one error below, not a warning too
+                    later = " trying an older one" if candidate != tried[-1] else ""
+                    _warn(f"checkpoint {candidate} is damaged: {reason}.{later}")
+                continue
+            meta["skipped"] = skipped
+            return meta
+        raise CheckpointDamagedError(f"no usable checkpoint in {self.dir}: " +
+                                     "; ".join(f"{name}: {reason}" for name, reason in skipped))
+
+    def _load_one(self, path: Path, model, optimizer, scheduler, restore_rng: bool) -> dict:
         reader = FileSystemReader(str(path))
         state = training_state(model, optimizer)
         check_compatible(reader.read_metadata(), state["model"], path)
         meta = json.loads((path / "meta.json").read_text())
         if optimizer is not None and not meta.get("has_optimizer", True):
-            raise ValueError(f"checkpoint {path} holds no optimizer state; load it with optimizer=None")
+            raise CheckpointMismatchError(f"checkpoint {path} holds no optimizer state; load it with optimizer=None")
+        if scheduler is not None and not (path / "scheduler.pt").is_file():
+            raise CheckpointMismatchError(f"checkpoint {path} holds no LR scheduler state; load it with scheduler=None")
         with _quiet():
             dcp.load(state, storage_reader=reader, process_group=self._group if self._group_ready else None,
                      no_dist=not _distributed())
@@ -371,10 +443,7 @@ class Checkpointer:
             if inner is not None:
                 type(optimizer)._sync_param_groups(inner.param_groups, optimizer.param_groups)
         if scheduler is not None:
-            sched_file = path / "scheduler.pt"
-            if not sched_file.is_file():
-                raise ValueError(f"checkpoint {path} holds no LR scheduler state; load it with scheduler=None")
-            scheduler.load_state_dict(torch.load(sched_file, weights_only=False))
+            scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
         meta["path"] = str(path)
         meta["rng_restored"] = False
         rng_file = path / f"rng-rank{_rank()}.pt"
@@ -386,5 +455,9 @@ class Checkpointer:
         elif rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=False))
             meta["rng_restored"] = True
+        else:
+            meta["rng_note"] = (f"{rng_file.name} is missing: this rank's RNG state is not restored, so dropout masks "
+                                "and other random draws differ from the original run (model, optimizer and step are "
+                                "exact)")
+            warnings.warn(f"checkpoint {path}: {meta['rng_note']}", CheckpointWarning, stacklevel=3)
         return meta
-

@@ -113,6 +113,7 @@ class Recompute(nn.Module):
             return super().__new__(cls)
         if not isinstance(block, nn.Module):
             raise ValueError(f"Recompute needs an nn.Module block, got {type(block).__name__}")
+        _check_mode(kwargs.get("mode", args[1] if len(args) > 1 else "full"))  # before the block's class changes
         if _fsdp_module_class() and isinstance(block, _fsdp_module_class()):
             raise ValueError(
                 "Recompute must be applied before fully_shard (order: recompute -> torch.compile -> FSDP); "

@@ -1,0 +1,153 @@
+"""A checkpoint's own files: fsynced writes, per-rank RNG states, and the record of what a complete one holds.
+
+``save_fsynced`` / ``fsync_dir``: data and directory entries on disk before anything points at them.
+``rng_state`` / ``set_rng_state``: torch (CPU and every CUDA device), numpy if loaded, python ``random``.
+
+``integrity.json`` in a checkpoint directory lists every other file with its size and sha256. It is written (and
+fsynced) by rank 0 after every rank's files are in the temporary directory and *before* the rename that makes the
+checkpoint visible, so a visible checkpoint always carries the description of its complete self.
+``verify(path)`` re-reads the files and returns ``None`` (intact) or one line naming the first problem: a missing
+file, a size or checksum that differs (expected vs found), unreadable JSON. Hashing reads every byte once
+(about as long as reading the checkpoint back; the checkpoint bench reports it).
+
+Checkpoints written before this file existed have no ``integrity.json``: they are checked for their required
+files only (``.metadata``, ``meta.json``), and a load that still fails on them is reported the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_fsynced(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def rng_state() -> dict:
+    """This process's RNG states: torch CPU, every CUDA device, numpy (if loaded) and python ``random``."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    np = sys.modules.get("numpy")  # primitives import only torch; numpy's state matters only if it is in use
+    if np is not None:
+        state["numpy"] = np.random.get_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np = sys.modules.get("numpy")
+    if "numpy" in state and np is not None:
+        np.random.set_state(state["numpy"])
+
+
+INTEGRITY = "integrity.json"
+REQUIRED = (".metadata", "meta.json")
+CHUNK = 1 << 20
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def describe(directory: Path) -> dict:
+    """``{"files": {name: {"size", "sha256"}}}`` for every file in ``directory`` (recursively), except itself."""
+    files = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.name != INTEGRITY:
+            files[p.relative_to(directory).as_posix()] = {"size": p.stat().st_size, "sha256": file_digest(p)}
+    return {"format": 1, "files": files}
+
+
+def write_description(directory: Path) -> None:
+    """Write ``integrity.json`` for ``directory`` and fsync it (call before the directory is renamed into place)."""
+    path = directory / INTEGRITY
+    with open(path, "w") as f:
+        json.dump(describe(directory), f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify(directory: Path) -> str | None:
+    """``None`` if ``directory`` is an intact checkpoint, else the first problem found, as one line."""
+    for name in REQUIRED:
+        if not (directory / name).is_file():
+            return f"{name} is missing"
+    try:
+        json.loads((directory / "meta.json").read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"meta.json is not valid JSON ({e})"
+    record = directory / INTEGRITY
+    if not record.is_file():
+        return None  # an older checkpoint: nothing more to compare against
+    try:
+        files = json.loads(record.read_text())["files"]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+        return f"{INTEGRITY} is unreadable ({e})"
+    for name, want in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != want["size"]:
+            return f"{name} has {size} bytes, expected {want['size']}"
+        digest = file_digest(path)
+        if digest != want["sha256"]:
+            return f"{name} has sha256 {digest[:12]}..., expected {want['sha256'][:12]}... (same size: bytes changed)"
+    return None
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """A finite sum means every element is finite (one NaN or Inf makes it NaN/Inf): one cheap reduction, and the
+    exact element-wise test only when the sum is not finite (it may merely have overflowed)."""
+    return bool(torch.isfinite(t.sum())) or not bool(t.isnan().any() or t.isinf().any())
+
+
+def first_nonfinite(state, prefix: str = "") -> str | None:
+    """The key of the first floating-point tensor in a (nested) state dict holding NaN or Inf, else ``None``.
+    DTensor shards are checked locally: call it on every rank and combine the answers."""
+    if isinstance(state, dict):
+        items = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        items = ()
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, torch.Tensor):
+            local = value.to_local() if hasattr(value, "to_local") else value
+            if local.is_floating_point() and local.numel() and not _all_finite(local):
+                return name
+        elif isinstance(value, float) and not math.isfinite(value):
+            return name
+        elif isinstance(value, (dict, list, tuple)):
+            found = first_nonfinite(value, f"{name}.")
+            if found is not None:
+                return found
+    return None

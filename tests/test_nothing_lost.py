@@ -1,0 +1,206 @@
+"""Nothing lost, nothing silently wrong: damaged checkpoints are skipped (named, with a warning) for the newest intact
+one, non-finite steps are never applied or saved, and a resume prints every changed setting and what it does.
+
+One process, in-process ``main([...])`` runs on a tiny GPT (the torchrun case is in test_fault_tolerance.py)."""
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from curry_train.__main__ import main
+from curry_train.loop import warmup_cosine
+from curry_train.model import GPT, GPTConfig
+from curry_train.primitives.checkpoint import (
+    Checkpointer, CheckpointWarning, NonFiniteStateError, step_dirname,
+)
+from curry_train.primitives.checkpoint_files import INTEGRITY, verify
+
+TINY = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "train.seq_len=32", "train.batch_size=4",
+        "train.progress=false", "train.log_every=0", "train.warmup_steps=2"]
+
+
+def run(tmp_path: Path, name: str, *overrides: str, ckpt: Path | None = None, steps: int = 10) -> tuple[int, list]:
+    """``main(["train", ...])`` with checkpoints every 5 steps; returns the exit code and the metrics lines."""
+    metrics = tmp_path / f"{name}.jsonl"
+    args = ["train", *TINY, f"train.steps={steps}", f"train.metrics_file={metrics}", "checkpoint.every=5",
+            f"checkpoint.dir={ckpt or tmp_path / 'ckpt'}", *overrides]
+    code = main(args)
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    return code, lines
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory):
+    """One uninterrupted 10-step run with checkpoints at 5 and 10: the reference every damaged resume rolls back to."""
+    tmp = tmp_path_factory.mktemp("original")
+    code, lines = run(tmp, "original", "checkpoint.keep_last=0")
+    assert code == 0 and len(lines) == 10
+    return tmp / "ckpt", lines
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4000] = bytes(b ^ 0xFF for b in data[middle:middle + 4000])
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated shard": ("__0_0.distcp", truncate, "has"),
+    "flipped bytes": ("__0_0.distcp", flip, "sha256"),
+    "garbage metadata": (".metadata", lambda p: p.write_bytes(b"\x00garbage" * 10), ".metadata"),
+    "missing metadata": (".metadata", Path.unlink, ".metadata"),
+    "missing meta.json": ("meta.json", Path.unlink, "meta.json is missing"),
+    "garbage meta.json": ("meta.json", lambda p: p.write_text("{not json"), "meta.json is not valid JSON"),
+    "missing integrity record": (INTEGRITY, lambda p: p.write_text("[]"), INTEGRITY),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one(case, original, tmp_path, capsys):
+    source, lines = original
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(source, ckpt)
+    name, damage, says = DAMAGE[case]
+    damage(ckpt / step_dirname(10) / name)
+    assert verify(ckpt / step_dirname(10)) is not None and verify(ckpt / step_dirname(5)) is None
+    with pytest.warns(CheckpointWarning, match=f"{step_dirname(10)} is damaged: .*{says}"):
+        code, resumed = run(tmp_path, "resumed", "checkpoint.keep_last=0", ckpt=ckpt)
+    out = capsys.readouterr().out
+    assert code == 0 and f"resumed from {ckpt / step_dirname(5)} at step 5" in out and "skipped damaged" in out
+    assert [m["step"] for m in resumed] == list(range(5, 10))
+    assert resumed[-1]["loss"] == lines[-1]["loss"]  # rolled back to step 5, then exactly the original run
+    assert verify(ckpt / step_dirname(10)) is None  # re-saved intact
+
+
+def test_no_intact_checkpoint_is_one_error_listing_what_was_tried(original, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(original[0], ckpt)
+    truncate(ckpt / step_dirname(10) / "__0_0.distcp")
+    (ckpt / step_dirname(5) / "meta.json").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CheckpointWarning)
+        code, _ = run(tmp_path, "none", ckpt=ckpt)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0
+    assert err.startswith("error: no usable checkpoint in") and step_dirname(10) in err and step_dirname(5) in err
+
+
+def test_a_stale_latest_pointer_warns_and_leftovers_are_cleaned(original, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(original[0], ckpt)
+    (ckpt / "latest").write_text("step-00000099\n")
+    (ckpt / "latest.tmp-12345").write_text("step-00000010\n")  # a kill between write and rename
+    (ckpt / ".tmp-step-00000015").mkdir()
+    with pytest.warns(CheckpointWarning, match="names 'step-00000099', which is not a checkpoint directory"):
+        code, resumed = run(tmp_path, "pointer", ckpt=ckpt, steps=15)
+    assert code == 0 and resumed[0]["step"] == 10  # the newest intact step directory
+    assert not (ckpt / "latest.tmp-12345").exists() and not (ckpt / ".tmp-step-00000015").exists()
+    assert (ckpt / "latest").read_text().strip() == step_dirname(15)
+
+
+def test_a_missing_rng_file_is_a_warning_naming_what_differs(original, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(original[0], ckpt)
+    (ckpt / step_dirname(10) / "rng-rank0.pt").unlink()
+    (ckpt / step_dirname(10) / INTEGRITY).unlink()  # else it is (rightly) a damaged checkpoint
+    with pytest.warns(CheckpointWarning, match="rng-rank0.pt is missing.*dropout masks"):
+        meta = Checkpointer(ckpt).load(GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2)))
+    assert meta["rng_restored"] is False and meta["step"] == 10
+
+
+# ---- the non-finite guard -----------------------------------------------------------------------------------------
+
+POISON = ["model._target_=foreign_models.poisoned_gpt", "model.block_size=32"]
+
+
+def test_a_few_non_finite_steps_are_skipped_never_saved_and_the_run_goes_on(tmp_path, capsys):
+    code, lines = run(tmp_path, "poison", *POISON, "model.nan_from=5", "model.nan_calls=2", "checkpoint.every=1",
+                      "checkpoint.keep_last=0")
+    assert code == 0, capsys.readouterr().err
+    assert [m["step"] for m in lines if m["skipped"]] == [5, 6]
+    assert all(m["loss"] == m["loss"] for m in lines if not m["skipped"])  # no NaN elsewhere
+    assert "update skipped (2 in a row, 2 in this run)" in capsys.readouterr().out
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    assert ckpt.steps() == [1, 2, 3, 4, 5, 8, 9, 10]  # after steps 5 and 6 (0-based) nothing was saved
+
+
+def test_persistent_non_finite_steps_end_the_run_and_keep_the_last_finite_checkpoint(tmp_path, capsys):
+    code, lines = run(tmp_path, "diverged", *POISON, "model.nan_from=6", "model.nan_calls=100", "checkpoint.every=1",
+                      "checkpoint.keep_last=2", "train.nonfinite_patience=3")
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert "error: step 8: loss nan" in err and "3 non-finite steps in a row" in err
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    assert ckpt.steps() == [5, 6] and ckpt.latest_path().name == step_dirname(6)  # the last good state survives
+    assert [m["step"] for m in lines if m["skipped"]] == [6, 7]  # the third ends the run before its metrics
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path):
+    model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=32))
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(1, model)
+    with torch.no_grad():
+        model.blocks[0].attn.proj.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteStateError, match=r"not saving step 2: model\.blocks\.0\.attn\.proj\.weight holds NaN"):
+        ckpt.save(2, model)
+    assert ckpt.steps() == [1] and sorted(p.name for p in tmp_path.iterdir()) == ["latest", step_dirname(1)]
+
+
+# ---- honest resume ------------------------------------------------------------------------------------------------
+
+def test_resume_prints_every_changed_setting_and_applies_the_new_lr(original, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(original[0], ckpt)
+    code, resumed = run(tmp_path, "lr", "train.lr=1e-05", "seed=7", ckpt=ckpt, steps=14)
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "resume: train.lr changed 0.003 -> 1e-05: applied from the resumed step" in out
+    assert "resume: train.steps changed 10 -> 14: the LR schedule follows" in out
+    assert "resume: seed changed 1337 -> 7: the batches after the resumed step differ" in out
+    # the LR the optimizer used at each resumed step: the new peak on the (new) schedule
+    for m in resumed:
+        assert m["lr"] == pytest.approx(1e-5 * warmup_cosine(m["step"] + 1, 2, 14, 0.1), rel=1e-12)
+
+
+def test_a_checkpoint_beyond_train_steps_is_refused(original, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(original[0], ckpt)
+    code, _ = run(tmp_path, "short", ckpt=ckpt, steps=4)
+    err = capsys.readouterr().err
+    assert code == 2 and "train.steps=4 but the checkpoint" in err and "is at step 10" in err
+
+
+def test_the_guard_setting_is_checked_before_anything_runs(tmp_path, capsys, no_launch):
+    assert main(["train", "train.nonfinite_patience=0"]) == 2
+    assert "train.nonfinite_patience must be a positive integer" in capsys.readouterr().err
+
+
+def test_the_faults_bench_reproduces_the_guarantees_table(capsys):
+    """`bench faults` (the table the dcp skill page shows): every damaged copy resumes from the previous checkpoint and
+    ends on the clean run's loss bit for bit; everything damaged is one error; NaN steps are skipped, then stop."""
+    from curry_train.bench.faults import DAMAGE, bench_faults
+    from curry_train.config import load_config
+
+    cfg = load_config([*TINY[:5], "train.batch_size=2"])
+    result = bench_faults(cfg, steps=7, every=3)
+    rows = {r["case"]: r for r in result["rows"]}
+    for case in DAMAGE:
+        if case == "everything damaged":
+            assert rows[case]["outcome"].startswith("error, exit 2: no usable checkpoint")
+        else:
+            assert rows[case]["same_final_loss"] is True, rows[case]
+            expected = 6 if case in ("stale latest pointer", "leftover temporaries of a killed save") else 3
+            assert rows[case]["outcome"] == f"resumed from step {expected}; no leftovers", rows[case]
+    assert rows["NaN loss at steps 3, 4 (patience 3)"]["outcome"] == "completed; skipped steps [3, 4]"
+    assert rows["NaN loss from step 4 on (patience 3)"]["outcome"] == "stopped, exit 1: step 6"
+    assert rows["save a NaN parameter"]["outcome"].startswith("refused: not saving step 1")
+    assert "| truncated shard | resumed from step 3" in capsys.readouterr().out
