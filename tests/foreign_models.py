@@ -64,12 +64,12 @@ class TitanBlock(nn.Module):
         self.w2 = nn.Linear(2 * dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, attention_masks=None) -> torch.Tensor:
-        B, T, D = x.shape
         h = self.attention_norm(x)
-        q, k, v = (w(h).view(B, T, self.n_heads, self.head_dim) for w in (self.wq, self.wk, self.wv))
+        B, T, _ = h.shape  # as torchtitan: heads inferred (-1), so a tensor-parallel rank runs its local heads
+        q, k, v = (w(h).view(B, T, -1, self.head_dim) for w in (self.wq, self.wk, self.wv))
         q, k = _apply_rope(q, freqs_cis), _apply_rope(k, freqs_cis)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        x = x + self.wo(y.transpose(1, 2).reshape(B, T, D))
+        x = x + self.wo(y.transpose(1, 2).reshape(B, T, -1))
         h = self.ffn_norm(x)
         return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
 

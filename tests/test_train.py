@@ -51,7 +51,7 @@ def test_hydra_overrides_and_model_group():
 
 
 def test_unknown_model_lists_the_choices():
-    with pytest.raises(ValueError, match=r"^model=nope is not a model preset; choose from small, tiny \(or your own: model._target_="):
+    with pytest.raises(ValueError, match=r"^model=nope is not a model preset; choose from moe, small, tiny \(or your own: model._target_="):
         load_config(["model=nope"])
 
 

@@ -169,7 +169,7 @@ BAD_INPUTS = [
     (["model._target_=test_user_model.nano_gpt"], "model(x) on x of shape (1, 2) returned logits of shape (1, 1, 256)"),
     (["model=tiny", LLAMA], "model._target_ names your own model, which replaces the GPT presets: drop model=tiny"),
     (["model=custom"], "model._target_ has no value (???); set it, e.g. model._target_=..."),
-    (["model=nope"], "model=nope is not a model preset; choose from small, tiny (or your own: model._target_="),
+    (["model=nope"], "model=nope is not a model preset; choose from moe, small, tiny (or your own: model._target_="),
     (["model._target_=test_user_model.nano_gpt", "train.loss._target_=test_user_model.nano_loss"],
      "train.loss._target_=test_user_model.nano_loss cannot be called with train.loss.* = {}: missing a required "
      "argument: 'ignore_index'; it takes nano_loss(model, batch, ignore_index)"),

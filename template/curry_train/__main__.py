@@ -1,4 +1,4 @@
-"""Command line: ``python -m curry_train {train,bench,config,add,scaffold} ...`` (``--help`` on each)."""
+"""Command line: ``python -m curry_train {train,bench,config,add,scaffold,preflight,lr-range} ...`` (``--help`` on each)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ EPILOG = """examples:
   python -m curry_train train model._target_=my_pkg.build train.loss._target_=my_pkg.loss   # ... and your loss
   python -m curry_train bench loop ga model._target_=my_pkg.build           # the benches on your model
   python -m curry_train config train.lr=1e-3                   # print the composed config
+  python -m curry_train preflight model=small                  # sanity checks before a long run (exit 1 on a fail)
+  python -m curry_train lr-range --plot lr.png                 # LR range test: the suggested LR and its plot
   python -m curry_train scaffold ../my-llm                     # new repo with this code, its tests, make test/bench
   python -m curry_train scaffold --update ../my-llm            # refresh it from this curry_train (edits are kept)
   python -m curry_train add recompute grad_accum --dest ../their-repo   # copy primitives into an existing repo
@@ -89,14 +91,31 @@ def _scaffold(args, parser) -> int:
     return 0
 
 
+WORKFLOW = {  # subcommands with their own argument parsing (workflow/): name -> (module, function)
+    "preflight": ("preflight", "preflight_main"),
+    "lr-range": ("lr_range", "lr_range_main"),
+}
+
+
 def _main(argv: list[str] | None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] and argv[0] in WORKFLOW:
+        import importlib
+
+        module, fn = WORKFLOW[argv[0]]
+        return getattr(importlib.import_module(f".workflow.{module}", __package__), fn)(argv[1:])
     from .bench import BENCH_HELP, BENCHES, quick_help
 
     parser = argparse.ArgumentParser(
         prog="python -m curry_train", description="curry_train: LLM-training primitives you can run, test and measure.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,bench,config,add,scaffold}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{train,bench,config,add,scaffold,preflight,lr-range}")
+    sub.add_parser("preflight", help="checks before a long run: initial loss, gradients, NaN, overfit one batch, "
+                                     "causality (workflow/preflight.py; preflight --help)")
+    sub.add_parser("lr-range", help="exponential LR sweep and a suggested LR with its plot (workflow/lr_range.py; "
+                                    "lr-range --help)")
     p_train = sub.add_parser("train", help="train the configured model", epilog=EPILOG,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p_train.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.steps=100 model=small")

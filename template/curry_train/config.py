@@ -46,7 +46,8 @@ from .primitives.parallel_state import ParallelState
 from .primitives.pipeline.schedule import layer_split
 from .primitives.pipeline.sim import check_schedule, default_stages_per_rank, normalize_kind
 from .primitives.recompute import check_recompute_config, parse_recompute
-from .user_model import USER_PRESET, ModelInfo, check_model, user_overrides, user_target
+from .primitives.tensor_parallel import check_tensor_parallel, tp_layout
+from .user_model import USER_PRESET, ModelInfo, build_model, check_model, user_overrides, user_target
 
 CONF_DIR = Path(__file__).parent / "conf"
 DEVICES = ("auto", "cpu", "cuda")
@@ -255,13 +256,16 @@ def _check_bench(b) -> None:
 
 def _check_parallel(cfg, world_size: int, n_layer: int) -> None:
     p = cfg.parallel
-    for dim, what in (("tp", "tensor parallelism"), ("cp", "context parallelism")):
-        if positive_int(f"parallel.{dim}", p[dim]) > 1:
-            raise ValueError(f"parallel.{dim}={p[dim]} > 1 ({what}) is not implemented yet; use parallel.{dim}=1 "
-                             "(the rank grid only reserves the dim)")
     dp = data_parallel_size(cfg, world_size)
+    check_context_parallel_config(cfg)
+    if user_target(cfg.model) is None and cfg.model.moe_experts:
+        for key, size in (("pp", p.pp), ("tp", p.tp)):
+            if size > 1:
+                raise ValueError(f"model.moe_experts={cfg.model.moe_experts} with parallel.{key}={size} is not supported "
+                                 f"yet (a mixture of experts trains with dp, FSDP2 and cp); use parallel.{key}=1")
     check_batch_split(cfg.train.batch_size, dp, cfg.train.gradient_accumulation_steps)
     check_parallelize_config(cfg, world_size)
+    check_tensor_parallel_config(cfg, world_size)
     with prefixed("parallel.pp_schedule: "):
         normalize_kind(p.pp_schedule)
     positive_int("parallel.n_microbatches", p.n_microbatches)
@@ -303,6 +307,89 @@ def check_parallelize_config(cfg, world_size: int = 1) -> None:
             f"`torchrun --nproc-per-node N -m curry_train train parallel.sharding={sharding}` (N >= 2), "
             "or use parallel.sharding=no_shard in one process"
         )
+
+
+def check_tensor_parallel_config(cfg, world_size: int) -> None:
+    """``parallel.tp`` / ``sequence_parallel`` / ``loss_parallel`` against the rest of the config and the model, with
+    no process group: the model is built on the meta device (no memory) and its layout, head counts and widths
+    checked (``primitives.tensor_parallel.check_tensor_parallel``)."""
+    p = cfg.parallel
+    tp = positive_int("parallel.tp", p.tp)
+    sp = boolean("parallel.sequence_parallel", p.sequence_parallel)
+    lp = boolean("parallel.loss_parallel", p.loss_parallel)
+    if tp == 1:
+        for key, on in (("sequence_parallel", sp), ("loss_parallel", lp)):
+            if on:
+                raise ValueError(f"parallel.{key}=true splits tensor-parallel activations and needs parallel.tp > 1, "
+                                 "got parallel.tp=1")
+        return
+    if p.pp > 1:
+        raise ValueError(f"parallel.tp={tp} with parallel.pp={p.pp} is not supported (pipeline stages are not "
+                         "tensor-parallel); use parallel.tp=1 or parallel.pp=1")
+    dp = data_parallel_size(cfg, world_size)
+    with prefixed("parallel."):
+        sharding, _ = check_options(p.sharding, p.mixed_precision, p.cpu_offload)
+    if sharding == "zero1" or (sharding == "no_shard" and dp > 1):
+        raise ValueError(f"parallel.sharding={sharding} with parallel.tp={tp} and dp={dp}: DDP and ZeRO-1 do not take "
+                         "tensor-parallel (DTensor) parameters; use parallel.sharding=full or shard_grad_op (FSDP2 on "
+                         "the dp dim of the dp x tp mesh), or no_shard with dp=1")
+    if sp and cfg.train.seq_len % tp:
+        raise ValueError(f"parallel.sequence_parallel=true splits each sequence over parallel.tp={tp} ranks: "
+                         f"train.seq_len={cfg.train.seq_len} must be divisible by {tp}")
+    if lp and cfg.train.loss is not None:
+        raise ValueError("parallel.loss_parallel=true computes the token loss on vocabulary-sharded logits; "
+                         "train.loss (your loss) takes plain logits: set parallel.loss_parallel=false or "
+                         "train.loss=null")
+    if user_target(cfg.model) is None and cfg.model.dropout > 0:
+        raise ValueError(f"parallel.tp={tp} with model.dropout={cfg.model.dropout} > 0: the tp ranks would draw the "
+                         "same dropout masks for different heads and tokens (no per-rank RNG); set model.dropout=0")
+    model = model_shapes(cfg)
+    try:
+        tp_layout(model)
+    except ValueError as e:
+        raise ValueError(f"parallel.tp={tp}: {e}") from None
+    with prefixed("parallel."):
+        check_tensor_parallel(model, tp, sp, lp)
+
+
+def model_shapes(cfg) -> torch.nn.Module:
+    """The configured model for layout checks: built on the meta device (no memory, no initialisation cost), or on
+    CPU for a factory that cannot build there (``check_model`` built it once already); the RNG is left untouched."""
+    with torch.random.fork_rng(devices=[]):
+        try:
+            with torch.device("meta"):
+                return build_model(cfg)
+        except Exception:
+            return build_model(cfg)
+
+
+def check_context_parallel_config(cfg) -> None:
+    """``parallel.cp > 1`` against the rest of the config and the model, with no process group: the sequence splits
+    into ``2 * cp`` chunks, attention is ring attention (no dropout inside it), the model must take global positions
+    (``context_batches.position_keyword``), and cp does not combine with pp or tp yet."""
+    p = cfg.parallel
+    cp = positive_int("parallel.cp", p.cp)
+    if cp == 1:
+        return
+    for key, size in (("pp", p.pp), ("tp", p.tp)):
+        if size > 1:
+            raise ValueError(f"parallel.cp={cp} with parallel.{key}={size} is not supported yet (context parallelism "
+                             f"trains with data parallelism only); use parallel.{key}=1 or parallel.cp=1")
+    if cfg.train.seq_len % (2 * cp):
+        raise ValueError(f"parallel.cp={cp} cuts each sequence into 2 * cp = {2 * cp} chunks (causal load balancing): "
+                         f"train.seq_len={cfg.train.seq_len} must be divisible by {2 * cp}")
+    if cfg.train.loss is not None:
+        raise ValueError(f"parallel.cp={cp}: train.loss (your loss) takes whole (x, y) rows, but each rank holds "
+                         f"1/{cp} of every row; use train.loss=null (the token loss on the model's logits)")
+    if user_target(cfg.model) is None and cfg.model.dropout > 0:
+        raise ValueError(f"parallel.cp={cp} with model.dropout={cfg.model.dropout} > 0: ring attention has no "
+                         "attention dropout; set model.dropout=0")
+    from .context_batches import position_keyword
+
+    try:
+        position_keyword(model_shapes(cfg))
+    except ValueError as e:
+        raise ValueError(f"parallel.cp={cp}: {e}") from None
 
 
 def pipeline_settings(cfg, world_size: int, dp_size: int = 1, n_layer: int | None = None) -> dict:

@@ -33,6 +33,8 @@ from tqdm import tqdm
 from .model import token_loss
 from .primitives import GradientAccumulation
 from .primitives.model_io import count_target_tokens, forward_loss_sum
+from .primitives.moe import MoEMLP, moe_aux_loss, update_moe_biases
+from .primitives.tensor_parallel import local_value, loss_parallel_context
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95), **kwargs):
@@ -62,7 +64,8 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return token_loss(logits, targets)[0]
 
 
-def accumulate_gradients(model, microbatches, ga: GradientAccumulation, dp_group=None, schedule=None, loss_fn=None):
+def accumulate_gradients(model, microbatches, ga: GradientAccumulation, dp_group=None, schedule=None, loss_fn=None,
+                         loss_parallel: bool = False):
     """Forward + backward of one optimizer step's K micro-batches; returns (summed token loss, local valid tokens).
 
     A micro-batch is an ``(x, y)`` pair or a dict of keyword inputs with ``labels`` (shifted, Hugging Face style)
@@ -77,8 +80,16 @@ def accumulate_gradients(model, microbatches, ga: GradientAccumulation, dp_group
 
     ``loss_fn(model, microbatch) -> (loss_sum, n_valid)`` replaces ``forward_loss_sum`` for a model whose forward
     is not ``(inputs) -> logits`` (``train.loss._target_``); its ``n_valid`` must equal ``count_target_tokens``.
+    ``loss_parallel``: the model's logits are a vocabulary-sharded DTensor (``parallel.loss_parallel``): forward,
+    loss and backward run inside ``torch.distributed.tensor.parallel.loss_parallel()``.
+
+    Mixture of experts: a model with ``primitives.moe.MoEMLP`` layers adds their balancing losses
+    (``moe_aux_loss``, each a mean over the micro-batch's tokens) to every micro-batch's backward, divided by K: the
+    step back-propagates the token loss plus the mean over micro-batches of the aux loss (averaged over ranks by
+    the data-parallel wrapper like every gradient).
     """
     loss_fn = forward_loss_sum if loss_fn is None else loss_fn
+    moe = any(isinstance(m, MoEMLP) for m in model.modules())
     counts = [int(count_target_tokens(mb)) for mb in microbatches]
     ga.plan(counts, group=dp_group)
     model.zero_grad(set_to_none=True)
@@ -89,10 +100,11 @@ def accumulate_gradients(model, microbatches, ga: GradientAccumulation, dp_group
             loss_sum = schedule.train_step(x, y, loss_divisor=ga.sum_divisor(i, counts[i]), broadcast_loss=True,
                                            sync_tied=False)
         else:
-            with ga.sync_context(model, i):
+            with ga.sync_context(model, i), loss_parallel_context(loss_parallel):
                 loss_sum, _ = loss_fn(model, mb)
-                ga.backward_loss(loss_sum, counts[i], i).backward()
-        loss_total += loss_sum.detach().double().cpu()
+                loss = ga.backward_loss(loss_sum, counts[i], i)
+                (loss + moe_aux_loss(model) / ga.steps if moe else loss).backward()
+        loss_total += local_value(loss_sum.detach()).double().cpu()
     if schedule is not None:
         schedule.sync_tied_grads()
         dp_size = dist.get_world_size(dp_group)
@@ -112,25 +124,42 @@ def _global_mean_loss(loss_sum: torch.Tensor, n_tokens: int, dp_group, device) -
     return t[0].item() / max(t[1].item(), 1.0), int(t[1].item())
 
 
+def _mesh_of(t: torch.Tensor):
+    return getattr(t, "device_mesh", None)
+
+
 def clip_grad_norm(parameters, max_norm: float, pp_group=None, owns=None) -> float:
     """The whole model's gradient L2 norm, before clipping; clips to ``max_norm`` when it is > 0.
 
     ``norm = sqrt(sum_p |grad_p|^2)``, every gradient scaled by ``min(1, max_norm / (norm + 1e-6))``
-    (``torch.nn.utils.clip_grad_norm_``'s rule). A DTensor gradient (FSDP2) counts with its full tensor. With
-    ``pp_group`` the squares are summed over the pipeline ranks, so every rank clips by the same coefficient; a
-    parameter with ``owns(p)`` False (a tied weight whose copy another rank counts, ``PipelineSchedule.owns``)
-    is left out of the sum but still clipped.
+    (``torch.nn.utils.clip_grad_norm_``'s rule). A DTensor gradient (FSDP2, tensor parallelism) counts with its
+    full tensor: ``get_total_norm`` runs once per device mesh (a tensor-parallel model mixes plain replicated
+    parameters, tp-sharded DTensors and, under FSDP2, dp and dp x tp DTensors, which one ``torch.stack`` cannot
+    hold), each partial norm is made whole (``full_tensor``: reduced over its mesh) and the squares summed. A plain
+    gradient is whole on every rank of a tp group, so it counts once. With ``pp_group`` the squares are summed
+    over the pipeline ranks, so every rank clips by the same coefficient; a parameter with ``owns(p)`` False (a
+    tied weight whose copy another rank counts, ``PipelineSchedule.owns``) is left out of the sum but still clipped.
     """
     params = [p for p in parameters if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params if owns is None or owns(p)])
+    groups: dict = {}  # device mesh (None: plain tensors) -> gradients; a dict keeps the first-seen order
+    for p in params:
+        if owns is None or owns(p):
+            groups.setdefault(_mesh_of(p.grad), []).append(p.grad)
+    if len(groups) <= 1:  # one kind of tensor: torch's own path
+        norm = local_value(torch.nn.utils.get_total_norm(next(iter(groups.values()), [])))
+    else:
+        squares = [local_value(torch.nn.utils.get_total_norm(g)).double().square() for g in groups.values()]
+        norm = torch.stack(squares).sum().sqrt().float()
     if pp_group is not None:
         square = norm.double().square()
         dist.all_reduce(square, group=pp_group)
         norm = square.sqrt().to(norm.dtype)
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
-        norm = norm.full_tensor()
+        by_mesh: dict = {}
+        for p in params:
+            by_mesh.setdefault(_mesh_of(p.grad), []).append(p)
+        for group in by_mesh.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
     return float(norm)
 
 
@@ -158,8 +187,13 @@ def run_training_steps(
     loss_fn=None,
     on_step=None,
     nonfinite_patience: int = 3,
+    loss_parallel: bool = False,
+    prepare=None,
 ) -> list[dict]:
     """Train from ``start_step`` up to ``steps``; returns one metrics dict per step.
+
+    ``prepare((x, y)) -> batch``, if given, turns each micro-batch (on ``device``) into what the model takes, e.g.
+    this rank's context-parallel shard with its positions (``context_batches.cp_microbatch``).
 
     Metrics: ``step``, ``loss`` (mean token loss of the global batch), ``lr``, ``grad_norm``,
     ``tokens`` (valid tokens in the global batch) and ``tokens_per_s``. ``on_step(step, metrics)`` runs after
@@ -170,7 +204,7 @@ def run_training_steps(
     Non-finite guard: when the step's loss or gradient norm is NaN/Inf (both are global, so every rank agrees) the
     update is not applied: the gradients are dropped, the optimizer does not step (the LR schedule and the data move
     on), ``metrics["skipped"]`` is True and a line is logged. ``nonfinite_patience`` such steps in a row raise
-    ``NonFiniteTrainingError`` naming the step and the values.
+    ``NonFiniteTrainingError`` naming the step and the values. ``loss_parallel``: see ``accumulate_gradients``.
     """
     pp_group, owns = (schedule.group, schedule.owns) if schedule is not None else (None, None)
     model.train()
@@ -183,7 +217,9 @@ def run_training_steps(
             (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             for x, y in batches.microbatches(step, dp_rank, dp_size, ga.steps)
         ]
-        loss_sum, n_tokens = accumulate_gradients(model, micro, ga, dp_group, schedule, loss_fn)
+        if prepare is not None:
+            micro = [prepare(mb) for mb in micro]
+        loss_sum, n_tokens = accumulate_gradients(model, micro, ga, dp_group, schedule, loss_fn, loss_parallel)
         norm = clip_grad_norm(model.parameters(), grad_clip, pp_group, owns)
         loss, global_tokens = _global_mean_loss(loss_sum, n_tokens, dp_group, device)
         skipped = not (math.isfinite(loss) and math.isfinite(norm))
@@ -201,6 +237,7 @@ def run_training_steps(
         else:
             bad_in_a_row = 0
             optimizer.step()
+            update_moe_biases(model, group=dp_group)  # DeepSeek-V3 balancing (routers built with it only)
         scheduler.step()
         dt = time.perf_counter() - t0
         metrics = {

@@ -3,7 +3,9 @@
 Plain PyTorch, nanoGPT-shaped: token + learned position embedding, ``n_layer`` pre-norm blocks
 (causal ``scaled_dot_product_attention`` + GELU MLP), a final LayerNorm and an output head tied to the
 token embedding. The blocks live in ``GPT.blocks`` (an ``nn.ModuleList``) so that recompute, FSDP and
-pipeline splitting can wrap or move them one by one without touching this file.
+pipeline splitting can wrap or move them one by one without touching this file. The fused ``attn.qkv`` is ordered
+per head (q, k, v of head 0, then head 1, ...: Megatron's layout), so tensor parallelism's contiguous column shard
+gives each rank whole heads (``primitives.tensor_parallel``); nanoGPT and GPT-2 order it ``[q; k; v]`` instead.
 
 ``GPT.forward(idx)`` returns logits; the loss is computed outside (``token_loss``) as a *sum* over valid
 tokens plus the count, because gradient accumulation normalises by the global token count.
@@ -18,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .primitives._checks import boolean, fraction, positive_int
+from .primitives._checks import boolean, fraction, integer, non_negative_float, positive_float, positive_int
+from .primitives.moe import MoEMLP
 from .primitives.pipeline.schedule import layer_split
 
 IGNORE_INDEX = -100
@@ -44,6 +47,19 @@ class GPTConfig:
     """Dropout probability in [0, 1) after embeddings, attention and MLP; 0 = off."""
     tie_embeddings: bool = True
     """Output head shares its weight with the token embedding (GPT-2, nanoGPT)."""
+    moe_experts: int = 0
+    """Mixture of experts: 0 = dense MLPs; E >= 2 = ``primitives.moe.MoEMLP`` with E SwiGLU experts of hidden width
+    ``mlp_ratio * n_embd`` in the blocks ``moe_every`` picks."""
+    moe_every: int = 1
+    """With moe_experts: blocks 1, 1 + moe_every, ... (0-based index % moe_every == 0) are MoE, the others dense."""
+    moe_top_k: int = 2
+    """Experts per token, in [1, moe_experts]."""
+    moe_capacity_factor: float = 1.25
+    """Slots per expert = ceil(factor * tokens * top_k / experts); tokens beyond it are dropped (> 0)."""
+    moe_aux_loss_weight: float = 0.01
+    """Switch load-balancing loss weight, >= 0 (added to the training loss)."""
+    moe_bias_balancing: bool = False
+    """DeepSeek-V3 auxiliary-loss-free balancing: a per-expert selection bias moved toward uniform load each step."""
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
@@ -52,6 +68,13 @@ class GPTConfig:
             raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         fraction("model.dropout", self.dropout, include_high=False)
         boolean("model.tie_embeddings", self.tie_embeddings)
+        if self.moe_experts:
+            integer("model.moe_experts", self.moe_experts, 2, None, "(0 = dense MLPs)")
+            positive_int("model.moe_every", self.moe_every)
+            integer("model.moe_top_k", self.moe_top_k, 1, self.moe_experts, f"(model.moe_experts={self.moe_experts})")
+            positive_float("model.moe_capacity_factor", self.moe_capacity_factor)
+            non_negative_float("model.moe_aux_loss_weight", self.moe_aux_loss_weight)
+            boolean("model.moe_bias_balancing", self.moe_bias_balancing)
 
     @classmethod
     def from_config(cls, cfg) -> "GPTConfig":
@@ -66,20 +89,29 @@ class GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
+    """Causal multi-head attention with one fused ``qkv`` projection.
+
+    ``qkv``'s output features are ordered per head, Megatron's layout ``(n_head, 3, head_dim)``: q, k, v of head 0,
+    then of head 1, ... A contiguous slice of the rows (tensor parallelism's column shard) therefore holds whole
+    heads with their own q, k and v, and the forward infers the number of heads it holds from the width it gets
+    (``view(B, T, -1, 3, head_dim)``), so the same code runs on all heads or on a rank's ``n_head / tp``.
+    """
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head = cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
         self.dropout = cfg.dropout
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, -1, 3, self.head_dim).unbind(3)  # heads held here: inferred
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -94,14 +126,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))``."""
+    """Pre-norm transformer block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))``; ``mlp`` is a mixture of experts
+    (``primitives.moe.MoEMLP``) when ``moe`` is set."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, moe: bool = False):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.n_embd)
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.n_embd)
-        self.mlp = MLP(cfg)
+        self.mlp = MoEMLP(cfg.n_embd, cfg.mlp_ratio * cfg.n_embd, cfg.moe_experts, cfg.moe_top_k,
+                          cfg.moe_capacity_factor, cfg.moe_aux_loss_weight,
+                          bias_balancing=cfg.moe_bias_balancing) if moe else MLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
@@ -115,7 +150,8 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, moe=bool(cfg.moe_experts) and i % cfg.moe_every == 0)
+                                    for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -133,12 +169,13 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """``idx``: (B, T) int64 token ids -> logits (B, T, vocab_size)."""
+    def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``idx``: (B, T) int64 token ids -> logits (B, T, vocab_size). ``positions`` (T,): the tokens' positions in
+        their sequence (default ``arange(T)``); context parallelism passes the global ones of a rank's shard."""
         T = idx.shape[1]
         if T > self.cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds model.block_size {self.cfg.block_size}")
-        pos = torch.arange(T, device=idx.device)
+        pos = torch.arange(T, device=idx.device) if positions is None else positions
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         for block in self.blocks:
             x = block(x)
@@ -157,9 +194,15 @@ class GPT(nn.Module):
         ``6 * N + 6 * n_layer * n_embd * T``: 6N for the weight matmuls (2 forward + 4 backward per
         parameter, N excluding the embedding tables but including the tied head) plus causal attention
         ``QK^T`` and ``AV``: 12 * L * d * T halved because the causal mask skips half the scores.
+        A mixture of experts counts the parameters a token uses: each MoE layer's router and ``moe_top_k`` of its
+        ``moe_experts`` experts (the rest of the bank is idle for that token).
         """
         T = seq_len or self.cfg.block_size
         n = self.n_params(non_embedding=True)
+        for m in self.modules():
+            if isinstance(m, MoEMLP):
+                bank = sum(p.numel() for p in m.experts.parameters())
+                n -= bank - bank * self.cfg.moe_top_k // self.cfg.moe_experts
         if self.cfg.tie_embeddings:
             n += self.head.weight.numel()  # the head matmul is real compute even though the weight is shared
         return 6 * n + 6 * self.cfg.n_layer * self.cfg.n_embd * T

@@ -1,23 +1,39 @@
 """Apply parallelisms to a freshly built model, or to one pipeline stage, in one fixed, documented order.
 
-Order (torchtitan's): recompute (activation checkpointing) -> ``torch.compile`` -> data-parallel sharding.
+Order (torchtitan's): tensor parallelism (+ sequence parallelism) -> context parallelism -> recompute (activation
+checkpointing) -> ``torch.compile`` -> data-parallel sharding.
 
+0. ``parallel.tp > 1``: ``primitives.tensor_parallel.apply_tensor_parallel(model, tp_mesh,
+   parallel.sequence_parallel, parallel.loss_parallel)``: the block linears become ``ColumnParallelLinear`` /
+   ``RowParallelLinear`` over the mesh's ``tp`` dim (DTensor parameters, names unchanged). First, because
+   recompute, compile and FSDP2 all work on the sharded modules (FSDP2 then shards the tp-sharded parameters
+   further over ``dp``: 2-D DTensors).
+0b. ``parallel.cp > 1``: ``primitives.context_parallel.apply_context_parallel(model, cp_group)``: every block's
+   ``scaled_dot_product_attention`` becomes ring attention over the cp group (the block is re-classed in place,
+   names unchanged). Before recompute: a recompute around a ring-attention block re-runs the ring in backward,
+   which is exact; ring attention inside a recomputed region built first would not be ringed. The data-parallel
+   step below then runs over the dp x cp group (``ParallelState.dp_cp_group``), the batches are sharded by
+   ``context_batches.cp_microbatch``.
 1. ``train.recompute`` (``false`` | ``true`` = ``full`` | ``full`` | ``selective``) every ``train.recompute_every_n``-th
-   block (``primitives.recompute``). It goes first so that the compiled graph contains the checkpoint
-   boundaries and FSDP wraps blocks that already recompute (the reverse order is an error).
+   block (``primitives.recompute``). It goes before compile so that the compiled graph contains the checkpoint
+   boundaries, and before FSDP so that FSDP wraps blocks that already recompute (the reverse order is an error).
 2. ``train.compile``: ``block.compile()`` on each transformer block, in place (no ``_orig_mod.`` in
    parameter names). Per block, as torchtitan does: blocks share one compiled graph.
 3. ``parallel.sharding`` (``no_shard`` | ``zero1`` | ``shard_grad_op`` | ``full``), ``parallel.mixed_precision``,
-   ``parallel.cpu_offload``: ``DistributedOptimizer`` (DDP, DDP + ZeRO-1, FSDP2). In one process without
-   torch.distributed, ``no_shard`` leaves the model as it is and the other modes are an error saying to use torchrun.
+   ``parallel.cpu_offload``: ``DistributedOptimizer`` (DDP, DDP + ZeRO-1, FSDP2) over ``dp_group``. In one process
+   without torch.distributed, ``no_shard`` leaves the model as it is and the other modes are an error saying to use
+   torchrun. With ``tp > 1`` the FSDP2 modes shard over ``dp_mesh`` (the ``dp`` dim of the same mesh, so the
+   parameters become dp x tp DTensors); DDP and ZeRO-1 do not take DTensor parameters, so ``config.validate``
+   allows ``tp > 1`` only with ``dp = 1`` and ``no_shard`` (nothing to wrap) or with an FSDP2 mode.
 
-Blocks, in all three steps, are what ``primitives.blocks.find_blocks`` finds (or instances of ``block_types``).
+Blocks, in steps 1 to 3, are what ``primitives.blocks.find_blocks`` finds (or instances of ``block_types``).
 
 A pipeline stage (``pipeline_stage=True``, e.g. a ``model.GPTStage``: its blocks in the ``nn.ModuleDict``
 ``blocks``) goes through steps 1 and 2 like the whole model: ``recompute_every_n`` counts the stage's blocks, and a
-stage holding no block (``layers_per_stage`` with a 0) is left as it is. Step 3 is not applied (see the comment in
-``parallelize``): under pipeline parallelism ``parallel.sharding`` must be ``no_shard``, and ``loop.accumulate_gradients``
-averages the stage gradients over ``dp_group`` once per optimizer step.
+stage holding no block (``layers_per_stage`` with a 0) is left as it is. Steps 0 and 3 are not applied (see the
+comment in ``parallelize``; ``config.validate`` refuses ``tp > 1`` with ``pp > 1``): under pipeline parallelism
+``parallel.sharding`` must be ``no_shard``, and ``loop.accumulate_gradients`` averages the stage gradients over
+``dp_group`` once per optimizer step.
 
 ``config.validate`` finds every error of these keys before a process group exists.
 Returns ``(model, dist_opt)``, ``dist_opt`` None for a pipeline stage. Build the optimizer on the returned model,
@@ -28,17 +44,36 @@ otherwise).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from .primitives.blocks import find_blocks
-from .primitives.distributed_optimizer import DistributedOptimizer
+from .primitives.distributed_optimizer import FSDP_MODES, DistributedOptimizer, normalize_sharding
 from .primitives.recompute import apply_recompute_from_config
+from .primitives.context_parallel import apply_context_parallel
+from .primitives.tensor_parallel import apply_tensor_parallel
 
 
-def parallelize(model: torch.nn.Module, cfg, dp_group=None, *, pipeline_stage: bool = False, block_types=None
-                ) -> tuple[torch.nn.Module, DistributedOptimizer | None]:
-    """``cfg``: the full config (reads ``cfg.train.recompute``, ``recompute_every_n``, ``compile`` and ``cfg.parallel``).
+def parallelize(model: torch.nn.Module, cfg, dp_group=None, *, tp_mesh=None, dp_mesh=None, cp_group=None,
+                pipeline_stage: bool = False, block_types=None) -> tuple[torch.nn.Module, DistributedOptimizer | None]:
+    """``cfg``: the full config (reads ``cfg.train.recompute``, ``recompute_every_n``, ``compile``, ``cfg.parallel``).
+    ``tp_mesh``, ``dp_mesh``: the ``tp`` and ``dp`` dims of ``ParallelState.mesh`` (needed when ``parallel.tp > 1``).
+    ``cp_group``: ``ParallelState.cp_group`` (needed when ``parallel.cp > 1``: every block's attention becomes ring
+    attention over it, before recompute; ``dp_group`` is then the dp x cp group, ``ParallelState.dp_cp_group``).
     ``block_types``: the model's block classes, when ``primitives.blocks.find_blocks`` cannot find them."""
     t, p = cfg.train, cfg.parallel
+    tp = p.get("tp", 1)
+    if tp > 1:
+        if pipeline_stage:
+            raise ValueError(f"parallel.tp={tp} with pipeline stages is not supported (use parallel.pp=1 or tp=1)")
+        if tp_mesh is None or tp_mesh.size() != tp:
+            raise ValueError(f"parallel.tp={tp} needs the tp dim of the rank grid: pass "
+                             "tp_mesh=ParallelState.tp_mesh")
+        apply_tensor_parallel(model, tp_mesh, p.sequence_parallel, p.loss_parallel)
+    cp = p.get("cp", 1)
+    if cp > 1:
+        if cp_group is None or dist.get_world_size(cp_group) != cp:
+            raise ValueError(f"parallel.cp={cp} needs the cp dim of the rank grid: pass cp_group=ParallelState.cp_group")
+        apply_context_parallel(model, cp_group, causal=True)
     blocks = find_blocks(model, block_types)
     if blocks or not pipeline_stage:  # a whole model without blocks gets NoBlocksError naming block_types
         apply_recompute_from_config(model, t, "recompute", "recompute_every_n", block_types)
@@ -52,5 +87,7 @@ def parallelize(model: torch.nn.Module, cfg, dp_group=None, *, pipeline_stage: b
         # dualpipev: error). A plain all-reduce over dp_group once per optimizer step works for every schedule.
         return model, None
     dist_opt = DistributedOptimizer.from_config(p, model, process_group=dp_group, optimizer_class=None,
-                                                block_types=block_types)
+                                                block_types=block_types,
+                                                mesh=dp_mesh if tp > 1 and normalize_sharding(p.sharding) in FSDP_MODES
+                                                else None)
     return dist_opt.model, dist_opt

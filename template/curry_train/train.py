@@ -7,11 +7,15 @@ The model is ``user_model.build_model(cfg)``: the reference GPT, or the user's `
 With ``parallel.pp > 1`` the model is split into stages (``stages.split_model``: the GPT, Hugging Face Llama /
 GPT-2, torchtitan, nanoGPT), this rank's stages go through the same ``parallelize`` as a whole model, and the loop
 gets their ``PipelineSchedule``: the same optimizer step, its pipeline branch open in ``loop.accumulate_gradients``.
+With ``parallel.tp > 1`` the model is tensor-parallel over the rank grid's ``tp`` dim (``parallelize``); the ranks
+of a tp group read the same rows (batches are split by ``dp_rank``) and losses and token counts are reduced over
+``dp`` only.
 """
 
 from __future__ import annotations
 
 from . import distributed, train_state
+from .context_batches import cp_microbatch
 from .config import pipeline_settings, validate
 from .data import build_batches, seed_everything
 from .loop import build_optimizer, build_scheduler, run_training_steps, token_loss_sum
@@ -39,13 +43,18 @@ def train(cfg) -> list[dict]:
     batches = build_batches(cfg)
     ga = GradientAccumulation.from_config(cfg.train)
     if rank == 0:
-        print(f"model: {model_name(cfg)}, {n_params(model):,} parameters | world size {world_size} (dp {dp_size}) | "
-              f"{ga} | device {device}")
+        tp = f", tp {ps.tp}{' + sequence parallel' if cfg.parallel.sequence_parallel else ''}" if ps.tp > 1 else ""
+        tp += f", cp {ps.cp} (ring attention)" if ps.cp > 1 else ""
+        print(f"model: {model_name(cfg)}, {n_params(model):,} parameters | world size {world_size} "
+              f"(dp {dp_size}{tp}) | {ga} | device {device}")
         if world_size > 1:
             print(ps)
 
     t = cfg.train
-    schedule = None
+    schedule = prepare = None
+    dp_group = ps.dp_cp_group  # tokens counted and gradients averaged over every data shard: dp x cp
+    if ps.cp > 1:  # each rank keeps N/cp tokens of every row, placed by their global positions
+        prepare = cp_microbatch(model, ps.cp_group)
     if ps.pp > 1:  # pipeline parallelism: this rank keeps its stages and the loop runs them through the schedule
         s = pipeline_settings(cfg, world_size, dp_size, len(find_blocks(model)))
         stages = split_model(model, s["pp"] * s["v"], s["layers_per_stage"])  # same seed: tied copies start equal
@@ -56,17 +65,19 @@ def train(cfg) -> list[dict]:
         model = StageModules(schedule.modules.values())  # the full model's parameter names, for checkpoints
         optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2))
     else:
-        model, dist_opt = parallelize(model, cfg, dp_group=ps.dp_group)
+        # tp > 1 / cp > 1: every rank of a tp or cp group reads the same rows (the batch is split by dp_rank only)
+        model, dist_opt = parallelize(model, cfg, dp_group=dp_group, tp_mesh=ps.tp_mesh, dp_mesh=ps.dp_mesh,
+                                      cp_group=ps.cp_group)
         optimizer = dist_opt.shard_optimizer(build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2)))
     scheduler = build_scheduler(optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
     start_step = train_state.resume(ckpt, model, optimizer, scheduler, cfg)
     history = run_training_steps(
         model, optimizer, scheduler, batches, ga, t.steps, start_step=start_step,
-        dp_rank=ps.dp_rank, dp_size=dp_size, dp_group=ps.dp_group, device=device, grad_clip=t.grad_clip,
+        dp_rank=ps.dp_rank, dp_size=dp_size, dp_group=dp_group, device=device, grad_clip=t.grad_clip,
         log_every=t.log_every if rank == 0 else 0, progress=t.progress and rank == 0, schedule=schedule,
         on_step=train_state.step_hook(cfg, ckpt, model, optimizer, scheduler, fault_step),
         loss_fn=build_loss(cfg) if t.loss is not None else None,  # train.loss._target_ (user_model.py)
-        nonfinite_patience=t.nonfinite_patience,
+        nonfinite_patience=t.nonfinite_patience, loss_parallel=cfg.parallel.loss_parallel, prepare=prepare,
     )
     train_state.finish(ckpt)  # an async save still in flight is waited for and committed
     if rank == 0 and history:

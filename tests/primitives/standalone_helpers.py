@@ -36,14 +36,14 @@ IGNORE_INDEX = -100
 class Attention(nn.Module):
     def __init__(self, dim: int, n_heads: int):
         super().__init__()
-        self.n_heads = n_heads
+        self.n_heads, self.head_dim = n_heads, dim // n_heads
         self.wq, self.wk, self.wv, self.wo = (nn.Linear(dim, dim, bias=False) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, D = x.shape
-        q, k, v = (w(x).view(B, T, self.n_heads, -1).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        B, T, _ = x.shape  # heads inferred (-1), as torchtitan: a tensor-parallel rank runs its n_heads / tp heads
+        q, k, v = (w(x).view(B, T, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.wo(y.transpose(1, 2).reshape(B, T, D))
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):

@@ -10,7 +10,7 @@ Every run writes a new folder ``bench.out_dir/<timestamp>/`` (``report.new_run_d
 ``report.md`` (every table, the machine, the config, the command), ``report.json`` (every number) and the PNGs,
 rewritten after each bench so that a run stopped half way keeps what it measured.
 
-One module per bench (``loop``, ``ga``, ``recompute``, ``sharding``, ``pipeline``, ``checkpoint``, ``mfu``, ``faults``),
+One module per bench (``loop``, ``ga``, ``recompute``, ``sharding``, ``pipeline``, ``checkpoint``, ``mfu``, ``faults``, ``tp``, ``cp``, ``moe``),
 helpers they share in ``common``, device and rank counts in ``machine``, plots in ``plots``, the report in ``report``.
 """
 
@@ -34,6 +34,9 @@ BENCHES = {
     "sharding": "curry_train.bench.sharding:bench_sharding",
     "mfu": "curry_train.bench.mfu:bench_mfu",
     "faults": "curry_train.bench.faults:bench_faults",
+    "cp": "curry_train.bench.cp:bench_cp",
+    "moe": "curry_train.bench.moe:bench_moe",
+    "tp": "curry_train.bench.tp:bench_tp",
 }
 # name -> what it prints (shown by `python -m curry_train bench --help`)
 BENCH_HELP = {
@@ -49,6 +52,12 @@ BENCH_HELP = {
            "step time of the curry_train loop and of a plain PyTorch loop",
     "faults": "damaged checkpoints (truncated, flipped bytes, garbage or missing metadata, stale pointer) and NaN "
               "steps, done on purpose: what the resume does, the warning, whether the final loss is the clean run's",
+    "cp": "ring attention (context parallel) at cp ranks vs full SDPA in one process: bytes saved for backward per "
+          "rank, bytes sent per rank vs the formula, forward+backward time",
+    "moe": "mixture of experts: tokens per expert and dropped tokens with no balancing, aux loss, bias balancing; "
+           "all-to-all bytes at EP=2 vs the formula; step time vs a dense MLP of equal active parameters",
+    "tp": "tensor (and sequence) parallel at tp ranks vs one process: parameter and activation bytes per rank, "
+          "collectives counted by CommDebugMode vs the formula, step time",
 }
 # `--quick` (what `make bench` runs): config overrides, applied before the user's (which win), and keyword arguments
 # per bench. Fewer rounds and steps, small batches, N = 2 only, three pipeline kinds on a 4-block model.
@@ -59,6 +68,9 @@ QUICK = {
         "pipeline": {"kinds": ("gpipe", "1f1b", "zbv"), "m": 4, "n_layer": 4, "steps": 2},
         "recompute": {"peak": False},
         "mfu": {"peak_size": 1024, "peak_repeats": 3, "repeats": 5},
+        "moe": {"steps": 10},
+        "cp": {"seq_lens": (256, 512)},
+        "tp": {"tp_sizes": (2,)},
     },
 }
 

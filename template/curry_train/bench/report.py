@@ -77,6 +77,8 @@ def plot(name: str, result: dict, run_dir: Path) -> list[str]:
         return [PLOTS[name](result, run_dir / f"{name}.png").name]
     if name == "pipeline":
         return [Path(r["png"]).name for r in result.get("rows", []) if r.get("png")]
+    if result.get("png"):  # a bench that drew its own figure into the run folder (moe)
+        return [Path(result["png"]).name]
     return []
 
 

@@ -105,9 +105,18 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline stages (ranks), > 0; 1 = no pipeline."""
     tp: int = 1
-    """Tensor-parallel size: only 1 (tensor parallelism is not implemented yet; the rank grid reserves the dim)."""
+    """Tensor-parallel size, > 0 (1 = off): block linears split over tp ranks (primitives/tensor_parallel.py); must
+    divide the heads and widths; with dp > 1 needs sharding=full|shard_grad_op; not with pp > 1."""
     cp: int = 1
-    """Context-parallel size: only 1 (context parallelism is not implemented yet; the rank grid reserves the dim)."""
+    """Context-parallel size, >= 1: each rank keeps seq_len / cp tokens of every row and attention is ring attention
+    over the cp group (primitives/context_parallel.py); train.seq_len divisible by 2 * cp, no pp or tp with it yet,
+    model.dropout = 0, and a model whose forward takes positions (the GPT) or position_ids (Hugging Face)."""
+    sequence_parallel: bool = False
+    """With tp > 1: norms and dropout run on seq_len / tp tokens per rank (reduce-scatter + all-gather instead of
+    all-reduce); train.seq_len must be divisible by tp."""
+    loss_parallel: bool = False
+    """With tp > 1: logits stay split by vocabulary and the cross-entropy runs on the shards (untied head only:
+    not the reference GPT, whose head is tied; not with train.loss)."""
     order: str = "pp-dp-cp-tp"
     """Rank-grid order, outermost first: pp, dp, cp and tp, each once, joined by '-'."""
     sharding: str = "no_shard"

@@ -164,6 +164,7 @@ class DistributedOptimizer:
         reshard_after_forward: bool | int | None = None,
         *,
         process_group=None,
+        mesh=None,
         block_types=None,
         optimizer_class=torch.optim.AdamW,
         param_groups=None,
@@ -172,6 +173,11 @@ class DistributedOptimizer:
         **optimizer_kwargs,
     ) -> "DistributedOptimizer":
         """Shard ``model`` over ``process_group`` (default: the world) and build its optimizer.
+
+        * ``mesh``: a 1-D ``DeviceMesh`` to shard over instead of ``process_group`` (FSDP2 modes only), e.g.
+          ``ParallelState.mesh["dp"]`` when the model is already tensor-parallel over ``mesh["tp"]`` of the same
+          mesh: FSDP2 then shards the tp-sharded DTensor parameters over dp (2-D). ``process_group`` defaults to
+          its group.
 
         * ``sharding``: ``no_shard`` | ``zero1`` | ``shard_grad_op`` | ``full`` (see the module docstring).
         * ``mixed_precision``: ``None``/``"fp32"`` or ``"bf16"``. FSDP2 modes use ``MixedPrecisionPolicy(
@@ -194,6 +200,13 @@ class DistributedOptimizer:
         sharding, mixed_precision = check_options(sharding, mixed_precision, cpu_offload, reshard_after_forward,
                                                   use_orig_params, backward_prefetch)
         fsdp = sharding in FSDP_MODES
+        if mesh is not None:
+            if not fsdp:
+                raise ValueError(f"mesh= is for the FSDP2 shardings {FSDP_MODES}; sharding={sharding!r} takes "
+                                 "process_group=")
+            if mesh.ndim != 1:
+                raise ValueError(f"mesh must be 1-D (the data-parallel dim, e.g. mesh['dp']), got {mesh.ndim} dims")
+            process_group = mesh.get_group() if process_group is None else process_group
         blocks = None
         if fsdp:
             blocks = require_blocks(model, block_types, purpose=f"sharding={sharding!r} (FSDP2 shards each block)")
@@ -217,7 +230,7 @@ class DistributedOptimizer:
 
         if fsdp:
             wrapped = _fully_shard(model, blocks, sharding, mixed_precision, cpu_offload, reshard_after_forward,
-                                   process_group, device)
+                                   process_group, device, mesh)
         else:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -305,12 +318,14 @@ def _autocast_forward(model: nn.Module, device: torch.device) -> None:
     model.forward = torch.autocast(device_type=device.type, dtype=torch.bfloat16)(model.forward)
 
 
-def _fully_shard(model, blocks, sharding, mixed_precision, cpu_offload, reshard_after_forward, group, device):
+def _fully_shard(model, blocks, sharding, mixed_precision, cpu_offload, reshard_after_forward, group, device,
+                 mesh=None):
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    mesh_device = "cuda" if (device.type == "cuda" or (cpu_offload and torch.cuda.is_available())) else "cpu"
-    mesh = DeviceMesh.from_group(group if group is not None else dist.group.WORLD, mesh_device)
+    if mesh is None:
+        mesh_device = "cuda" if (device.type == "cuda" or (cpu_offload and torch.cuda.is_available())) else "cpu"
+        mesh = DeviceMesh.from_group(group if group is not None else dist.group.WORLD, mesh_device)
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if mixed_precision == "bf16" else MixedPrecisionPolicy())
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()

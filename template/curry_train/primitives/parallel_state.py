@@ -9,8 +9,10 @@ group of a rank is the set of ranks that share its pp, cp and tp coordinates, an
 
 After the process group exists, the grid becomes a ``torch.distributed.device_mesh.DeviceMesh`` with the
 four named dims (size-1 dims are kept, so ``state.mesh["dp"]`` always works) and ``dp_group`` ...
-``tp_group`` are that mesh's per-dim process groups. In one process (no process group) there is no mesh:
-every group is ``None`` (collectives are skipped) and every coordinate is 0.
+``tp_group`` are that mesh's per-dim process groups; ``tp_mesh`` / ``dp_mesh`` are its 1-D sub-meshes (what
+``primitives.tensor_parallel.apply_tensor_parallel`` and FSDP2's ``fully_shard(mesh=...)`` take for dp x tp).
+In one process (no process group) there is no mesh: every group is ``None`` (collectives are skipped) and every
+coordinate is 0.
 
 ``dp=-1`` means "whatever the other dims leave": ``dp = world_size / (pp * cp * tp)``. Sizes are checked by
 ``ParallelState.resolve_sizes`` without any process group, so a bad grid fails before ranks start.
@@ -52,7 +54,8 @@ class ParallelState:
 
     Attributes: ``sizes`` (dict dim -> size), ``order`` (tuple of dims, outermost first), ``world_size``,
     ``rank``, ``coords`` (dict dim -> this rank's coordinate), ``mesh`` (``DeviceMesh`` or ``None``),
-    ``dp``/``pp``/``cp``/``tp`` (sizes), ``dp_rank``... (coordinates), ``dp_group``... (process groups).
+    ``dp``/``pp``/``cp``/``tp`` (sizes), ``dp_rank``... (coordinates), ``dp_group``... (process groups),
+    ``dp_mesh``/``tp_mesh`` (1-D sub-meshes, ``submesh(dim)``).
     """
 
     def __init__(self, dp: int = -1, pp: int = 1, tp: int = 1, cp: int = 1, order: str = DEFAULT_ORDER,
@@ -77,6 +80,7 @@ class ParallelState:
             if device_type is None:
                 device_type = "cuda" if torch.cuda.is_available() else "cpu"
             self.mesh = init_device_mesh(device_type, tuple(self.sizes[d] for d in self.order), mesh_dim_names=self.order)
+        self._dp_cp_group = self._build_dp_cp_group() if distributed and self.sizes["cp"] > 1 else None
 
     # -- sizes, without a process group -------------------------------------------------------------
     @staticmethod
@@ -143,6 +147,31 @@ class ParallelState:
         self._axis(dim)
         return None if self.mesh is None else self.mesh.get_group(dim)
 
+    def dp_cp_ranks(self) -> list[list[int]]:
+        """The groups of ranks that share pp and tp coordinates: every rank of a data-parallel replica of the
+        sequence-sharded model (dp x cp). Gradients are averaged and tokens counted over these."""
+        others = [d for d in self.order if d not in ("dp", "cp")]
+        groups: dict[tuple, list[int]] = {}
+        for r in range(self.world_size):
+            c = self.coordinates(r)
+            groups.setdefault(tuple(c[d] for d in others), []).append(r)
+        return [sorted(g) for g in groups.values()]
+
+    def _build_dp_cp_group(self):
+        group, _ = dist.new_subgroups_by_enumeration(self.dp_cp_ranks())  # collective: every rank, same order
+        return group
+
+    @property
+    def dp_cp_group(self):
+        """The dp x cp process group (``dp_cp_ranks``); the dp group itself when cp = 1; ``None`` in one process."""
+        return self._dp_cp_group if self._dp_cp_group is not None else self.dp_group
+
+    def submesh(self, dim: str):
+        """The 1-D ``DeviceMesh`` of ``dim`` (``mesh[dim]``: what ``apply_tensor_parallel`` and FSDP2 take), or
+        ``None`` in one process."""
+        self._axis(dim)
+        return None if self.mesh is None else self.mesh[dim]
+
     def _axis(self, dim: str) -> int:
         if dim not in DIMS:
             raise ValueError(f"unknown parallel dim {dim!r}; choose from {', '.join(DIMS)}")
@@ -161,6 +190,8 @@ class ParallelState:
     pp_group = property(lambda self: self.group("pp"))
     cp_group = property(lambda self: self.group("cp"))
     tp_group = property(lambda self: self.group("tp"))
+    dp_mesh = property(lambda self: self.submesh("dp"))
+    tp_mesh = property(lambda self: self.submesh("tp"))
     is_first_stage = property(lambda self: self.coords["pp"] == 0)
     is_last_stage = property(lambda self: self.coords["pp"] == self.sizes["pp"] - 1)
 

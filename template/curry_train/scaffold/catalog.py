@@ -105,6 +105,42 @@ loss = pipe.train_step(x, y)  # forward + backward over the micro-batches; the l
 optimizer.step()
 optimizer.zero_grad()
 """),
+    Primitive(
+        "context_parallel", "primitives/context_parallel.py", "primitive-context-parallel",
+        "ring attention over a cp group: sequences sharded with causal load balancing, exact backward, SDPA swapped in place",
+        """\
+from curry_train.primitives.context_parallel import apply_context_parallel, positions, shard_sequence
+
+# under torchrun, after torch.distributed.init_process_group(); cp_group: e.g. ParallelState(cp=2).cp_group
+apply_context_parallel(model, cp_group)  # every block's SDPA becomes ring attention; before recompute and FSDP2
+cp_rank, cp = cp_group.rank(), cp_group.size()
+x, y = shard_sequence(x, cp_rank, cp), shard_sequence(y, cp_rank, cp)  # this rank's N/cp tokens (N % (2*cp) == 0)
+pos = positions(cp_rank, cp, x.size(1) * cp)  # their global positions: give these to RoPE / position embeddings
+loss_sum, n_valid = your_summed_token_loss(model(x), y)  # divide by n_valid all-reduced over the cp and dp ranks
+"""),
+    Primitive(
+        "moe", "primitives/moe.py", "primitive-moe",
+        "top-k router (softmax/sigmoid, capacity, aux/z-loss, DeepSeek bias balancing), batched experts, expert parallelism",
+        """\
+from curry_train.primitives.moe import MoEMLP, moe_aux_loss, update_moe_biases
+
+block.mlp = MoEMLP(d_model, d_ff, n_experts=8, top_k=2)  # in each block, in place of the dense MLP
+loss = your_mean_token_loss(model(x), y) + moe_aux_loss(model)  # + every MoE layer's balancing (and z) loss
+loss.backward()
+optimizer.step()
+update_moe_biases(model)  # DeepSeek-V3 balancing: only routers built with bias_balancing=True move
+"""),
+    Primitive(
+        "tensor_parallel", "primitives/tensor_parallel.py", "primitive-tp-linear",
+        "Megatron tensor parallelism over DTensor: column/row parallel linears, one plan for GPT, Llama and torchtitan "
+        "blocks, sequence parallel, loss parallel",
+        """\
+from curry_train.primitives.tensor_parallel import apply_tensor_parallel
+
+# under torchrun, after torch.distributed.init_process_group(); tp_mesh: e.g. ParallelState(tp=2).tp_mesh
+apply_tensor_parallel(model, tp_mesh, sequence_parallel=True)  # before recompute, compile and FSDP2
+loss_sum, n_valid = your_summed_token_loss(model(x), y)  # the same x, y on every rank of the tp group
+"""),
 ]}
 ALIASES = {p.skill: p.name for p in PRIMITIVES.values()}
 

@@ -1,0 +1,86 @@
+"""The reference GPT with a mixture of experts (``model=moe``) from the CLI: the loss falls, the balancing loss is in
+the backward, DDP at world size 2 gives the single-process losses, and a DCP checkpoint resumes bit for bit.
+The router, experts and expert parallelism themselves: tests/primitives/test_moe_standalone.py."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from curry_train.__main__ import main
+from curry_train.config import load_config
+from curry_train.distributed import launch
+from curry_train.model import GPT, GPTConfig
+from curry_train.primitives.moe import MoEMLP
+from curry_train.train import train
+
+RUN = ["model=moe", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.moe_experts=4", "train.seq_len=32",
+       "train.batch_size=4", "train.progress=false", "train.log_every=0", "data.max_bytes=50000"]
+
+
+def test_moe_gpt_layout_and_active_flops():
+    cfg = GPTConfig(n_layer=4, n_embd=32, n_head=2, moe_experts=4, moe_every=2, moe_top_k=1)
+    model = GPT(cfg)
+    assert [isinstance(b.mlp, MoEMLP) for b in model.blocks] == [True, False, True, False]
+    dense = GPT(GPTConfig(n_layer=4, n_embd=32, n_head=2))
+    bank = sum(p.numel() for p in model.blocks[0].mlp.experts.parameters())
+    router = sum(p.numel() for p in model.blocks[0].mlp.router.parameters())
+    # top-1 of 4 SwiGLU experts: each MoE layer's active weights = router + one expert (3 matrices of d x 4d)
+    per_layer_active = router + bank // 4
+    assert bank // 4 == 3 * 32 * 128 and model.flops_per_token(32) - dense.flops_per_token(32) == \
+        6 * 2 * (per_layer_active - sum(p.numel() for p in dense.blocks[0].mlp.parameters()))
+
+
+def test_moe_trains_and_resumes_exactly(tmp_path):
+    ckpt = [f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.every=5", "checkpoint.keep_last=0"]
+    steps = [json.loads(line)["loss"] for line in _run(tmp_path, "straight", 10, ckpt).read_text().splitlines()]
+    assert steps[-1] < steps[0] - 0.5
+    shutil.rmtree(tmp_path / "ckpt" / "step-00000010")
+    (tmp_path / "ckpt" / "latest").write_text("step-00000005\n")  # roll back to step 5
+    resumed = [json.loads(line)["loss"] for line in _run(tmp_path, "resumed", 10, ckpt).read_text().splitlines()]
+    assert resumed == steps[5:]  # the routers, the experts and AdamW's moments all came back, bit for bit
+
+
+def _run(tmp_path, name, steps, extra=()):
+    metrics = tmp_path / f"{name}.jsonl"
+    assert main(["train", *RUN, f"train.steps={steps}", "train.warmup_steps=2", f"train.metrics_file={metrics}",
+                 *extra]) == 0
+    return metrics
+
+
+def test_the_balancing_loss_reaches_the_router():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, moe_experts=4, moe_aux_loss_weight=1.0))
+    x = torch.randint(0, 256, (2, 16))
+    model(x)
+    aux = model.blocks[0].mlp.aux_loss
+    aux.backward()
+    assert aux.item() > 0 and all(p.grad.abs().sum() > 0 for p in model.blocks[0].mlp.router.parameters())
+
+
+# Each data-parallel rank routes, caps and balances its own tokens (as Megatron and torchtitan do): capacity and the
+# aux loss are per-rank statistics, so parity with one process holds without a capacity limit or aux loss.
+PARITY = RUN + ["train.steps=4", "model.moe_capacity_factor=100", "model.moe_aux_loss_weight=0"]
+
+
+def _ddp(rank, ws):
+    return [m["loss"] for m in train(load_config(PARITY))]
+
+
+@pytest.mark.timeout(300)
+def test_moe_under_ddp_matches_one_process():
+    reference = [m["loss"] for m in train(load_config(PARITY))]
+    rank0, rank1 = launch(_ddp, 2, timeout=280)
+    assert rank0 == rank1 and rank0 == pytest.approx(reference, abs=1e-5)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.moe_top_k=5"], "model.moe_top_k must be"),
+    (["model.moe_capacity_factor=0"], "model.moe_capacity_factor must be"),
+    (["model.moe_experts=1"], "model.moe_experts must be"),
+])
+def test_bad_moe_settings_are_one_line(overrides, message, capsys, no_launch):
+    assert main(["train", *RUN, *overrides]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
