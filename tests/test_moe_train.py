@@ -75,6 +75,80 @@ def test_moe_under_ddp_matches_one_process():
     assert rank0 == rank1 and rank0 == pytest.approx(reference, abs=1e-5)
 
 
+def _train_keeping_experts(overrides):
+    """The run's metrics and its expert banks after training (this rank's shard under parallel.ep > 1)."""
+    import curry_train.train as train_module
+
+    kept = {}
+    run = train_module.run_training_steps
+
+    def spy(model, *args, **kwargs):
+        kept["model"] = model
+        return run(model, *args, **kwargs)
+
+    train_module.run_training_steps = spy
+    try:
+        history = train(load_config(overrides))
+    finally:
+        train_module.run_training_steps = run
+    model = getattr(kept["model"], "module", kept["model"])
+    banks = {k: v.detach().clone() for k, v in model.state_dict().items() if ".experts.w" in k}
+    return [(m["loss"], m["grad_norm"]) for m in history], banks
+
+
+# grad_clip=0.5 clips every step here, so the grad norm over the ep ranks' expert shards must be exact too
+EP_PARITY = PARITY + ["train.grad_clip=0.5"]
+
+
+def _ep(rank, ws, extra):
+    return _train_keeping_experts(EP_PARITY + ["parallel.ep=2", *extra])
+
+
+# world size 2: ep = dp (no expert-data-parallel reduce), with gradient accumulation (DDP's no_sync); world size 4:
+# dp 4, ep 2, so ranks 0 and 2 hold the same experts and sum their expert grads
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world_size,extra", [(2, ["train.gradient_accumulation_steps=2"]), (4, [])])
+def test_expert_parallel_matches_one_process(world_size, extra):
+    reference, full = _train_keeping_experts(EP_PARITY + extra)
+    results = launch(_ep, world_size, extra, timeout=280)
+    (metrics0, bank0), (metrics1, bank1) = results[:2]
+    assert all(norm > 0.5 for _, norm in reference)
+    assert all(metrics == metrics0 for metrics, _ in results)
+    assert all(torch.equal(bank[k], results[i % 2][1][k]) for i, (_, bank) in enumerate(results) for k in bank)
+    for (loss, norm), (ref_loss, ref_norm) in zip(metrics0, reference, strict=True):
+        assert loss == pytest.approx(ref_loss, abs=1e-5) and norm == pytest.approx(ref_norm, rel=1e-5)
+    assert full.keys() == bank0.keys() and len(full) == 3  # one MoE layer (model.moe_every=2): w1, w3, w2
+    for name, weight in full.items():
+        assert bank0[name].shape[0] == weight.shape[0] // 2  # each rank holds half the experts
+        torch.testing.assert_close(torch.cat([bank0[name], bank1[name]]), weight, rtol=0, atol=1e-5)
+
+
+def test_expert_parallel_groups_are_blocks_of_the_dp_groups():
+    from curry_train.primitives import ParallelState
+
+    ps = ParallelState(dp=4, pp=2, world_size=8, ep=2)  # no process group: the groups as rank lists
+    assert ps.group_ranks("dp") == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert ps.ep_ranks() == [[0, 1], [2, 3], [4, 5], [6, 7]]  # consecutive dp ranks: one expert bank between them
+    assert ps.expert_dp_ranks() == [[0, 2], [1, 3], [4, 6], [5, 7]]  # same ep coordinate: the same experts
+    assert ps.ep_group is None and ps.ep_rank == 0
+    with pytest.raises(ValueError, match="parallel.ep=3 must divide the data-parallel size 4"):
+        ParallelState(dp=4, pp=2, world_size=8, ep=3)
+
+
+@pytest.mark.parametrize("world_size,overrides,message", [
+    (2, ["parallel.ep=3"], "parallel.ep=3 must divide the data-parallel size 2"),
+    (4, ["parallel.ep=4", "model.moe_experts=6"], "parallel.ep=4 must divide model.moe_experts=6"),
+    (2, ["parallel.ep=2", "parallel.sharding=full"], "parallel.ep=2 with parallel.sharding=full"),
+    (4, ["parallel.ep=2", "parallel.pp=2"], "parallel.ep=2 with parallel.pp=2"),
+    (2, ["parallel.ep=2", "checkpoint.dir=/tmp/x"], "parallel.ep=2 with checkpoint.dir"),
+])
+def test_bad_expert_parallel_is_one_line(world_size, overrides, message, capsys, no_launch, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    assert main(["train", *RUN, *overrides]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["model.moe_top_k=5"], "model.moe_top_k must be"),
     (["model.moe_capacity_factor=0"], "model.moe_capacity_factor must be"),

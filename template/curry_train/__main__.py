@@ -22,6 +22,7 @@ EPILOG = """examples:
   python -m curry_train config train.lr=1e-3                   # print the composed config
   python -m curry_train preflight model=small                  # sanity checks before a long run (exit 1 on a fail)
   python -m curry_train lr-range --plot lr.png                 # LR range test: the suggested LR and its plot
+  python -m curry_train plan --params 7.5e9 --gpus 64          # which layout fits and is fastest, before renting
   python -m curry_train scaffold ../my-llm                     # new repo with this code, its tests, make test/bench
   python -m curry_train scaffold --update ../my-llm            # refresh it from this curry_train (edits are kept)
   python -m curry_train add recompute grad_accum --dest ../their-repo   # copy primitives into an existing repo
@@ -94,6 +95,7 @@ def _scaffold(args, parser) -> int:
 WORKFLOW = {  # subcommands with their own argument parsing (workflow/): name -> (module, function)
     "preflight": ("preflight", "preflight_main"),
     "lr-range": ("lr_range", "lr_range_main"),
+    "plan": (None, "plan_main"),
 }
 
 
@@ -103,7 +105,8 @@ def _main(argv: list[str] | None) -> int:
         import importlib
 
         module, fn = WORKFLOW[argv[0]]
-        return getattr(importlib.import_module(f".workflow.{module}", __package__), fn)(argv[1:])
+        module = f".workflow.{module}" if module else f".{argv[0]}"
+        return getattr(importlib.import_module(module, __package__), fn)(argv[1:])
     from .bench import BENCH_HELP, BENCHES, quick_help
 
     parser = argparse.ArgumentParser(
@@ -111,9 +114,11 @@ def _main(argv: list[str] | None) -> int:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{train,bench,config,add,scaffold,preflight,lr-range}")
+                                metavar="{train,bench,config,add,scaffold,preflight,lr-range,plan}")
     sub.add_parser("preflight", help="checks before a long run: initial loss, gradients, NaN, overfit one batch, "
                                      "causality (workflow/preflight.py; preflight --help)")
+    sub.add_parser("plan", help="memory, bubble, communication and step time per dp x tp x pp x cp layout, ranked, "
+                                "with the torchrun command (plan.py; plan --help)")
     sub.add_parser("lr-range", help="exponential LR sweep and a suggested LR with its plot (workflow/lr_range.py; "
                                     "lr-range --help)")
     p_train = sub.add_parser("train", help="train the configured model", epilog=EPILOG,

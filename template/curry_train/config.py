@@ -254,10 +254,36 @@ def _check_bench(b) -> None:
                              f"(= from the machine), got {list(b.world_sizes)}")
 
 
+def _check_expert_parallel(cfg, dp: int) -> None:
+    """``parallel.ep > 1``: the reference GPT's MoE layers, experts divisible by ep, DDP only, no pp/tp/cp, no
+    checkpoints yet (ep dividing dp is checked with the grid, ``ParallelState.sizes_from_config``)."""
+    p = cfg.parallel
+    ep = positive_int("parallel.ep", p.ep)
+    if ep == 1:
+        return
+    experts = None if user_target(cfg.model) is not None else cfg.model.get("moe_experts")
+    if not experts:
+        raise ValueError(f"parallel.ep={ep} shards the experts of MoE layers: use model=moe (model.moe_experts > 0), "
+                         "or parallel.ep=1")
+    if experts % ep:
+        raise ValueError(f"parallel.ep={ep} must divide model.moe_experts={experts}")
+    for key in ("pp", "tp", "cp"):
+        if p[key] > 1:
+            raise ValueError(f"parallel.ep={ep} with parallel.{key}={p[key]} is not supported yet; use parallel.{key}=1")
+    sharding, _ = check_options(p.sharding, p.mixed_precision, p.cpu_offload)
+    if sharding != "no_shard":
+        raise ValueError(f"parallel.ep={ep} with parallel.sharding={sharding} is not supported yet (FSDP/ZeRO of "
+                         "expert-sharded banks); use parallel.sharding=no_shard")
+    if cfg.checkpoint.dir is not None:
+        raise ValueError(f"parallel.ep={ep} with checkpoint.dir is not supported yet (expert shards would be saved as "
+                         "one replicated tensor); use checkpoint.dir=null")
+
+
 def _check_parallel(cfg, world_size: int, n_layer: int) -> None:
     p = cfg.parallel
     dp = data_parallel_size(cfg, world_size)
     check_context_parallel_config(cfg)
+    _check_expert_parallel(cfg, dp)
     if user_target(cfg.model) is None and cfg.model.moe_experts:
         for key, size in (("pp", p.pp), ("tp", p.tp)):
             if size > 1:

@@ -128,7 +128,7 @@ def _mesh_of(t: torch.Tensor):
     return getattr(t, "device_mesh", None)
 
 
-def clip_grad_norm(parameters, max_norm: float, pp_group=None, owns=None) -> float:
+def clip_grad_norm(parameters, max_norm: float, pp_group=None, owns=None, sharded=None) -> float:
     """The whole model's gradient L2 norm, before clipping; clips to ``max_norm`` when it is > 0.
 
     ``norm = sqrt(sum_p |grad_p|^2)``, every gradient scaled by ``min(1, max_norm / (norm + 1e-6))``
@@ -139,17 +139,21 @@ def clip_grad_norm(parameters, max_norm: float, pp_group=None, owns=None) -> flo
     gradient is whole on every rank of a tp group, so it counts once. With ``pp_group`` the squares are summed
     over the pipeline ranks, so every rank clips by the same coefficient; a parameter with ``owns(p)`` False (a
     tied weight whose copy another rank counts, ``PipelineSchedule.owns``) is left out of the sum but still clipped.
+    ``sharded`` (``parallelize.ExpertParallel``): its parameters differ across its group, so their squares come from
+    ``sharded.norm_square()`` (summed over the ep ranks) instead.
     """
     params = [p for p in parameters if p.grad is not None]
     groups: dict = {}  # device mesh (None: plain tensors) -> gradients; a dict keeps the first-seen order
     for p in params:
-        if owns is None or owns(p):
+        if (owns is None or owns(p)) and (sharded is None or not sharded.owns(p)):
             groups.setdefault(_mesh_of(p.grad), []).append(p.grad)
     if len(groups) <= 1:  # one kind of tensor: torch's own path
         norm = local_value(torch.nn.utils.get_total_norm(next(iter(groups.values()), [])))
     else:
         squares = [local_value(torch.nn.utils.get_total_norm(g)).double().square() for g in groups.values()]
         norm = torch.stack(squares).sum().sqrt().float()
+    if sharded is not None:
+        norm = (norm.double().square() + sharded.norm_square()).sqrt().to(norm.dtype)
     if pp_group is not None:
         square = norm.double().square()
         dist.all_reduce(square, group=pp_group)
@@ -189,11 +193,14 @@ def run_training_steps(
     nonfinite_patience: int = 3,
     loss_parallel: bool = False,
     prepare=None,
+    expert_parallel=None,
 ) -> list[dict]:
     """Train from ``start_step`` up to ``steps``; returns one metrics dict per step.
 
     ``prepare((x, y)) -> batch``, if given, turns each micro-batch (on ``device``) into what the model takes, e.g.
     this rank's context-parallel shard with its positions (``context_batches.cp_microbatch``).
+    ``expert_parallel`` (``parallelize.ExpertParallel``, ``parallel.ep > 1``): its expert grads, left out of DDP, are
+    reduced after the backward (``reduce_grads``) and counted in the grad norm over the ep ranks.
 
     Metrics: ``step``, ``loss`` (mean token loss of the global batch), ``lr``, ``grad_norm``,
     ``tokens`` (valid tokens in the global batch) and ``tokens_per_s``. ``on_step(step, metrics)`` runs after
@@ -220,7 +227,9 @@ def run_training_steps(
         if prepare is not None:
             micro = [prepare(mb) for mb in micro]
         loss_sum, n_tokens = accumulate_gradients(model, micro, ga, dp_group, schedule, loss_fn, loss_parallel)
-        norm = clip_grad_norm(model.parameters(), grad_clip, pp_group, owns)
+        if expert_parallel is not None:
+            expert_parallel.reduce_grads()
+        norm = clip_grad_norm(model.parameters(), grad_clip, pp_group, owns, sharded=expert_parallel)
         loss, global_tokens = _global_mean_loss(loss_sum, n_tokens, dp_group, device)
         skipped = not (math.isfinite(loss) and math.isfinite(norm))
         if skipped:

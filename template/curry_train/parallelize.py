@@ -91,3 +91,72 @@ def parallelize(model: torch.nn.Module, cfg, dp_group=None, *, tp_mesh=None, dp_
                                                 mesh=dp_mesh if tp > 1 and normalize_sharding(p.sharding) in FSDP_MODES
                                                 else None)
     return dist_opt.model, dist_opt
+
+
+class ExpertParallel:
+    """``parallel.ep > 1``: every ``MoEMLP`` of ``model`` replaced, in place, by this rank's expert-parallel shard
+    (``MoEMLP.from_dense(layer, ps.ep_group)``; every rank built the same full bank from the same seed, so the shards
+    are slices of one bank), and the gradient bookkeeping of the sharded banks.
+
+    Construct it after building the model and before ``parallelize``: it marks the expert-bank parameters
+    (``params``, their names ``names``) as ignored by DDP (``DistributedDataParallel.
+    _set_params_and_buffers_to_ignore_for_model``), because DDP would average them over dp ranks holding *different*
+    experts. The loop then calls ``reduce_grads()`` once per optimizer step, after the backward.
+
+    Normalisation: with ``N`` dp ranks and the global valid-token count ``T``, rank ``r`` back-propagates its summed
+    token loss ``L_r`` over ``T / N`` (``GradientAccumulation``). DDP averages replicated gradients over the ``N``
+    ranks: ``(1/N) sum_r N dL_r / T = sum_r dL_r / T``, the full-batch gradient. An expert shard's gradient, through
+    the all-to-all, already sums the contributions of every rank of its ep group: ``N / T * sum_{s in ep} dL_s``.
+    Summing that over the expert-data-parallel group (the ``N / ep`` ranks holding the same experts, one per ep
+    group) gives ``N / T * sum_s dL_s``, so the exact gradient is that sum divided by ``N`` (not ``N / ep``). With
+    ``ga.mode = microbatches`` the divisor is per rank and the same argument gives the same ``N``.
+
+    ``norm_square()``: this rank's expert-grad squared norm summed over the ep group (each rank holds a different
+    slice), so ``loop.clip_grad_norm`` clips by the whole model's norm.
+    """
+
+    def __init__(self, model: torch.nn.Module, ps):
+        from torch.nn.parallel import DistributedDataParallel
+
+        from .primitives.moe import MoEMLP
+
+        self.ep_group, self.expert_dp_group, self.dp_size = ps.ep_group, ps.expert_dp_group, ps.dp
+        layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoEMLP)]
+        if not layers:
+            raise ValueError(f"parallel.ep={ps.ep}: the model has no MoEMLP layer to shard")
+        for name, layer in layers:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, MoEMLP.from_dense(layer, ps.ep_group))
+        self.names = [f"{name}.experts.{w}" for name, _ in layers for w in ("w1", "w3", "w2")
+                      if getattr(model.get_submodule(name).experts, w) is not None]
+        named = dict(model.named_parameters())
+        self.params = [named[n] for n in self.names]
+        self._ids = {id(p) for p in self.params}
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, self.names)
+
+    def reduce_grads(self) -> None:
+        """Sum the expert grads over the ranks holding the same experts, divide by the dp size (class docstring)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        if self.expert_dp_group is not None:
+            dist.all_reduce(flat, group=self.expert_dp_group)
+        flat.div_(self.dp_size)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def owns(self, p) -> bool:
+        """Whether ``p`` is one of the expert-bank slices (different on every rank of the ep group)."""
+        return id(p) in self._ids
+
+    def norm_square(self) -> torch.Tensor:
+        """Squared L2 norm of every rank's expert grads (this rank's, summed over the ep group), float64."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        sq = (torch.nn.utils.get_total_norm(grads).double().square() if grads
+              else torch.zeros((), dtype=torch.float64, device=self.params[0].device))
+        dist.all_reduce(sq, group=self.ep_group)
+        return sq

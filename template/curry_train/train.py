@@ -9,7 +9,8 @@ GPT-2, torchtitan, nanoGPT), this rank's stages go through the same ``paralleliz
 gets their ``PipelineSchedule``: the same optimizer step, its pipeline branch open in ``loop.accumulate_gradients``.
 With ``parallel.tp > 1`` the model is tensor-parallel over the rank grid's ``tp`` dim (``parallelize``); the ranks
 of a tp group read the same rows (batches are split by ``dp_rank``) and losses and token counts are reduced over
-``dp`` only.
+``dp`` only. With ``parallel.ep > 1`` (model=moe, DDP) each MoE layer keeps this rank's slice of its experts
+(``parallelize.ExpertParallel``: left out of DDP, its grads reduced over the ranks holding the same experts).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .context_batches import cp_microbatch
 from .config import pipeline_settings, validate
 from .data import build_batches, seed_everything
 from .loop import build_optimizer, build_scheduler, run_training_steps, token_loss_sum
-from .parallelize import parallelize
+from .parallelize import ExpertParallel, parallelize
 from .primitives import GradientAccumulation, ParallelState, PipelineSchedule
 from .primitives.blocks import find_blocks
 from .stages import StageModules, split_model
@@ -40,11 +41,14 @@ def train(cfg) -> list[dict]:
 
     seed_everything(cfg.seed)  # same initial weights on every rank
     model = build_model(cfg).to(device)  # the reference GPT, or model._target_ (user_model.py)
+    # parallel.ep > 1: each rank keeps its slice of every MoE layer's (same-seed) expert bank; DDP ignores the slices
+    expert_parallel = ExpertParallel(model, ps) if ps.ep > 1 else None
     batches = build_batches(cfg)
     ga = GradientAccumulation.from_config(cfg.train)
     if rank == 0:
         tp = f", tp {ps.tp}{' + sequence parallel' if cfg.parallel.sequence_parallel else ''}" if ps.tp > 1 else ""
         tp += f", cp {ps.cp} (ring attention)" if ps.cp > 1 else ""
+        tp += f", ep {ps.ep} (experts sharded)" if ps.ep > 1 else ""
         print(f"model: {model_name(cfg)}, {n_params(model):,} parameters | world size {world_size} "
               f"(dp {dp_size}{tp}) | {ga} | device {device}")
         if world_size > 1:
@@ -78,6 +82,7 @@ def train(cfg) -> list[dict]:
         on_step=train_state.step_hook(cfg, ckpt, model, optimizer, scheduler, fault_step),
         loss_fn=build_loss(cfg) if t.loss is not None else None,  # train.loss._target_ (user_model.py)
         nonfinite_patience=t.nonfinite_patience, loss_parallel=cfg.parallel.loss_parallel, prepare=prepare,
+        expert_parallel=expert_parallel,
     )
     train_state.finish(ckpt)  # an async save still in flight is waited for and committed
     if rank == 0 and history:

@@ -111,6 +111,10 @@ class ParallelConfig:
     """Context-parallel size, >= 1: each rank keeps seq_len / cp tokens of every row and attention is ring attention
     over the cp group (primitives/context_parallel.py); train.seq_len divisible by 2 * cp, no pp or tp with it yet,
     model.dropout = 0, and a model whose forward takes positions (the GPT) or position_ids (Hugging Face)."""
+    ep: int = 1
+    """Expert-parallel size, > 0 (1 = off): the experts of every MoE layer are sharded over ep ranks of the
+    data-parallel group (ep within dp: the grid's sizes do not change); must divide the dp size and
+    model.moe_experts; sharding=no_shard (DDP) only, no pp, tp or cp, no checkpoint.dir yet."""
     sequence_parallel: bool = False
     """With tp > 1: norms and dropout run on seq_len / tp tokens per rank (reduce-scatter + all-gather instead of
     all-reduce); train.seq_len must be divisible by tp."""

@@ -16,6 +16,12 @@ coordinate is 0.
 
 ``dp=-1`` means "whatever the other dims leave": ``dp = world_size / (pp * cp * tp)``. Sizes are checked by
 ``ParallelState.resolve_sizes`` without any process group, so a bad grid fails before ranks start.
+
+Expert parallelism (``ep``) is not a dim of the grid: the ep ranks are a sub-group of the data-parallel ranks
+(Megatron's and torchtitan's ep within dp). Each dp group is cut into ``dp / ep`` blocks of ``ep`` consecutive dp
+ranks; ``ep_group`` is this rank's block (its MoE layers' experts are sharded over it) and ``expert_dp_group`` the
+dp ranks with the same ep coordinate (they hold the same experts, whose gradients are averaged over it; ``None``
+when ``ep == dp``). Both are built collectively when ``ep > 1``.
 No module-level state: build one object and pass it around.
 """
 
@@ -55,11 +61,12 @@ class ParallelState:
     Attributes: ``sizes`` (dict dim -> size), ``order`` (tuple of dims, outermost first), ``world_size``,
     ``rank``, ``coords`` (dict dim -> this rank's coordinate), ``mesh`` (``DeviceMesh`` or ``None``),
     ``dp``/``pp``/``cp``/``tp`` (sizes), ``dp_rank``... (coordinates), ``dp_group``... (process groups),
-    ``dp_mesh``/``tp_mesh`` (1-D sub-meshes, ``submesh(dim)``).
+    ``dp_mesh``/``tp_mesh`` (1-D sub-meshes, ``submesh(dim)``); ``ep``, ``ep_rank``, ``ep_group`` and
+    ``expert_dp_group`` (expert parallelism within dp, module docstring; the groups ``None`` unless ep > 1).
     """
 
     def __init__(self, dp: int = -1, pp: int = 1, tp: int = 1, cp: int = 1, order: str = DEFAULT_ORDER,
-                 world_size: int | None = None, device_type: str | None = None):
+                 world_size: int | None = None, device_type: str | None = None, ep: int = 1):
         distributed = dist.is_available() and dist.is_initialized()
         if world_size is None:
             world_size = dist.get_world_size() if distributed else 1
@@ -81,6 +88,13 @@ class ParallelState:
                 device_type = "cuda" if torch.cuda.is_available() else "cpu"
             self.mesh = init_device_mesh(device_type, tuple(self.sizes[d] for d in self.order), mesh_dim_names=self.order)
         self._dp_cp_group = self._build_dp_cp_group() if distributed and self.sizes["cp"] > 1 else None
+        self.ep = self.check_ep(ep, self.sizes["dp"])
+        self.ep_rank = self.coords["dp"] % self.ep
+        self.ep_group = self.expert_dp_group = None
+        if distributed and self.ep > 1:
+            self.ep_group, _ = dist.new_subgroups_by_enumeration(self.ep_ranks())  # collective: same order everywhere
+            if self.ep < self.sizes["dp"]:
+                self.expert_dp_group, _ = dist.new_subgroups_by_enumeration(self.expert_dp_ranks())
 
     # -- sizes, without a process group -------------------------------------------------------------
     @staticmethod
@@ -109,19 +123,31 @@ class ParallelState:
             )
         return {"pp": pp, "dp": dp, "cp": cp, "tp": tp}
 
+    @staticmethod
+    def check_ep(ep, dp: int) -> int:
+        """``parallel.ep`` as a positive integer dividing the data-parallel size ``dp``."""
+        ep = positive_int("parallel.ep", ep)
+        if dp % ep:
+            raise ValueError(f"parallel.ep={ep} must divide the data-parallel size {dp} (expert-parallel ranks are a "
+                             "sub-group of the data-parallel ranks)")
+        return ep
+
     @classmethod
     def from_config(cls, cfg, world_size: int | None = None, device_type: str | None = None) -> "ParallelState":
         """From ``cfg.parallel`` (any mapping or attribute object with dp, pp, tp, cp and optionally order)."""
         get = config_getter(cfg)
         return cls(dp=get("dp", -1), pp=get("pp", 1), tp=get("tp", 1), cp=get("cp", 1),
-                   order=get("order", DEFAULT_ORDER), world_size=world_size, device_type=device_type)
+                   order=get("order", DEFAULT_ORDER), world_size=world_size, device_type=device_type,
+                   ep=get("ep", 1))
 
     @staticmethod
     def sizes_from_config(cfg, world_size: int) -> dict[str, int]:
         """``resolve_sizes`` from a config: the check ``config.validate`` runs before any process group."""
         get = config_getter(cfg)
-        return ParallelState.resolve_sizes(world_size, dp=get("dp", -1), pp=get("pp", 1), tp=get("tp", 1),
-                                           cp=get("cp", 1), order=get("order", DEFAULT_ORDER))
+        sizes = ParallelState.resolve_sizes(world_size, dp=get("dp", -1), pp=get("pp", 1), tp=get("tp", 1),
+                                            cp=get("cp", 1), order=get("order", DEFAULT_ORDER))
+        ParallelState.check_ep(get("ep", 1), sizes["dp"])
+        return sizes
 
     # -- the grid ------------------------------------------------------------------------------------
     def coordinates(self, rank: int) -> dict[str, int]:
@@ -156,6 +182,14 @@ class ParallelState:
             c = self.coordinates(r)
             groups.setdefault(tuple(c[d] for d in others), []).append(r)
         return [sorted(g) for g in groups.values()]
+
+    def ep_ranks(self) -> list[list[int]]:
+        """Every expert-parallel group: each dp group cut into blocks of ``ep`` consecutive dp ranks."""
+        return [g[i:i + self.ep] for g in self.group_ranks("dp") for i in range(0, len(g), self.ep)]
+
+    def expert_dp_ranks(self) -> list[list[int]]:
+        """Every expert-data-parallel group: the ranks of a dp group with the same ep coordinate (same experts)."""
+        return [g[i::self.ep] for g in self.group_ranks("dp") for i in range(self.ep)]
 
     def _build_dp_cp_group(self):
         group, _ = dist.new_subgroups_by_enumeration(self.dp_cp_ranks())  # collective: every rank, same order
