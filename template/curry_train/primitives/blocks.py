@@ -45,6 +45,22 @@ def _fsdp_module_class() -> tuple:
     return (FSDPModule,)
 
 
+_RECLASSED: dict[tuple[type, type], type] = {}
+
+
+def reclass(module: nn.Module, mixin: type) -> nn.Module:
+    """Give ``module`` the class ``<Mixin><Class>`` (``mixin`` first in the MRO), in place, as FSDP2's ``fully_shard``
+    does: parameter names and state-dict keys stay the same, ``isinstance`` holds for both classes. One class per
+    ``(mixin, class)`` pair; a module that already has the mixin is left as it is. Used by ``Recompute`` and
+    ``ContextParallel`` (mark the mixin ``_reclasses_in_place`` so ``block_class`` sees through it)."""
+    if not isinstance(module, mixin):
+        base = type(module)
+        if (mixin, base) not in _RECLASSED:
+            _RECLASSED[(mixin, base)] = type(f"{mixin.__name__}{base.__name__}", (mixin, base), {})
+        module.__class__ = _RECLASSED[(mixin, base)]
+    return module
+
+
 def block_class(module: nn.Module) -> type:
     """``module``'s own class, seen through in-place re-classing: ``Recompute`` (classes marked
     ``_reclasses_in_place``) and FSDP2's ``fully_shard`` make ``Recompute<Block>`` / ``FSDP<Block>`` subclasses,

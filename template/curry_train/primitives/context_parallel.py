@@ -69,7 +69,7 @@ from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
 
 from ._checks import boolean, choice, integer, positive_int
-from .blocks import find_blocks
+from .blocks import find_blocks, reclass
 
 PATTERNS = ("ring",)
 PATTERN_NOTE = "(double_ring, a two-level ring over intra- and inter-node groups, is not implemented)"
@@ -445,7 +445,6 @@ class ContextParallel(nn.Module):
     """
 
     _reclasses_in_place = True  # primitives.blocks.block_class sees through it
-    _classes: dict[type, type] = {}
 
     def __new__(cls, inner_attention: nn.Module | None = None, *args, **kwargs):
         if inner_attention is None:  # copy.deepcopy / unpickling
@@ -458,12 +457,7 @@ class ContextParallel(nn.Module):
         boolean("load_balance", load_balance)
         _group_size_rank(cp_group)
         _check_not_recomputed(inner_attention)
-        if not isinstance(inner_attention, ContextParallel):
-            base = type(inner_attention)
-            if base not in ContextParallel._classes:
-                ContextParallel._classes[base] = type(f"ContextParallel{base.__name__}", (ContextParallel, base), {})
-            inner_attention.__class__ = ContextParallel._classes[base]
-        return inner_attention
+        return reclass(inner_attention, ContextParallel)
 
     def __init__(self, inner_attention: nn.Module | None = None, cp_group=None, pattern: str = "ring",
                  causal: bool = True, load_balance: bool = True):

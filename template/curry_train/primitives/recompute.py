@@ -53,7 +53,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from . import model_io
 from ._checks import choice, positive_int
 from ._config import config_get
-from .blocks import require_blocks
+from .blocks import reclass, require_blocks
 
 MODES = ("full", "selective")
 EVERY_N_NOTE = "(1 = every block)"
@@ -105,7 +105,6 @@ class Recompute(nn.Module):
     """
 
     _reclasses_in_place = True  # primitives.blocks.block_class sees through it
-    _classes: dict[type, type] = {}
     _cache_positions: dict[type, dict[str, int]] = {}
 
     def __new__(cls, block: nn.Module | None = None, *args, **kwargs):
@@ -124,12 +123,7 @@ class Recompute(nn.Module):
                 f"{type(block).__name__} already runs under Hugging Face gradient checkpointing; use one of the two: "
                 "model.gradient_checkpointing_disable() before Recompute, or no Recompute"
             )
-        if not isinstance(block, Recompute):
-            base = type(block)
-            if base not in Recompute._classes:
-                Recompute._classes[base] = type(f"Recompute{base.__name__}", (Recompute, base), {})
-            block.__class__ = Recompute._classes[base]
-        return block
+        return reclass(block, Recompute)
 
     def __init__(self, block: nn.Module | None = None, enabled: bool = True, mode: str = "full",
                  preserve_rng_state: bool = True):
