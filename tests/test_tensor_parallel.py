@@ -21,7 +21,8 @@ import foreign_models
 from curry_train.config import load_config
 from curry_train.distributed import free_port, launch
 from curry_train.model import GPT, GPTConfig, token_loss
-from curry_train.primitives.tensor_parallel import apply_tensor_parallel, local_value, loss_parallel_context
+from curry_train.primitives.tensor_parallel import (apply_tensor_parallel, local_value, loss_parallel_context,
+                                                    norm_saved_bytes)
 from curry_train.train import train
 
 TOL = 1e-5
@@ -68,6 +69,17 @@ def _parity(tp_mesh, variants) -> dict:
     return out
 
 
+def _norm_bytes(tp_mesh) -> dict:
+    """Bytes saved for backward inside the norms, per rank, with and without sequence parallelism."""
+    x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(4))
+    out = {}
+    for name in ("gpt", "llama", "titan"):
+        for sp in (False, True):
+            model = apply_tensor_parallel(_model(name), tp_mesh, sp)
+            out[(name, sp)] = norm_saved_bytes(model, lambda: model(x))
+    return out
+
+
 def _losses(overrides) -> list[float]:
     """Per step: the loss and the gradient norm (clipped to 0.5: a wrong norm would change every later loss)."""
     return [v for m in train(load_config(RUN + overrides)) for v in (m["loss"], m["grad_norm"])]
@@ -80,7 +92,8 @@ def _world2(rank, ws, ckpt_dir):
     from curry_train.primitives.checkpoint import Checkpointer
 
     mesh = init_device_mesh("cpu", (2,))
-    out = {"parity": _parity(mesh, [(False, False), (True, False), (False, True), (True, True)])}
+    out = {"parity": _parity(mesh, [(False, False), (True, False), (False, True), (True, True)]),
+           "norm_bytes": _norm_bytes(mesh)}
     out["train"] = {"gpt tp": _losses(["parallel.tp=2"]),
                     "llama tp sp lp": _losses(LLAMA + ["parallel.tp=2", "parallel.sequence_parallel=true",
                                                        "parallel.loss_parallel=true"]),
@@ -100,7 +113,8 @@ def _world2(rank, ws, ckpt_dir):
 def _world4(rank, ws):
     from torch.distributed.device_mesh import init_device_mesh
 
-    out = {"parity": _parity(init_device_mesh("cpu", (4,)), [(False, False), (True, True)])}
+    mesh = init_device_mesh("cpu", (4,))
+    out = {"parity": _parity(mesh, [(False, False), (True, True)]), "norm_bytes": _norm_bytes(mesh)}
     out["train"] = {"dp2 tp2 full sp": _losses(["parallel.tp=2", "parallel.sharding=full",
                                                 "parallel.sequence_parallel=true", "train.recompute=full"]),
                     "dp2 tp2 shard_grad_op": _losses(["parallel.tp=2", "parallel.sharding=shard_grad_op"])}
@@ -131,6 +145,7 @@ def test_tp2_parity_training_and_checkpoint_resharding(tmp_path, references):
             assert logits <= TOL and grads <= TOL, (key, logits, grads)
         for key, reference in (("gpt tp", "gpt"), ("llama tp sp lp", "llama"), ("titan tp sp recompute", "titan")):
             assert r["train"][key] == pytest.approx(references[reference], abs=TOL), (key, r["train"][key])
+    _assert_sp_divides_norm_bytes(ranks, 2)
     # what the plan shards: column/row linears of both blocks, the embedding and the head (by vocabulary)
     assert len(ranks[0]["sharded"]) == 2 * 7 + 2 and "model.layers.1.mlp.down_proj.weight" in ranks[0]["sharded"]
 
@@ -158,6 +173,17 @@ def test_tp4_parity_and_dp2_x_tp2_fsdp2(references):
             assert logits <= TOL and grads <= TOL, (key, logits, grads)
         for key, losses in r["train"].items():
             assert losses == pytest.approx(references["gpt"], abs=TOL), (key, losses)
+    _assert_sp_divides_norm_bytes(ranks, 4)
+
+
+def _assert_sp_divides_norm_bytes(ranks, tp):
+    """Sequence parallelism: every rank saves exactly 1/tp of the norms' activations (inputs, mean/rstd...)."""
+    for r in ranks:
+        for name in ("gpt", "llama", "titan"):
+            full, sp = r["norm_bytes"][(name, False)], r["norm_bytes"][(name, True)]
+            assert full > 0 and sp * tp == full, (name, tp, full, sp)
+    print(f"tp={tp}: norm activation bytes per rank without / with SP:",
+          {k: v for k, v in ranks[0]["norm_bytes"].items()})
 
 
 @pytest.mark.timeout(200)

@@ -66,6 +66,18 @@ def _has(model, *paths: str) -> bool:
     return all(_get(model, p) is not None for p in paths)
 
 
+def _no_cache(fn) -> dict:
+    """``{"cache": None}`` where ``fn`` takes ``cache`` (transformers >= 5.2x renamed it), else
+    ``{"past_key_values": None}``."""
+    import inspect
+
+    try:
+        names = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        names = {}
+    return {"cache": None} if "cache" in names else {"past_key_values": None}
+
+
 class StageNode(nn.Module):
     """A bare container that holds a stage's modules under the model's attribute path (``model`` in
     ``model.layers.0``). ``StageModules`` merges these across stages."""
@@ -143,14 +155,14 @@ class HFLlamaStage(DecoderStage):
         makers = {"full_attention": masking_utils.create_causal_mask,
                   "sliding_attention": masking_utils.create_sliding_window_causal_mask}
         position_ids = self._positions(h)
-        masks = {kind: makers[kind](config=self.config, inputs_embeds=h, attention_mask=None, past_key_values=None,
-                                    position_ids=position_ids) for kind in set(self.mask_kinds.values())}
+        masks = {kind: makers[kind](config=self.config, inputs_embeds=h, attention_mask=None, position_ids=position_ids,
+                                    **_no_cache(makers[kind])) for kind in set(self.mask_kinds.values())}
         return position_ids, _get(self, "model.rotary_emb")(h, position_ids), masks
 
     def run_block(self, block, index, h, context):
         position_ids, position_embeddings, masks = context
         return block(h, attention_mask=masks[self.mask_kinds[index]], position_ids=position_ids,
-                     past_key_values=None, use_cache=False, position_embeddings=position_embeddings)
+                     use_cache=False, position_embeddings=position_embeddings, **_no_cache(block.forward))
 
     def head(self, h):
         return _get(self, "lm_head")(_get(self, "model.norm")(h))
@@ -179,7 +191,7 @@ class GPT2Stage(DecoderStage):
 
         position_ids = self._positions(h)
         return position_ids, create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=None,
-                                                past_key_values=None, position_ids=position_ids)
+                                                position_ids=position_ids, **_no_cache(create_causal_mask))
 
     def run_block(self, block, index, h, context):
         if not self.hf:

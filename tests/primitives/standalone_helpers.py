@@ -169,12 +169,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, fn, world_size, port, result_dir, args):
+def _entry(rank, fn, world_size, port, result_dir, args, backend="gloo"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
                       RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         torch.save(fn(rank, world_size, *args), os.path.join(result_dir, f"rank{rank}.pt"))
     except BaseException:
         with open(os.path.join(result_dir, f"rank{rank}.err"), "w") as f:
@@ -197,15 +199,17 @@ def _first_traceback(result_dir: str) -> str:
     return open(written[0][1]).read() if written else "(no traceback written)"
 
 
-def spawn(fn, world_size: int, *args, timeout: float = 120.0) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` local gloo ranks; return the per-rank results.
+def spawn(fn, world_size: int, *args, timeout: float = 120.0, backend: str = "gloo") -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` local gloo ranks (``backend="nccl"``: one GPU per
+    rank); return the per-rank results.
 
     ``fn`` must be a module-level function (it is pickled by name) and return something ``torch.save`` can
     write. Raises ``SpawnError`` with the first failing rank's traceback, or after ``timeout`` seconds with
     every rank killed: a hang is a failure, never waited on.
     """
     with tempfile.TemporaryDirectory(prefix="standalone_spawn_") as result_dir:
-        ctx = mp.spawn(_entry, args=(fn, world_size, free_port(), result_dir, args), nprocs=world_size, join=False)
+        ctx = mp.spawn(_entry, args=(fn, world_size, free_port(), result_dir, args, backend), nprocs=world_size,
+                       join=False)
         deadline = time.monotonic() + timeout
         try:
             while not ctx.join(timeout=0.5):

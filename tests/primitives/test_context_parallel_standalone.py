@@ -193,6 +193,7 @@ def _errors(rank, ws):
         "recompute_inside": _error(
             lambda: ContextParallel.wrap(nn.Sequential(checkpoint_wrapper(GQAttention())), None)),
         "no_blocks": _error(lambda: apply_context_parallel(GQAttention(), None)),
+        "torch_on_cpu": _error(lambda: ContextParallel.wrap(GQAttention(), None, implementation="torch")),
         "ok_non_causal": ContextParallel.wrap(GQAttention(), None, causal=False)(x, is_causal=False).shape == x.shape,
     }
 
@@ -300,6 +301,8 @@ def test_recompute_around_a_wrapped_module_and_errors_inside_the_group(ranks):
     assert "activation recompute" in e["recompute_inside"] and "before" in e["recompute_inside"], e
     assert e["no_blocks"].startswith("model has no attention module CP knows how to wrap: GQAttention"), e
     assert e["ok_non_causal"] is True
+    assert e["torch_on_cpu"].startswith("ContextParallel(implementation='torch') needs the module on CUDA (its "
+                                        "parameters are on cpu)"), e
 
 
 def test_positions_and_shards_without_processes():
@@ -329,9 +332,43 @@ def test_bad_input_without_processes():
         apply_context_parallel(nn.Sequential(nn.Linear(2, 2)), None)
     with pytest.raises(ValueError, match="initialized process group"):
         ring_attention(*(torch.zeros(1, 1, 4, 2),) * 3, None)
+    with pytest.raises(ValueError, match=r"^implementation must be one of ring, torch, got 'flash'$"):
+        ContextParallel.wrap(GQAttention(), None, implementation="flash")
     with pytest.raises(ValueError, match="needs an nn.Module"):
         ContextParallel.wrap(lambda x: x, None)
     m = GQAttention()
     with pytest.raises(ValueError, match="initialized process group"):
         ContextParallel.wrap(m, None)
     assert type(m) is GQAttention, "a failed wrap changes nothing"
+
+
+def _torch_implementation(rank, ws):
+    """On CUDA: PyTorch's ring attention (implementation="torch") and ours against the unwrapped module, causal
+    with load balancing and bidirectional."""
+    out = {}
+    for causal in (True, False):
+        plain = GQAttention().cuda()
+        x = torch.randn(2, 8 * ws, 32, generator=torch.Generator().manual_seed(2)).cuda().requires_grad_()
+        plain(x, is_causal=causal).square().sum().backward()
+        ref = grads(plain)
+        for impl in ("torch", "ring"):
+            m = ContextParallel.wrap(GQAttention().cuda(), None, causal=causal, implementation=impl)
+            xl = shard_sequence(x.detach(), rank, ws).requires_grad_()
+            y = m(xl, is_causal=causal)
+            y.square().sum().backward()
+            got = grads(m)
+            for t in got.values():
+                dist.all_reduce(t)
+            out[(causal, impl)] = max(_diff(unshard_sequence(y, None), plain(x, is_causal=causal)),
+                                      _diff(xl.grad, shard_sequence(x.grad, rank, ws)),
+                                      max(_diff(got[n], ref[n]) for n in ref))
+    return out
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="PyTorch's CP path needs CUDA SDPA on 2 GPUs")
+@pytest.mark.timeout(300)
+def test_pytorch_context_parallel_on_cuda_equals_full_attention():
+    """implementation="torch" (PyTorch's DTensor ring attention) gives full attention's outputs and gradients."""
+    results = spawn(_torch_implementation, 2, timeout=240, backend="nccl")
+    for key, diff in results[0].items():
+        assert diff <= 1e-4, (key, diff)  # fp32 on GPU kernels (TF32 off by default for SDPA in fp32)

@@ -9,6 +9,8 @@ measures:
 * parameter bytes it holds (``DTensor.to_local()``), against tp = 1;
 * activation bytes kept for backward (``primitives.recompute.activation_memory``: bytes alive when forward returns,
   logits and loss included), against tp = 1;
+* the bytes saved for backward inside the norms (``tensor_parallel.norm_saved_bytes``: the region sequence
+  parallelism shards; ``1/tp`` of tp = 1's with SP, all of it without);
 * the collectives of one forward and one backward, counted with ``torch.distributed.tensor.debug.CommDebugMode``
   (plus the elements each moved: the whole tensor, i.e. an all-gather's output, a reduce-scatter's input), next to
   the formula of the blocks (``tensor_parallel.block_comm``: 2 all-reduces of ``B N d`` per block forward, 2
@@ -38,7 +40,8 @@ from omegaconf import OmegaConf
 from ..distributed import launch
 from ..primitives.model_io import forward_loss_sum
 from ..primitives.recompute import activation_memory
-from ..primitives.tensor_parallel import apply_tensor_parallel, block_comm, check_tensor_parallel, describe
+from ..primitives.tensor_parallel import (apply_tensor_parallel, block_comm, check_tensor_parallel, describe,
+                                          norm_saved_bytes)
 from ..user_model import build_model, model_name
 from . import machine
 from .common import MIB, build_model_and_batches, quiet_stderr
@@ -86,7 +89,8 @@ def _param_bytes(model) -> int:
 def _measure(model, x, y, cfg, device, count_comm: bool) -> dict:
     with quiet_stderr():  # the profiler's USDT lines
         activations = activation_memory(model, (x, y), peak=False)["activation_bytes"]
-    out = {"param_bytes": _param_bytes(model), "activation_bytes": activations}
+    out = {"param_bytes": _param_bytes(model), "activation_bytes": activations,
+           "norm_bytes": norm_saved_bytes(model, lambda: forward_loss_sum(model, (x, y)))}
     if count_comm:
         model.zero_grad(set_to_none=True)
         with warnings.catch_warnings():
@@ -183,6 +187,7 @@ def bench_tp(cfg, tp_sizes=None) -> dict:
     base_step = statistics.median(base["seconds"])
     rows = [{"tp": 1, "sequence_parallel": False, "param_bytes": base["param_bytes"],
              "activation_bytes": base["activation_bytes"], "param_ratio": 1.0, "activation_ratio": 1.0,
+             "norm_bytes": base["norm_bytes"], "norm_ratio": 1.0,
              "forward": {}, "backward": {}, "formula": block_comm(B, N, d, n_layer, 1), "step_ms": 1000 * base_step,
              "speedup": 1.0}]
     skipped = {}
@@ -204,18 +209,22 @@ def bench_tp(cfg, tp_sizes=None) -> dict:
                 "activation_bytes": worst["activation_bytes"],
                 "param_ratio": max(r["param_bytes"] for r in per_rank) / base["param_bytes"],
                 "activation_ratio": worst["activation_bytes"] / base["activation_bytes"],
+                "norm_bytes": max(r["norm_bytes"] for r in per_rank),
+                "norm_ratio": max(r["norm_bytes"] for r in per_rank) / base["norm_bytes"],
                 "forward": per_rank[0]["forward"], "backward": per_rank[0]["backward"],
                 "formula": block_comm(B, N, d, n_layer, tp, sp), "step_ms": 1000 * step, "speedup": base_step / step,
             })
-    print("\n| tp | SP | params/rank MiB | x tp=1 | activations/rank MiB | x tp=1 | forward collectives "
+    print("\n| tp | SP | params/rank MiB | x tp=1 | activations/rank MiB | x tp=1 | norm activations KiB | x tp=1 | "
+          "forward collectives "
           "measured/formula | backward measured/formula | traffic/rank MiB measured | formula | step ms | speedup |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         formula_totals = {part: {op: (c, c * e) for op, (c, e) in ops.items()} for part, ops in r["formula"].items()}
         r["traffic_bytes"] = 4 * _traffic({p: r[p] for p in ("forward", "backward")}, r["tp"])  # fp32
         r["formula_traffic_bytes"] = 4 * _traffic(formula_totals, r["tp"])
         print(f"| {r['tp']} | {'on' if r['sequence_parallel'] else 'off'} | {r['param_bytes'] / MIB:.3f} | "
               f"{r['param_ratio']:.3f} | {r['activation_bytes'] / MIB:.2f} | {r['activation_ratio']:.3f} | "
+              f"{r['norm_bytes'] / 1024:.1f} | {r['norm_ratio']:.3f} | "
               f"{_fmt_comm(r['forward'], r['formula']['forward'])} | "
               f"{_fmt_comm(r['backward'], r['formula']['backward'])} | {r['traffic_bytes'] / MIB:.2f} | "
               f"{r['formula_traffic_bytes'] / MIB:.2f} | {r['step_ms']:.1f} | {r['speedup']:.2f} |")

@@ -27,8 +27,8 @@ Blocks: ``apply_recompute`` asks ``primitives.blocks.find_blocks`` (the referenc
 where none is found raises ``NoBlocksError`` naming its class and ``block_types``.
 
 KV cache (Hugging Face decoders, ``use_cache=True`` by default even in training): while a block runs under
-recompute, ``Recompute`` calls it with ``use_cache=False`` and ``past_key_values`` / ``past_key_value`` /
-``layer_past`` set to None, positional or keyword, as HF's own ``GradientCheckpointingLayer`` does; otherwise
+recompute, ``Recompute`` calls it with ``use_cache=False`` and ``cache`` (transformers >= 5.2x) /
+``past_key_values`` / ``past_key_value`` / ``layer_past`` set to None, positional or keyword, as HF's own ``GradientCheckpointingLayer`` does; otherwise
 the recompute in backward would append the same keys and values to the cache a second time. The model's
 returned cache is then empty (or None). Blocks with ``_can_checkpoint_with_cache = True`` (cache readers) keep
 their cache argument. Without gradients (generation) nothing is checkpointed and the cache works as usual.
@@ -72,7 +72,8 @@ SELECTIVE_SAVE_OPS = {
 
 
 # What a block is called with while it runs under recompute: no KV cache written (see the module docstring).
-CACHE_OFF = {"use_cache": False, "past_key_values": None, "past_key_value": None, "layer_past": None}
+CACHE_OFF = {"use_cache": False, "cache": None, "past_key_values": None, "past_key_value": None,
+             "layer_past": None}
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
