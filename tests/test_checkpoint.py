@@ -377,7 +377,8 @@ def test_checkpoint_bench_measures_size_and_times_on_the_reference_gpt():
     from curry_train.bench.checkpoint import ADAMW_FP32_BYTES_PER_PARAM, bench_checkpoint
     from curry_train.config import load_config
 
-    cfg = load_config(["model.n_layer=2", "model.n_embd=64", "model.n_head=2", "bench.repeats=2"])
+    cfg = load_config(["model.n_layer=2", "model.n_embd=64", "model.n_head=2", "bench.repeats=2",
+                       "bench.checkpoint_params=20000"])  # the large synthetic state, kept tiny here
     r = bench_checkpoint(cfg)
     assert r["params"] == GPT(GPTConfig.from_config(cfg.model)).n_params()
     # weights + exp_avg + exp_avg_sq in fp32, plus a fixed cost per entry (tensors, flattened hyperparameters)
@@ -386,3 +387,6 @@ def test_checkpoint_bench_measures_size_and_times_on_the_reference_gpt():
     assert r["save_s"] > 0 and r["load_s"] > 0 and 0 < r["async_blocking_s"] <= r["async_total_s"]
     assert [row["mtbf_h"] for row in r["young_daly"]] == [1.0, 24.0]
     assert r["young_daly"][0]["interval_s"] == pytest.approx((2 * r["save_s"] * 3600) ** 0.5)
+    large = r["large"]  # bench.checkpoint_params is applied; Young/Daly fed by the large state's own save time
+    assert 20_000 <= large["params"] < 100_000 and large["load_exact"] is True
+    assert large["young_daly"][1]["interval_s"] == pytest.approx((2 * large["save_s"] * 24 * 3600) ** 0.5)

@@ -175,6 +175,8 @@ def test_every_key_the_package_reads_is_declared():
     declared = {g: {f.name for f in fields(schema)} for g, schema in GROUPS.items()}
     declared[""] = {f.name for f in fields(Config)}
     every_key = set().union(*declared.values())
+    every_key |= {f.name for schema in GROUPS.values() for g in fields(schema) if is_dataclass(g.type)
+                  for f in fields(g.type)}  # nested groups (train.spike.*), read through a primitive's from_config
     reads = set()
     for path in PACKAGE.rglob("*.py"):
         source = path.read_text()

@@ -234,4 +234,201 @@ def test_sharding_bench_rows_match_memory_report_and_formulas(capsys):
         assert rows[mode]["ratio_to_ddp_over_n"] <= 1.01
     assert rows["full"]["zero_fp32"] == 16 * psi / 2 and rows["zero1"]["zero_mixed"] == 4 * psi + 12 * psi / 2
     assert rows["shard_grad_op"]["held_fwd_bwd"] == 4 * psi and rows["shard_grad_op bf16"]["held_fwd_bwd"] == 2 * psi
-    assert out["target_pass"] and "ZeRO-3" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert out["target_pass"] and "ZeRO-3" in printed
+    timed = {r["mode"]: r for r in out["time_rows"]["2"]}  # every mode and lever, with its profiled split
+    assert {"no_shard", "full", "full reshard_last", "full prefetch=1", "full bf16 reduce bf16"} <= set(timed)
+    assert timed["full"]["profile_ms"]["all-gather"] > 0 and timed["no_shard"]["profile_ms"]["all-gather"] == 0
+    # 2 blocks: prefetch=1 past the last of one 2-block unit is refused by wrap, so the bench skips that side
+    assert "full 2 blocks/unit+last+pf1" not in timed and "skipped at N=2: prefetch=1 exceeds" in printed
+    assert "target: best fp32 full side <= 1.15x DDP at N=2" in printed
+
+
+# -- step-time levers: prefetch, reshard_last, blocks_per_unit, reduce_dtype ------------------------------------
+CFG4 = GPTConfig(n_layer=4, n_head=2, n_embd=32, block_size=32)
+LEVER_CASES = [("full", None, {}), ("full", None, {"prefetch": 1}), ("full", None, {"prefetch": 2}),
+               ("full", None, {"reshard_last": True}), ("full", None, {"blocks_per_unit": 2}),
+               ("full", None, {"blocks_per_unit": 2, "reshard_last": True, "prefetch": 1}),
+               ("shard_grad_op", None, {"prefetch": 1, "blocks_per_unit": 3}),
+               ("full", "bf16", {}), ("full", "bf16", {"reduce_dtype": "bf16"})]
+
+
+def _gpt4():
+    torch.manual_seed(0)
+    return GPT(CFG4)
+
+
+def _fsdp_structure(model) -> dict:
+    """What FSDP2 (torch 2.13) stores per block: the state (shared by a grouped unit), whether it reshards after
+    forward (``post_forward_mesh_info`` set), its explicit prefetch targets as block indices, async unshard, and the
+    mixed-precision reduce dtype."""
+    from torch.distributed.fsdp import fully_shard
+
+    states = [fully_shard.state(b) for b in model.blocks]
+    index = {id(s): i for i, s in reversed(list(enumerate(states)))}  # a unit's state -> its first block
+    return {"unit_of": [index[id(s)] for s in states],
+            "reshards": [s._fsdp_param_groups[0].post_forward_mesh_info is not None for s in states],
+            "fwd": [[index[id(t)] for t in s._states_to_forward_prefetch] for s in states],
+            "bwd": [[index[id(t)] for t in s._states_to_backward_prefetch] for s in states],
+            "async": [s._fsdp_param_groups[0].unshard_async_op for s in states],
+            "reduce_dtype": str(states[0]._mp_policy.reduce_dtype)}
+
+
+def _lever_cases(rank, ws):
+    """One launch: for every LEVER_CASES entry the FSDP structure it leaves, the unsharded bytes held from
+    forward to backward, and STEPS training losses; and one profiled step of DDP and of full, split."""
+    from curry_train.bench.sharding import _profiled_step
+
+    torch.set_num_threads(1)
+    out, batches = {}, _batches()
+    for i, (sharding, precision, levers) in enumerate(LEVER_CASES):
+        d = DistributedOptimizer.wrap(_gpt4(), sharding, mixed_precision=precision, lr=LR, **levers)
+        entry = {"structure": _fsdp_structure(d.model), "losses": []}
+        for step in range(STEPS):
+            x, y = batches.microbatches(step, rank, ws, 1)[0]
+            d.optimizer.zero_grad()
+            loss_sum, n = token_loss(d.model(x), y)
+            if step == 0:
+                entry["held"] = d.memory_report()["unsharded_param_bytes"]
+            t = torch.tensor([float(n)])
+            dist.all_reduce(t)
+            (loss_sum * ws / t).backward()
+            d.optimizer.step()
+            s = torch.tensor([loss_sum.item()], dtype=torch.float64)
+            dist.all_reduce(s)
+            entry["losses"].append((s / t.double()).item())
+        out[i] = entry
+    for sharding in ("no_shard", "full"):
+        d = DistributedOptimizer.wrap(_gpt4(), sharding, lr=LR)
+        x, y = batches.microbatches(0, rank, ws, 1)[0]
+
+        def step():
+            loss_sum, n = token_loss(d.model(x), y)
+            loss_sum.backward()
+            d.optimizer.step()
+        step()
+        out[("profile", sharding)] = _profiled_step(step)
+    levers = {"sharding": "full", "fsdp_prefetch": 1, "fsdp_reshard_last": True, "fsdp_blocks_per_unit": 2}
+    out["from_config"] = _fsdp_structure(DistributedOptimizer.from_config(levers, _gpt4(), lr=LR).model)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lever_ranks():
+    return launch(_lever_cases, 2, timeout=300)
+
+
+def test_levers_are_applied_to_the_blocks_they_name(lever_ranks):
+    s = [lever_ranks[0][i]["structure"] for i in range(len(LEVER_CASES))]
+    assert s[0] == {"unit_of": [0, 1, 2, 3], "reshards": [True] * 4, "fwd": [[]] * 4, "bwd": [[]] * 4,
+                    "async": [False] * 4, "reduce_dtype": "None"}
+    assert s[1]["fwd"] == [[1], [2], [3], []] and s[1]["bwd"] == [[], [0], [1], [2]] and s[1]["async"] == [True] * 4
+    assert s[2]["fwd"] == [[1, 2], [2, 3], [3], []] and s[2]["bwd"] == [[], [0], [1, 0], [2, 1]]
+    assert s[3]["reshards"] == [True, True, True, False] and s[3]["fwd"] == [[]] * 4
+    assert s[4]["unit_of"] == [0, 0, 2, 2] and s[4]["reshards"] == [True] * 4
+    assert s[5]["unit_of"] == [0, 0, 2, 2] and s[5]["reshards"] == [True, True, False, False]
+    assert s[5]["fwd"] == [[2], [2], [], []] and s[5]["bwd"] == [[], [], [0], [0]]
+    assert s[6]["unit_of"] == [0, 0, 0, 3] and s[6]["reshards"] == [False] * 4 and s[6]["fwd"][0] == [3]
+    assert s[7]["reduce_dtype"] == "torch.float32" and s[8]["reduce_dtype"] == "torch.bfloat16"
+    assert lever_ranks[0]["from_config"] == s[5]  # parallel.fsdp_* keys reach wrap (parallelize uses from_config)
+
+
+def test_levers_hold_what_they_say_between_forward_and_backward(lever_ranks):
+    m = _gpt4()
+    root = 4 * sum(p.numel() for mod in (m.tok_emb, m.pos_emb, m.ln_f) for p in mod.parameters())
+    block = 4 * sum(p.numel() for p in m.blocks[0].parameters())
+    held = [lever_ranks[0][i]["held"] for i in range(len(LEVER_CASES))]
+    assert held[0] == held[1] == held[4] == root          # every block resharded after its forward
+    assert held[3] == root + block and held[5] == root + 2 * block  # the last unit kept gathered
+    assert held[6] == root + 4 * block                    # shard_grad_op keeps everything
+
+
+def test_levers_train_exactly_like_without(lever_ranks):
+    """Levers change when and how much is gathered, never the arithmetic: fp32 losses equal the plain full run
+    within 1e-6; a bf16 reduce-scatter rounds the summed gradient once more: within 2% of the fp32 reduce."""
+    for r in lever_ranks:
+        base, base16 = r[0]["losses"], r[7]["losses"]
+        for i, (_, precision, _) in enumerate(LEVER_CASES):
+            if precision is None:
+                assert max(abs(a - b) for a, b in zip(r[i]["losses"], base)) <= 1e-6, (LEVER_CASES[i], r[i], base)
+        assert max(abs(a - b) / b for a, b in zip(r[8]["losses"], base16)) <= 2e-2
+
+
+def test_profile_split_on_a_real_step(lever_ranks):
+    ddp, full = lever_ranks[0][("profile", "no_shard")], lever_ranks[0][("profile", "full")]
+    assert ddp["all-reduce"] > 0 and ddp["all-gather"] == ddp["reduce-scatter"] == 0
+    assert full["all-gather"] > 0 and full["reduce-scatter"] > 0  # gloo runs FSDP2's reduce-scatter as all_reduce
+    for p in (ddp, full):
+        assert 0 < p["compute"] <= p["step"] and p["n_collectives"] > 0
+    assert ddp["copies"] == 0 < full["copies"] < full["compute"] and 0 < full["optimizer"] < full["compute"]
+
+
+def test_profile_split_classifies_by_the_issuing_op():
+    from curry_train.bench.sharding import collective_kind, profile_split
+
+    events = [("c10d::_allgather_base_", 0, 1), ("gloo:all_gather", 1, 4), ("aten::mm", 4, 10),
+              ("c10d::_reduce_scatter_base_", 10, 11), ("gloo:all_reduce", 11, 13),
+              ("c10d::allreduce_", 13, 14), ("gloo:all_reduce", 14, 20), ("aten::mm", 14, 18),
+              ("gloo:broadcast", 25, 30), ("fsdp::chunk_cat", 8, 10),  # the broadcast is outside the step
+              ("Optimizer.step#AdamW.step", 20, 24)]  # clipped to the step: 2
+    split = profile_split(events, (0, 22))
+    assert split == {"all-gather": 3, "reduce-scatter": 2, "all-reduce": 6, "other": 0, "step": 22,
+                     "compute": 22 - 3 - 2 - 6, "copies": 2, "optimizer": 2, "n_collectives": 3}
+    assert collective_kind("nccl:reduce_scatter") == "reduce-scatter" and collective_kind("gloo:broadcast") == "other"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"prefetch": -1}, r"^prefetch must be an int >= 0, got -1$"),
+    ({"prefetch": True}, r"^prefetch must be an int >= 0"),
+    ({"prefetch": 4}, r"^prefetch=4 exceeds the 3 FSDP units"),
+    ({"prefetch": 2, "blocks_per_unit": 2}, r"^prefetch=2 exceeds the 1 FSDP units"),
+    ({"blocks_per_unit": 0}, r"^blocks_per_unit must be an int >= 1"),
+    ({"blocks_per_unit": 5}, r"^blocks_per_unit=5 exceeds the model's 4 blocks$"),
+    ({"reshard_last": "yes"}, r"^reshard_last must be true or false"),
+    ({"sharding": "shard_grad_op", "reshard_last": True}, r"^reshard_last=True .* sharding='full'"),
+    ({"reshard_last": True, "reshard_after_forward": False}, r"^reshard_last=True"),
+    ({"reduce_dtype": "fp16"}, r"^reduce_dtype must be one of"),
+    ({"reduce_dtype": "bf16"}, r"^reduce_dtype='bf16' needs mixed_precision='bf16'"),
+    ({"sharding": "no_shard", "prefetch": 1}, r"^prefetch=1 applies to FSDP2 shardings"),
+    ({"sharding": "zero1", "blocks_per_unit": 2}, r"^blocks_per_unit=2 applies to FSDP2"),
+    ({"sharding": "no_shard", "reduce_dtype": "fp32"}, r"^reduce_dtype applies to FSDP2"),
+])
+def test_bad_lever_values_fail_in_one_process(kwargs, match):
+    assert not dist.is_initialized()
+    kwargs = {"sharding": "full", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        DistributedOptimizer.wrap(_gpt4(), lr=LR, **kwargs)
+
+
+def test_sharding_bench_refuses_what_the_machine_cannot_run(monkeypatch):
+    from curry_train.bench import sharding
+
+    monkeypatch.setattr(sharding, "available_bytes", lambda backend: [80 * 2**30] * 2)
+    with pytest.raises(ValueError, match=r"^bench.world_sizes: N=4 needs 4 GPUs \(one rank per GPU\), this machine "
+                                         r"has 2; use N <= 2$"):
+        sharding.check_limits(10**6, [2, 4], "nccl", "small")
+    monkeypatch.setattr(sharding, "available_bytes", lambda backend: [2**30])
+    psi = 10**8
+    need = sharding.state_bytes_needed(psi, 2)
+    assert need >= 4 * psi + 16 * psi + 16 * psi / 2  # the source model, DDP, and at least one ZeRO-3 side
+    with pytest.raises(ValueError, match=r"^model=big: bench sharding keeps 12 trained copies .* at N=2, more than "
+                                         r"the 1.0 GiB available"):
+        sharding.check_limits(psi, [2], "gloo", "big")
+    sharding.check_limits(10**5, [2, 4], "gloo", "tiny")  # fits: no error
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["parallel.fsdp_prefetch=-1"], r"^parallel.fsdp_prefetch must be an int >= 0, got -1$"),
+    (["parallel.fsdp_prefetch=1"], r"^parallel.fsdp_prefetch=1 applies to FSDP2 shardings"),
+    (["parallel.sharding=full", "parallel.fsdp_prefetch=4"], r"^parallel.fsdp_prefetch=4 exceeds the 3 FSDP units"),
+    (["parallel.sharding=full", "parallel.fsdp_blocks_per_unit=5"], r"^parallel.fsdp_blocks_per_unit=5 exceeds the "
+                                                                    r"model's 4 blocks$"),
+    (["parallel.sharding=shard_grad_op", "parallel.fsdp_reshard_last=true"], r"^parallel.fsdp_reshard_last=True"),
+])
+def test_lever_config_keys_are_validated_before_launch(overrides, match):
+    from curry_train.config import load_config, validate
+
+    with pytest.raises(ValueError, match=match):
+        validate(load_config(overrides), world_size=2)
+    validate(load_config(["parallel.sharding=full", "parallel.fsdp_prefetch=1", "parallel.fsdp_reshard_last=true",
+                          "parallel.fsdp_blocks_per_unit=2"]), world_size=2)

@@ -120,15 +120,20 @@ def test_pipeline_bench_on_a_tiny_model(tmp_path, capsys):
                        f"bench.out_dir={tmp_path}"])
     result = bench_pipeline(cfg, pp_sizes=(2,), kinds=("gpipe", "1f1b", "zbv"), m=4, n_layer=4, steps=1)
     rows = {r["kind"]: r for r in result["rows"]}
-    assert list(rows) == ["gpipe", "gpipe-torch", "1f1b", "zbv"]  # PyTorch's GPipe right after ours, for reference
-    assert "target_met" not in rows["gpipe-torch"]
-    for kind in ("gpipe", "gpipe-torch", "1f1b"):
+    # PyTorch's receive order right after ours, for reference
+    assert list(rows) == ["gpipe", "gpipe-torch", "1f1b", "1f1b-torch", "zbv", "zbv-torch"]
+    assert all("target_met" not in rows[f"{k}-torch"] for k in ("gpipe", "1f1b", "zbv"))
+    for kind in ("gpipe", "gpipe-torch", "1f1b", "1f1b-torch"):
         assert rows[kind]["simulated"] == pytest.approx(rows[kind]["analytic"]) == pytest.approx(1 / 5)
     # the verdict: judged (gap to sim@meas <= TARGET) exactly when every rank has a core, else None ("n/a")
     assert result["target"] == TARGET and result["cores"] >= 1
     printed = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if "|meas-sim@meas|" in line}
-    assert set(printed) == {"gpipe", "gpipe-torch", "1f1b"}
-    for kind in ("gpipe", "1f1b"):
+    assert set(printed) == set(rows)
+    for r in rows.values():  # the measured idle time, split: waits + posting + the rest
+        assert r["p2p_wait"] >= 0 and r["p2p_post"] >= 0
+        assert r["p2p_wait"] + r["p2p_post"] + r["other"] == pytest.approx(r["measured"])
+    assert rows["zbv"]["actions"] > 0 and rows["gpipe"]["actions"] is None  # lowered actions: runtime kinds only
+    for kind in ("gpipe", "1f1b", "zbv"):
         r = rows[kind]
         gap = abs(r["measured"] - r["sim_at_measured"])
         assert f"|meas-sim@meas| {gap:.3f} " in printed[kind]
@@ -153,3 +158,102 @@ def test_communication_latency_delays_only_cross_rank_dependencies():
     assert simulate("gpipe", 2, 4, comm=0.5).makespan == pytest.approx(simulate("gpipe", 2, 4).makespan + 1.0)
     # V-style ZBV still crosses ranks between stages 0-1 and 2-3
     assert simulate("zbv", 2, 4, comm=0.5).makespan > simulate("zbv", 2, 4).makespan
+
+
+# -- receives posted early (primitives/pipeline/early_recv.py), on PyTorch's lowered action lists -------------------
+
+RUNTIME_KINDS = ["1f1b", "interleaved", "looped_bfs", "zb", "zbv", "dualpipev"]
+
+
+def _lowered(kind, p, m):
+    """PyTorch's lowered order (computes + SEND/RECV) of ``kind`` and its stage -> rank map, built without processes."""
+    import contextlib
+    import io
+
+    from torch.distributed import pipelining
+    from torch.distributed.pipelining import schedules
+    from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
+
+    _, v = check_schedule(kind, p, m)
+    stage_rank = {s: r for r, stages in enumerate(stage_placement(kind, p, v)) for s in stages}
+    if kind == "1f1b":  # PipelineSchedule runs Schedule1F1B's order on the runtime: lowered by _add_send_recv
+        ctype = {"F": schedules._ComputationType.FORWARD, "B": schedules._ComputationType.FULL_BACKWARD}
+        compute = {r: [schedules._Action(a.stage, ctype[a.kind], a.mb) for a in acts]
+                   for r, acts in enumerate(action_lists(kind, p, m))}
+        return schedules._add_send_recv(compute, stage_rank.__getitem__, p * v), stage_rank.__getitem__
+    with contextlib.redirect_stdout(io.StringIO()):
+        ops = get_schedule_ops(getattr(pipelining, KINDS[kind][0]), p, m, num_stages_per_rank=v, with_comms=True)
+    return {r: [a for a in acts if a is not None] for r, acts in enumerate(ops)}, stage_rank.__getitem__
+
+
+def _is_recv(a):
+    return a.computation_type.name in ("RECV_F", "RECV_B")
+
+
+@pytest.mark.parametrize("kind", RUNTIME_KINDS)
+@pytest.mark.parametrize("p,m", [(2, 4), (2, 8), (4, 8)])
+def test_receives_move_up_and_still_match(kind, p, m):
+    """Only receives move, only up, never past an earlier receive from the same peer; each still precedes the
+    compute that consumes it; the order runs to the end with every message matched (gloo model), and the
+    ``keep_after_sends`` variant also on a stream-ordered (NCCL-like) model, as PyTorch's own order does."""
+    from curry_train.primitives.pipeline.early_recv import _computes, _consumes, check_comms, peer, post_receives_early
+
+    order, stage_rank = _lowered(kind, p, m)
+    check_comms(order, stage_rank)
+    check_comms(order, stage_rank, stream_ordered=True)
+    moved = 0
+    for keep in (False, True):
+        new = post_receives_early(order, stage_rank, keep_after_sends=keep)
+        check_comms(new, stage_rank, stream_ordered=keep)
+        for r, old in order.items():
+            assert sorted(map(str, new[r])) == sorted(map(str, old))
+            assert [a for a in new[r] if not _is_recv(a)] == [a for a in old if not _is_recv(a)]
+            for q in range(p):
+                assert ([a for a in new[r] if _is_recv(a) and peer(a, stage_rank) == q]
+                        == [a for a in old if _is_recv(a) and peer(a, stage_rank) == q])
+            for i, a in enumerate(new[r]):
+                if _is_recv(a):
+                    before = sum(not _is_recv(x) for x in new[r][:i])
+                    assert before <= sum(not _is_recv(x) for x in old[:old.index(a)])  # never later
+                    moved += before < sum(not _is_recv(x) for x in old[:old.index(a)])
+                    consumer = next(j for j, c in enumerate(new[r]) if any(_consumes(s, a) for s in _computes(c)))
+                    assert consumer > i
+    assert moved > 0
+
+
+@pytest.mark.parametrize("kind", ["interleaved", "zbv"])
+def test_ahead_bounds_how_early_a_receive_is_posted(kind):
+    """``ahead=1``: a receive that moved sits at most one compute action before its consumer."""
+    from curry_train.primitives.pipeline.early_recv import _computes, _consumes, check_comms, post_receives_early
+
+    order, stage_rank = _lowered(kind, 2, 8)
+    new = post_receives_early(order, stage_rank, ahead=1)
+    check_comms(new, stage_rank)
+    for r, acts in new.items():
+        for i, a in enumerate(acts):
+            if _is_recv(a) and order[r].index(a) > i:
+                consumer = next(j for j, c in enumerate(acts) if any(_consumes(s, a) for s in _computes(c)))
+                assert sum(bool(_computes(c)) for c in acts[i:consumer]) <= 1
+    with pytest.raises(ValueError, match="ahead must be a non-negative integer or None"):
+        post_receives_early(order, stage_rank, ahead=-1)
+
+
+def test_comms_checker_catches_misordered_receives_and_nccl_deadlocks():
+    """Two receives from one peer swapped: the first would get the other's message. A receive moved below its
+    compute: caught. Receives posted above sends to the same peer deadlock on a stream-ordered backend (why
+    PipelineSchedule keeps them below sends there) but run on gloo's model."""
+    from curry_train.primitives.pipeline.early_recv import check_comms, post_receives_early
+
+    order, stage_rank = _lowered("interleaved", 2, 4)
+    acts = order[1]
+    i, j = [k for k, a in enumerate(acts) if _is_recv(a)][:2]
+    swapped = {**order, 1: acts[:i] + [acts[j]] + acts[i + 1:j] + [acts[i]] + acts[j + 1:]}
+    with pytest.raises(ValueError, match="would receive|would get"):
+        check_comms(swapped, stage_rank)
+    late = {**order, 1: acts[:i] + acts[i + 1:] + [acts[i]]}
+    with pytest.raises(ValueError, match="runs before its receive is posted"):
+        check_comms(late, stage_rank)
+    early = post_receives_early(order, stage_rank)
+    check_comms(early, stage_rank)
+    with pytest.raises(ValueError, match="deadlock"):
+        check_comms(early, stage_rank, stream_ordered=True)

@@ -373,3 +373,13 @@ def test_cli_install_then_scaffold_and_add(tmp_path):
 
     assert tree(installed) == before, sorted(tree(installed) ^ before)  # nothing written inside the plugin
     assert not list(installed.rglob("__pycache__"))
+
+
+def test_add_primitive_command_names_every_primitive_of_the_catalog():
+    """The names /add-primitive lists (its argument hint and its text) are the catalog's, no more, no less."""
+    from curry_train.scaffold.catalog import PRIMITIVES
+
+    text = (ROOT / "commands" / "add-primitive.md").read_text()
+    hint = re.search(r'argument-hint: ".*names: ([^"]*)"', text).group(1).split()
+    assert sorted(hint) == sorted([*PRIMITIVES, "all"])
+    assert all(f"`{name}`" in text for name in PRIMITIVES)

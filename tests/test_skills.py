@@ -69,7 +69,7 @@ def py_blocks(body: str) -> list[str]:
 def test_every_primitive_skill_page_belongs_to_a_primitive():
     folders = {p.parent.name for p in SKILLS if p.parent.name.startswith("primitive-")}
     assert folders, "no skills/primitive-*/SKILL.md"
-    assert folders == {p.skill for p in PRIMITIVES.values()}
+    assert folders == {p.skill for p in PRIMITIVES.values() if p.skill.startswith("primitive-")}  # + stage pages
 
 
 @pytest.mark.parametrize("name", sorted(PRIMITIVES))

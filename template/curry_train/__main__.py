@@ -1,4 +1,5 @@
-"""Command line: ``python -m curry_train {train,bench,config,add,scaffold,preflight,lr-range} ...`` (``--help`` on each)."""
+"""Command line: ``python -m curry_train {train,bench,config,add,scaffold,preflight,lr-range,plan,ablate} ...``
+(``--help`` on each)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ EPILOG = """examples:
   python -m curry_train config train.lr=1e-3                   # print the composed config
   python -m curry_train preflight model=small                  # sanity checks before a long run (exit 1 on a fail)
   python -m curry_train lr-range --plot lr.png                 # LR range test: the suggested LR and its plot
+  python -m curry_train ablate --arm base= --arm wide=model.n_embd=128 --seeds 3 --steps 50   # is the idea real?
+  python -m curry_train train checkpoint.dir=ckpt checkpoint.every=50 train.spike.enabled=true   # roll back on a loss spike
   python -m curry_train plan --params 7.5e9 --gpus 64          # which layout fits and is fastest, before renting
   python -m curry_train scaffold ../my-llm                     # new repo with this code, its tests, make test/bench
   python -m curry_train scaffold --update ../my-llm            # refresh it from this curry_train (edits are kept)
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     Config errors are raised by ``config.load_config`` / ``config.validate`` before any process group starts."""
     from hydra.errors import HydraException
 
-    from .loop import NonFiniteTrainingError
+    from .loop import LossSpikeError, NonFiniteTrainingError
 
     try:
         return _main(argv)
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]  # one line, even from a library
         print(f"error: {'; '.join(lines) or type(e).__name__}", file=sys.stderr)
         return 2
-    except NonFiniteTrainingError as e:  # the run diverged: not the input's fault, but no traceback either
+    except (NonFiniteTrainingError, LossSpikeError) as e:  # the run diverged: not the input's fault, but no traceback either
         print(f"error: {e}", file=sys.stderr)
         return 1
 
@@ -96,6 +99,7 @@ WORKFLOW = {  # subcommands with their own argument parsing (workflow/): name ->
     "preflight": ("preflight", "preflight_main"),
     "lr-range": ("lr_range", "lr_range_main"),
     "plan": (None, "plan_main"),
+    "ablate": ("ablate_cli", "ablate_main"),
 }
 
 
@@ -114,11 +118,13 @@ def _main(argv: list[str] | None) -> int:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{train,bench,config,add,scaffold,preflight,lr-range,plan}")
+                                metavar="{train,bench,config,add,scaffold,preflight,lr-range,plan,ablate}")
     sub.add_parser("preflight", help="checks before a long run: initial loss, gradients, NaN, overfit one batch, "
                                      "causality (workflow/preflight.py; preflight --help)")
     sub.add_parser("plan", help="memory, bubble, communication and step time per dp x tp x pp x cp layout, ranked, "
                                 "with the torchrun command (plan.py; plan --help)")
+    sub.add_parser("ablate", help="arms x seeds of short runs, mean +- std and a yes / no / inconclusive verdict per "
+                                  "arm (workflow/ablate_cli.py; ablate --help)")
     sub.add_parser("lr-range", help="exponential LR sweep and a suggested LR with its plot (workflow/lr_range.py; "
                                     "lr-range --help)")
     p_train = sub.add_parser("train", help="train the configured model", epilog=EPILOG,

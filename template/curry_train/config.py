@@ -41,7 +41,8 @@ from .primitives import GradientAccumulation
 from .primitives._checks import (boolean, choice, fraction, integer, non_negative_float, non_negative_int,
                                  positive_float, positive_int, prefixed)
 from .primitives._config import config_getter
-from .primitives.distributed_optimizer import check_options
+from .primitives.distributed_optimizer import FSDP_MODES, check_lever_limits, check_options, normalize_sharding
+from .primitives.loss_spike import LossSpikeWatchdog
 from .primitives.parallel_state import ParallelState
 from .primitives.pipeline.schedule import layer_split
 from .primitives.pipeline.sim import check_schedule, default_stages_per_rank, normalize_kind
@@ -163,6 +164,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _check_train(cfg.train, model)
     _check_data(cfg.data, cfg.train)
     _check_checkpoint(cfg.checkpoint)
+    _check_spike(cfg.train.spike, cfg.checkpoint)
     _check_bench(cfg.bench)
     _check_parallel(cfg, world_size, model.n_layer)
     _check_blocks(cfg, model)
@@ -235,10 +237,22 @@ def _check_checkpoint(c) -> None:
     every = non_negative_int("checkpoint.every", c.every, "(0 = never save)")
     non_negative_int("checkpoint.keep_last", c.keep_last, "(0 keeps every checkpoint)")
     boolean("checkpoint.async_save", c.async_save)
+    positive_int("checkpoint.thread_count", c.thread_count, "(DCP writer threads per rank)")
     if c.dir is not None and not str(c.dir):
         raise ValueError("checkpoint.dir must be a folder path or null, got ''")
     if c.dir is None and every > 0:
         raise ValueError(f"checkpoint.every={every} needs checkpoint.dir (where to write the checkpoints)")
+
+
+def _check_spike(s, c) -> None:
+    """``train.spike.*`` (``primitives.loss_spike``); enabled, it needs checkpoints to roll back to."""
+    enabled = boolean("train.spike.enabled", s.enabled)
+    with prefixed("train.spike."):
+        LossSpikeWatchdog.from_config(s)
+    non_negative_int("train.spike.max_rollbacks", s.max_rollbacks, "(0 = stop at the first spike)")
+    if enabled and (c.dir is None or not c.every):
+        raise ValueError(f"train.spike.enabled=true rolls back to a checkpoint: it needs checkpoint.dir and "
+                         f"checkpoint.every > 0, got checkpoint.dir={c.dir}, checkpoint.every={c.every}")
 
 
 def _check_bench(b) -> None:
@@ -252,11 +266,14 @@ def _check_bench(b) -> None:
         if not b.world_sizes or not all(isinstance(n, int) and n >= 2 for n in b.world_sizes):
             raise ValueError(f"bench.world_sizes must be a non-empty list of integers >= 2 (rank counts) or null "
                              f"(= from the machine), got {list(b.world_sizes)}")
+    if b.checkpoint_params is not None:
+        integer("bench.checkpoint_params", b.checkpoint_params, 10_000, None, "(or null = 100M, 25M with --quick)")
 
 
 def _check_expert_parallel(cfg, dp: int) -> None:
-    """``parallel.ep > 1``: the reference GPT's MoE layers, experts divisible by ep, DDP only, no pp/tp/cp, no
-    checkpoints yet (ep dividing dp is checked with the grid, ``ParallelState.sizes_from_config``)."""
+    """``parallel.ep > 1``: the reference GPT's MoE layers, experts divisible by ep, DDP only, no pp/tp/cp (ep
+    dividing dp is checked with the grid, ``ParallelState.sizes_from_config``). Checkpoints store the whole expert
+    bank (``primitives.checkpoint_experts``) and load at any ep."""
     p = cfg.parallel
     ep = positive_int("parallel.ep", p.ep)
     if ep == 1:
@@ -274,9 +291,6 @@ def _check_expert_parallel(cfg, dp: int) -> None:
     if sharding != "no_shard":
         raise ValueError(f"parallel.ep={ep} with parallel.sharding={sharding} is not supported yet (FSDP/ZeRO of "
                          "expert-sharded banks); use parallel.sharding=no_shard")
-    if cfg.checkpoint.dir is not None:
-        raise ValueError(f"parallel.ep={ep} with checkpoint.dir is not supported yet (expert shards would be saved as "
-                         "one replicated tensor); use checkpoint.dir=null")
 
 
 def _check_parallel(cfg, world_size: int, n_layer: int) -> None:
@@ -291,6 +305,8 @@ def _check_parallel(cfg, world_size: int, n_layer: int) -> None:
                                  f"yet (a mixture of experts trains with dp, FSDP2 and cp); use parallel.{key}=1")
     check_batch_split(cfg.train.batch_size, dp, cfg.train.gradient_accumulation_steps)
     check_parallelize_config(cfg, world_size)
+    if n_layer and normalize_sharding(p.sharding) in FSDP_MODES:  # the FSDP2 levers against the block count
+        check_lever_limits(n_layer, p.fsdp_prefetch, p.fsdp_blocks_per_unit, prefix="parallel.fsdp_")
     check_tensor_parallel_config(cfg, world_size)
     with prefixed("parallel.pp_schedule: "):
         normalize_kind(p.pp_schedule)
@@ -326,7 +342,9 @@ def check_parallelize_config(cfg, world_size: int = 1) -> None:
         check_recompute_config(cfg.train, "recompute", "recompute_every_n")
     p = cfg.parallel
     with prefixed("parallel."):
-        sharding, _ = check_options(p.sharding, p.mixed_precision, p.cpu_offload)
+        sharding, _ = check_options(p.sharding, p.mixed_precision, p.cpu_offload, prefetch=p.fsdp_prefetch,
+                                    reshard_last=p.fsdp_reshard_last, blocks_per_unit=p.fsdp_blocks_per_unit,
+                                    lever_prefix="fsdp_")
     if sharding != "no_shard" and world_size <= 1:
         raise ValueError(
             f"parallel.sharding={sharding} shards over data-parallel ranks: launch with "

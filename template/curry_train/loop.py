@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from .model import token_loss
 from .primitives import GradientAccumulation
+from .primitives.checkpoint import STEP_PREFIX, CheckpointDamagedError
 from .primitives.model_io import count_target_tokens, forward_loss_sum
 from .primitives.moe import MoEMLP, moe_aux_loss, update_moe_biases
 from .primitives.tensor_parallel import local_value, loss_parallel_context
@@ -171,6 +172,78 @@ class NonFiniteTrainingError(RuntimeError):
     """``nonfinite_patience`` steps in a row had a NaN/Inf loss or gradient norm: the run cannot go on."""
 
 
+class LossSpikeError(RuntimeError):
+    """A sustained loss spike with no rollback left (``train.spike.max_rollbacks``) or no checkpoint before it."""
+
+
+class SpikeRollback:
+    """What the loop does on a sustained loss spike (``train.spike.*``): ``check(step, loss)`` -> None, or after a
+    rollback the record ``{"at_step", "loss", "baseline", "spike_steps", "to_step", "skipped_data": [a, s],
+    "rollbacks"}``.
+
+    ``watchdog.observe(step, loss)`` (``primitives.loss_spike``) fires at step ``s``, the spike having begun at step
+    ``a``: the newest checkpoint of ``ckpt`` with step ``c < a`` that verifies is loaded into model, optimizer and
+    scheduler (``Checkpointer.load(path=...)``; a damaged one is passed over for an older one). ``c < a``: the
+    loss at step ``c`` was measured on exactly those parameters and was not a spike (the checkpoint ``a`` holds
+    the parameters the first spiking loss came from). The spiking steps' updates are gone with the reload; the
+    data of steps ``a..s`` is skipped (the loop goes on with step ``s + 1``: the data position is the step) and
+    so is their LR schedule: the scheduler is stepped from ``c`` up to ``s``, so it stays on the step counter
+    (``train.steps`` stays the run's length) like the non-finite guard's skipped steps. RNG streams are not
+    rewound. The watchdog is then ``reset`` (its accepted history kept). The loss is global, so every rank decides
+    alike. More than ``max_rollbacks`` rollbacks in one run raise ``LossSpikeError`` (0: the first spike does).
+    ``on_load()``, if given, runs right after the load, before the scheduler is stepped (``train`` puts the current
+    ``train.lr``/betas/weight decay back, as on resume: ``train_state.apply_optimizer_settings``).
+    """
+
+    def __init__(self, watchdog, ckpt, model, optimizer, scheduler, max_rollbacks: int = 3, on_load=None):
+        self.watchdog, self.ckpt, self.max_rollbacks, self.on_load = watchdog, ckpt, max_rollbacks, on_load
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.rollbacks = 0
+
+    @property
+    def in_spike(self) -> bool:
+        return self.watchdog.in_spike
+
+    def check(self, step: int, loss: float) -> dict | None:
+        w = self.watchdog
+        if not w.observe(step, loss):
+            return None
+        what = (f"step {step}: loss spike ({loss:.4f} vs baseline {w.baseline:.4f} for {w.spike_steps} steps, "
+                f"threshold {w.threshold():.4f})")
+        if self.rollbacks >= self.max_rollbacks:
+            raise LossSpikeError(f"{what}: train.spike.max_rollbacks={self.max_rollbacks} rollbacks already done in "
+                                 "this run; lower train.lr, raise train.warmup_steps or check the data at these steps")
+        start = w.spike_start
+        meta = self._load_before(start)
+        if meta is None:
+            raise LossSpikeError(f"{what}: no intact checkpoint before step {start} in {self.ckpt.dir} to roll back "
+                                 "to (checkpoint.every must be small enough to save one before a spike)")
+        if self.on_load is not None:
+            self.on_load()
+        while self.scheduler.last_epoch < step:  # the loop's scheduler.step() then brings it to step + 1
+            self.scheduler.step()
+        self.rollbacks += 1
+        record = {"at_step": step, "loss": loss, "baseline": w.baseline, "spike_steps": w.spike_steps,
+                  "to_step": meta["step"], "skipped_data": [start, step], "rollbacks": self.rollbacks}
+        w.reset()
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            tqdm.write(f"step {step}: loss spike ({loss:.4f} vs baseline {record['baseline']:.4f} for "
+                       f"{record['spike_steps']} steps): rolled back to step {meta['step']}, skipping data steps "
+                       f"{start}..{step}")
+        return record
+
+    def _load_before(self, start: int) -> dict | None:
+        for path in self.ckpt.candidates():  # newest first
+            if int(path.name[len(STEP_PREFIX):]) >= start:
+                continue
+            try:
+                return self.ckpt.load(self.model, self.optimizer, self.scheduler, path=path, restore_rng=False)
+            except CheckpointDamagedError as e:
+                if not dist.is_initialized() or dist.get_rank() == 0:
+                    tqdm.write(f"rollback: passing over {path.name}: {e}")
+        return None
+
+
 def run_training_steps(
     model,
     optimizer,
@@ -194,6 +267,7 @@ def run_training_steps(
     loss_parallel: bool = False,
     prepare=None,
     expert_parallel=None,
+    spike: SpikeRollback | None = None,
 ) -> list[dict]:
     """Train from ``start_step`` up to ``steps``; returns one metrics dict per step.
 
@@ -212,6 +286,11 @@ def run_training_steps(
     update is not applied: the gradients are dropped, the optimizer does not step (the LR schedule and the data move
     on), ``metrics["skipped"]`` is True and a line is logged. ``nonfinite_patience`` such steps in a row raise
     ``NonFiniteTrainingError`` naming the step and the values. ``loss_parallel``: see ``accumulate_gradients``.
+
+    Loss-spike rollback (``spike``, a ``SpikeRollback``): every finite step's loss goes to ``spike.check``; on a
+    sustained spike it reloads the last good checkpoint, the step's update is not applied, ``metrics["rollback"]``
+    holds the record and the loop goes on with the next step's data. ``metrics["spike"]`` is True while a spike is
+    in progress (the checkpoint hook does not save then).
     """
     pp_group, owns = (schedule.group, schedule.owns) if schedule is not None else (None, None)
     model.train()
@@ -232,6 +311,7 @@ def run_training_steps(
         norm = clip_grad_norm(model.parameters(), grad_clip, pp_group, owns, sharded=expert_parallel)
         loss, global_tokens = _global_mean_loss(loss_sum, n_tokens, dp_group, device)
         skipped = not (math.isfinite(loss) and math.isfinite(norm))
+        rollback = spike.check(step, loss) if spike is not None and not skipped else None
         if skipped:
             bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
             optimizer.zero_grad(set_to_none=True)
@@ -243,6 +323,8 @@ def run_training_steps(
                     f"step {step}: loss {loss}, grad norm {norm}: {bad_in_a_row} non-finite steps in a row "
                     f"(train.nonfinite_patience={nonfinite_patience}); no update of these steps was applied or "
                     "saved. Lower train.lr, raise train.warmup_steps or check the data at these steps")
+        elif rollback is not None:
+            optimizer.zero_grad(set_to_none=True)  # the spike step's update is dropped: the checkpoint's state stays
         else:
             bad_in_a_row = 0
             optimizer.step()
@@ -258,6 +340,10 @@ def run_training_steps(
             "tokens_per_s": global_tokens / dt,
             "skipped": skipped,
         }
+        if spike is not None:
+            metrics["spike"] = spike.in_spike
+        if rollback is not None:
+            metrics["rollback"] = rollback
         history.append(metrics)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         if log_every and (step % log_every == 0 or step == steps - 1):

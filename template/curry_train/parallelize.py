@@ -20,8 +20,9 @@ checkpointing) -> ``torch.compile`` -> data-parallel sharding.
 2. ``train.compile``: ``block.compile()`` on each transformer block, in place (no ``_orig_mod.`` in
    parameter names). Per block, as torchtitan does: blocks share one compiled graph.
 3. ``parallel.sharding`` (``no_shard`` | ``zero1`` | ``shard_grad_op`` | ``full``), ``parallel.mixed_precision``,
-   ``parallel.cpu_offload``: ``DistributedOptimizer`` (DDP, DDP + ZeRO-1, FSDP2) over ``dp_group``. In one process
-   without torch.distributed, ``no_shard`` leaves the model as it is and the other modes are an error saying to use
+   ``parallel.cpu_offload``, the FSDP2 step-time levers ``parallel.fsdp_prefetch`` / ``fsdp_reshard_last`` /
+   ``fsdp_blocks_per_unit`` (``DistributedOptimizer.from_config``): ``DistributedOptimizer`` (DDP, DDP + ZeRO-1,
+   FSDP2) over ``dp_group``. In one process without torch.distributed, ``no_shard`` leaves the model as it is and the other modes are an error saying to use
    torchrun. With ``tp > 1`` the FSDP2 modes shard over ``dp_mesh`` (the ``dp`` dim of the same mesh, so the
    parameters become dp x tp DTensors); DDP and ZeRO-1 do not take DTensor parameters, so ``config.validate``
    allows ``tp > 1`` only with ``dp = 1`` and ``no_shard`` (nothing to wrap) or with an FSDP2 mode.

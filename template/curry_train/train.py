@@ -11,6 +11,8 @@ With ``parallel.tp > 1`` the model is tensor-parallel over the rank grid's ``tp`
 of a tp group read the same rows (batches are split by ``dp_rank``) and losses and token counts are reduced over
 ``dp`` only. With ``parallel.ep > 1`` (model=moe, DDP) each MoE layer keeps this rank's slice of its experts
 (``parallelize.ExpertParallel``: left out of DDP, its grads reduced over the ranks holding the same experts).
+With ``train.spike.enabled`` a sustained loss spike (``primitives.loss_spike``) rolls the run back to the last good
+checkpoint and skips the spiking steps' data (``loop.SpikeRollback``).
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from . import distributed, train_state
 from .context_batches import cp_microbatch
 from .config import pipeline_settings, validate
 from .data import build_batches, seed_everything
-from .loop import build_optimizer, build_scheduler, run_training_steps, token_loss_sum
+from .loop import SpikeRollback, build_optimizer, build_scheduler, run_training_steps, token_loss_sum
 from .parallelize import ExpertParallel, parallelize
 from .primitives import GradientAccumulation, ParallelState, PipelineSchedule
 from .primitives.blocks import find_blocks
+from .primitives.loss_spike import LossSpikeWatchdog
 from .stages import StageModules, split_model
 from .user_model import build_loss, build_model, model_name, n_params
 
@@ -33,6 +36,7 @@ def train(cfg) -> list[dict]:
     validate(cfg, world_size)  # before any process group exists
     ckpt = train_state.prepare_checkpointing(cfg)  # checkpoint.* checked, dir writable: still before init
     fault_step = train_state.fault_step_from_env()
+    corrupt_steps = train_state.corrupt_steps_from_env()  # test hook: a data window that makes the loss spike
     distributed.init_from_env()
     rank = distributed.rank()
     ps = ParallelState.from_config(cfg.parallel)
@@ -44,6 +48,8 @@ def train(cfg) -> list[dict]:
     # parallel.ep > 1: each rank keeps its slice of every MoE layer's (same-seed) expert bank; DDP ignores the slices
     expert_parallel = ExpertParallel(model, ps) if ps.ep > 1 else None
     batches = build_batches(cfg)
+    if corrupt_steps is not None:
+        batches = train_state.CorruptedBatches(batches, corrupt_steps)
     ga = GradientAccumulation.from_config(cfg.train)
     if rank == 0:
         tp = f", tp {ps.tp}{' + sequence parallel' if cfg.parallel.sequence_parallel else ''}" if ps.tp > 1 else ""
@@ -74,15 +80,19 @@ def train(cfg) -> list[dict]:
                                       cp_group=ps.cp_group)
         optimizer = dist_opt.shard_optimizer(build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2)))
     scheduler = build_scheduler(optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
-    start_step = train_state.resume(ckpt, model, optimizer, scheduler, cfg)
+    watchdog = LossSpikeWatchdog.from_config(t.spike) if t.spike.enabled else None  # needs ckpt (config.validate)
+    spike = SpikeRollback(watchdog, ckpt, model, optimizer, scheduler, t.spike.max_rollbacks,
+                          on_load=lambda: train_state.apply_optimizer_settings(optimizer, scheduler, cfg)) \
+        if watchdog is not None else None
+    start_step = train_state.resume(ckpt, model, optimizer, scheduler, cfg, watchdog)
     history = run_training_steps(
         model, optimizer, scheduler, batches, ga, t.steps, start_step=start_step,
         dp_rank=ps.dp_rank, dp_size=dp_size, dp_group=dp_group, device=device, grad_clip=t.grad_clip,
         log_every=t.log_every if rank == 0 else 0, progress=t.progress and rank == 0, schedule=schedule,
-        on_step=train_state.step_hook(cfg, ckpt, model, optimizer, scheduler, fault_step),
+        on_step=train_state.step_hook(cfg, ckpt, model, optimizer, scheduler, fault_step, watchdog),
         loss_fn=build_loss(cfg) if t.loss is not None else None,  # train.loss._target_ (user_model.py)
         nonfinite_patience=t.nonfinite_patience, loss_parallel=cfg.parallel.loss_parallel, prepare=prepare,
-        expert_parallel=expert_parallel,
+        expert_parallel=expert_parallel, spike=spike,
     )
     train_state.finish(ckpt)  # an async save still in flight is waited for and committed
     if rank == 0 and history:

@@ -5,6 +5,8 @@
   ``checkpoint.dir``.
 * ``fault_step_from_env()``: the step of ``CURRY_TRAIN_FAULT_AT_STEP`` (None when unset); a bad value is a
   ``ValueError`` before training.
+* ``corrupt_steps_from_env()`` / ``CorruptedBatches``: ``CURRY_TRAIN_CORRUPT_STEPS=a-b`` corrupts the data of steps
+  ``a..b`` (every target becomes token 0): a test hook that makes the loss spike (``train.spike.*``).
 * ``resume(ckpt, model, optimizer, scheduler, cfg)``: every rank, after the model is parallelized and the
   optimizer and scheduler built over it; loads the newest checkpoint that verifies into them (damaged ones are
   skipped with a warning naming the file: ``Checkpointer.load``) and returns the step to start from (0 when there
@@ -27,7 +29,8 @@
    repeated steps are visible; the last line per step is the one that counts);
 3. checkpoint: every ``checkpoint.every`` steps and after the last step, ``ckpt.save(step + 1, ...)`` with
    ``extra = {"data_position": step + 1, "config": ...}``; the data position *is* the step (``data.Batches``).
-   A step the non-finite guard skipped is not saved (only states after an applied, finite update are).
+   A step the non-finite guard skipped is not saved (only states after an applied, finite update are), nor one
+   taken while a loss spike is in progress (``train.spike.enabled``; the watchdog's state goes into ``extra``).
 """
 
 from __future__ import annotations
@@ -37,10 +40,13 @@ import os
 import signal
 from pathlib import Path
 
+import torch
+
 from . import distributed
 from .primitives.checkpoint import Checkpointer
 
 FAULT_ENV = "CURRY_TRAIN_FAULT_AT_STEP"
+CORRUPT_ENV = "CURRY_TRAIN_CORRUPT_STEPS"
 
 
 def prepare_checkpointing(cfg) -> Checkpointer | None:
@@ -69,6 +75,41 @@ def fault_step_from_env() -> int | None:
     if step < 0:
         raise ValueError(f"{FAULT_ENV}={value!r} must be a non-negative integer step (test hook: rank 1 kills itself)")
     return step
+
+
+def corrupt_steps_from_env() -> tuple[int, int] | None:
+    """``CURRY_TRAIN_CORRUPT_STEPS=a-b`` (or ``a``): the data steps ``a..b`` whose batches ``corrupt_batches``
+    spoils (a test hook that makes the loss spike); None when unset; a bad value is a ``ValueError`` before training."""
+    value = os.environ.get(CORRUPT_ENV)
+    if value in (None, ""):
+        return None
+    first, _, last = value.partition("-")
+    try:
+        a, b = int(first), int(last or first)
+    except ValueError:
+        a = b = -1
+    if a < 0 or b < a:
+        raise ValueError(f"{CORRUPT_ENV}={value!r} must be a step a or a range a-b of steps, 0 <= a <= b (test hook: "
+                         "those steps' batches are corrupted)")
+    return a, b
+
+
+class CorruptedBatches:
+    """``batches`` with the steps ``a..b`` corrupted: every valid target (not -100) of those micro-batches becomes
+    token id 0 (a NUL byte for the byte-level GPT, never in text; a special token for most tokenizers): a data bug
+    that makes the loss spike and whose update pulls the model towards it. The rest is ``batches``' own."""
+
+    def __init__(self, batches, steps: tuple[int, int]):
+        self.batches, self.steps = batches, steps
+
+    def microbatches(self, step: int, *args, **kwargs):
+        micro = self.batches.microbatches(step, *args, **kwargs)
+        if not self.steps[0] <= step <= self.steps[1]:
+            return micro
+        return [(x, torch.where(y != -100, torch.zeros_like(y), y)) for x, y in micro]
+
+    def __getattr__(self, name):
+        return getattr(self.batches, name)
 
 
 def restart_count() -> int:
@@ -130,8 +171,9 @@ def apply_optimizer_settings(optimizer, scheduler, cfg) -> None:
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
-def resume(ckpt: Checkpointer | None, model, optimizer, scheduler, cfg) -> int:
-    """Load ``checkpoint.dir``'s newest intact checkpoint if there is one; return the step to start from."""
+def resume(ckpt: Checkpointer | None, model, optimizer, scheduler, cfg, watchdog=None) -> int:
+    """Load ``checkpoint.dir``'s newest intact checkpoint if there is one; return the step to start from.
+    ``watchdog`` (``LossSpikeWatchdog``, ``train.spike.enabled``) gets the state saved with it, if any."""
     if ckpt is None:
         return 0
     meta = ckpt.load(model, optimizer, scheduler)
@@ -143,6 +185,8 @@ def resume(ckpt: Checkpointer | None, model, optimizer, scheduler, cfg) -> int:
         raise ValueError(f"train.steps={cfg.train.steps} but the checkpoint {meta['path']} is at step {start}: "
                          f"raise train.steps, or use another checkpoint.dir")
     apply_optimizer_settings(optimizer, scheduler, cfg)
+    if watchdog is not None and "loss_spike" in extra:
+        watchdog.load_state_dict(extra["loss_spike"])
     if distributed.rank() == 0:
         note = "RNG restored" if meta["rng_restored"] else meta.get("rng_note", "")
         skipped = "".join(f"; skipped damaged {name} ({reason})" for name, reason in meta["skipped"])
@@ -168,8 +212,11 @@ def _inject_fault(cfg, step: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def step_hook(cfg, ckpt: Checkpointer | None, model, optimizer, scheduler, fault_step: int | None = None):
-    """The ``on_step(step, metrics)`` callback for ``run_training_steps`` (see the module docstring)."""
+def step_hook(cfg, ckpt: Checkpointer | None, model, optimizer, scheduler, fault_step: int | None = None,
+              watchdog=None):
+    """The ``on_step(step, metrics)`` callback for ``run_training_steps`` (see the module docstring). With a
+    ``watchdog`` (``LossSpikeWatchdog``) its state goes into each checkpoint's ``extra["loss_spike"]``, and no
+    checkpoint is taken while a spike is in progress (``metrics["spike"]``): a rollback must never land in one."""
     rank = distributed.rank()
     every, total = cfg.checkpoint.every, cfg.train.steps
     metrics_file = cfg.train.metrics_file
@@ -186,8 +233,12 @@ def step_hook(cfg, ckpt: Checkpointer | None, model, optimizer, scheduler, fault
         if ckpt is not None:
             ckpt.poll()
             done = step + 1
-            if every > 0 and (done % every == 0 or done == total) and not metrics.get("skipped"):
-                ckpt.save(done, model, optimizer, scheduler, extra=data_extra(cfg, done))
+            if every > 0 and (done % every == 0 or done == total) and not metrics.get("skipped") \
+                    and not metrics.get("spike"):
+                extra = data_extra(cfg, done)
+                if watchdog is not None:
+                    extra["loss_spike"] = watchdog.state_dict()
+                ckpt.save(done, model, optimizer, scheduler, extra=extra)
 
     return on_step
 

@@ -38,10 +38,10 @@ def reference_losses():
     return losses
 
 
-def _train(rank, world_size, sharding, precision):
+def _train(rank, world_size, sharding, precision, **levers):
     """STEPS steps on this rank's half of each batch; returns the global losses and the memory report after the
     last step's backward and optimizer step (grads still set)."""
-    d = DistributedOptimizer.wrap(tiny_decoder(), sharding, mixed_precision=precision, lr=LR)
+    d = DistributedOptimizer.wrap(tiny_decoder(), sharding, mixed_precision=precision, lr=LR, **levers)
     losses = []
     for step in range(STEPS):
         x, y = (t.chunk(world_size)[rank] for t in _batch(step))
@@ -55,7 +55,22 @@ def _train(rank, world_size, sharding, precision):
         s = loss_sum.detach().clone()
         dist.all_reduce(s)
         losses.append((s / total).item())
-    return {"losses": losses, "memory": d.memory_report()}
+    return {"losses": losses, "memory": d.memory_report(), "levers": _lever_state(d.model) if levers else None}
+
+
+LEVERS = [{"prefetch": 1}, {"reshard_last": True}, {"blocks_per_unit": 2}]
+
+
+def _lever_state(model):
+    """Per layer, what FSDP2 (torch 2.13) stores: the unit (state shared by grouped layers), reshard after forward,
+    explicit forward/backward prefetch targets (as unit indices), async unshard."""
+    from torch.distributed.fsdp import fully_shard
+
+    states = [fully_shard.state(layer) for layer in model.layers.values()]
+    unit = {id(s): i for i, s in reversed(list(enumerate(states)))}
+    return [(unit[id(s)], s._fsdp_param_groups[0].post_forward_mesh_info is not None,
+             [unit[id(t)] for t in s._states_to_forward_prefetch], [unit[id(t)] for t in s._states_to_backward_prefetch],
+             s._fsdp_param_groups[0].unshard_async_op) for s in states]
 
 
 def _held_between_forward_and_backward(rank, world_size, sharding):
@@ -69,6 +84,7 @@ def _held_between_forward_and_backward(rank, world_size, sharding):
 
 def _every_sharding(rank, world_size):
     out = {case: _train(rank, world_size, *case) for case in CASES}
+    out["levers"] = [_train(rank, world_size, "full", None, **levers) for levers in LEVERS]
     for sharding in ("shard_grad_op", "full"):
         out[("held", sharding)] = _held_between_forward_and_backward(rank, world_size, sharding)
     out["types"] = {s: type(DistributedOptimizer.wrap(tiny_decoder(), s, lr=LR).optimizer).__name__ for s in SHARDINGS}
@@ -131,6 +147,20 @@ def test_only_shard_grad_op_keeps_the_whole_model_gathered_until_backward(ranks)
         assert r[("held", "full")] == (4 * root, 0)
 
 
+@pytest.mark.timeout(300)
+def test_step_time_levers_are_applied_and_change_no_loss(ranks):
+    """prefetch=1: each layer prefetches its neighbour (async unshard on CPU); reshard_last: the last layer stays
+    gathered after forward; blocks_per_unit=2: both layers are one FSDP unit. Losses equal plain full to 1e-6."""
+    for r in ranks:
+        prefetch, last, grouped = (x["levers"] for x in r["levers"])
+        assert prefetch == [(0, True, [1], [], True), (1, True, [], [0], True)]
+        assert last == [(0, True, [], [], False), (1, False, [], [], False)]
+        assert grouped == [(0, True, [], [], False), (0, True, [], [], False)]
+        base = r[("full", None)]["losses"]
+        for x in r["levers"]:
+            assert max(abs(a - b) for a, b in zip(x["losses"], base)) <= 1e-6, (x["losses"], base)
+
+
 def test_zero_paper_numbers():
     """ZeRO paper, 7.5B parameters on 64 GPUs, mixed precision: 120 GB, 31.4, 16.6 and 1.9 GB per GPU."""
     psi, n = 7_500_000_000, 64
@@ -161,6 +191,12 @@ def test_bad_options_fail_in_one_process_before_any_launch():
         (dict(sharding="no_shard", reshard_after_forward=True), "reshard_after_forward applies to FSDP2"),
         (dict(sharding="full", backward_prefetch="backward_post"), "set_modules_to_backward_prefetch"),
         (dict(sharding="full", use_orig_params=False), "use_orig_params=False"),
+        (dict(sharding="full", prefetch=-1), r"^prefetch must be an int >= 0, got -1$"),
+        (dict(sharding="full", prefetch=2), r"^prefetch=2 exceeds the 1 FSDP units"),
+        (dict(sharding="no_shard", prefetch=1), "prefetch=1 applies to FSDP2 shardings"),
+        (dict(sharding="full", blocks_per_unit=3), r"^blocks_per_unit=3 exceeds the model's 2 blocks$"),
+        (dict(sharding="shard_grad_op", reshard_last=True), r"^reshard_last=True .* sharding='full'"),
+        (dict(sharding="full", reduce_dtype="bf16"), r"^reduce_dtype='bf16' needs mixed_precision='bf16'"),
     ]
     for kwargs, message in bad:
         with pytest.raises(ValueError, match=message):

@@ -108,8 +108,9 @@ def test_schedule_needs_a_process_group_and_this_torch_has_the_early_receive_int
 # -- two ranks -------------------------------------------------------------------------------------------------------
 
 N_LAYERS, ROWS, M = 4, 8, 4
-RUNS = [(kind, {}, False) for kind in KINDS] + [("gpipe", {"early_recv": False}, False),  # PyTorch's own GPipe
-                                                  ("1f1b", {}, True), ("zbv", {}, True)]  # tied embedding/head
+RUNS = ([(kind, {}, False) for kind in KINDS]  # receives posted early (the default)
+        + [(kind, {"early_recv": False}, False) for kind in KINDS]  # PyTorch's own receive order
+        + [("1f1b", {}, True), ("zbv", {}, True)])  # tied embedding/head
 
 
 def _loss_fn(output, target):
@@ -159,7 +160,12 @@ def _errors(rank, world_size):
 
 
 def _every_kind(rank, world_size):
-    out = {(kind, str(options), tie): _pipelined(kind, options, tie, world_size)[:2] for kind, options, tie in RUNS}
+    out, out["runs_early_order"] = {}, {}
+    for kind, options, tie in RUNS:
+        loss, got, sched = _pipelined(kind, options, tie, world_size)
+        out[kind, str(options), tie] = loss, got
+        runtime_order = getattr(sched.schedule, "pipeline_order_with_comms", None)
+        out["runs_early_order"][kind, str(options)] = sched.recv_order is not None and runtime_order == sched.recv_order
     _, _, sched = _pipelined("1f1b", {}, False, world_size, record=True)
     out["timeline"] = sched.measured_timeline().to_dict()
     out["errors"] = _errors(rank, world_size)
@@ -185,6 +191,22 @@ def test_every_kind_gives_the_single_process_loss_and_gradients(ranks):
                 assert (g - ref_grads[name]).abs().max().item() < 1e-6, (kind, options, tie, name)
             covered |= set(got)
         assert covered == set(ref_grads), (kind, options, tie, set(ref_grads) - covered)
+
+
+@pytest.mark.timeout(300)
+def test_early_receive_orders_equal_pytorchs_order(ranks):
+    """Every kind with its receives posted early gives PyTorch's own schedule's loss and gradients (within 1e-6);
+    the runtime kinds (1f1b and the multi-stage ones) really run the reordered action list."""
+    for kind in KINDS:
+        for rank_result in ranks:
+            early_loss, early = rank_result[kind, "{}", False]
+            torch_loss, torch_grads = rank_result[kind, str({"early_recv": False}), False]
+            assert early_loss == pytest.approx(torch_loss, abs=1e-6), kind
+            assert set(early) == set(torch_grads)
+            for name, g in early.items():
+                assert (g - torch_grads[name]).abs().max().item() < 1e-6, (kind, name)
+            assert rank_result["runs_early_order"][kind, "{}"] is (kind != "gpipe"), kind  # gpipe: its own class
+            assert rank_result["runs_early_order"][kind, str({"early_recv": False})] is False, kind
 
 
 @pytest.mark.timeout(300)

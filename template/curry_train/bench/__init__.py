@@ -42,7 +42,8 @@ BENCHES = {
 BENCH_HELP = {
     "loop": "curry_train loop vs a hand-written PyTorch loop, tokens/s ratio (target >= 0.98)",
     "ga": "gradient accumulation K=1 vs K=4: gradient error, fixed and padded batches, tokens vs mean/K",
-    "checkpoint": "DCP save/load of model + AdamW: bytes per parameter, sync and async save time, Young/Daly",
+    "checkpoint": "DCP save/load of model + AdamW: bytes per parameter, sync and async save time, Young/Daly; a "
+                  "100M-param state vs the disk's own MB/s, per save phase and FileSystemWriter option (target >= 50%)",
     "pipeline": "every pipeline schedule at p ranks from the CPU cores (2, 4): analytic, simulated and measured "
                 "bubble, timeline PNGs (target: GPipe, 1F1B within 0.05 of the simulator fed the run's own costs)",
     "recompute": "activation memory and step time: none, full, selective, every 2nd block (target: full <= 25%, <= 1.4x)",
@@ -71,6 +72,7 @@ QUICK = {
         "moe": {"steps": 10},
         "cp": {"seq_lens": (256, 512)},
         "tp": {"tp_sizes": (2,)},
+        "checkpoint": {"large_params": 25_000_000},
     },
 }
 

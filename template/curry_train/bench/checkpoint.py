@@ -15,7 +15,20 @@ Interval (Young 1974, Daly 2006, first order). With blocking save cost ``C``, me
 and restart cost ``R``, checkpointing every ``T`` seconds wastes the fraction ``C/T + (T/2 + R)/M`` of the run
 (the save itself, plus on average half an interval of lost work and a restart per failure). It is smallest at
 ``T* = sqrt(2 C M)``, where the waste is ``sqrt(2 C / M) + R / M``. The bench prints ``T*`` and its waste for an
-MTBF of 1 h and 24 h with the measured ``C`` and ``R = 60 s``. No pass/fail target: the numbers are the output.
+MTBF of 1 h and 24 h with the measured ``C`` and ``R = 60 s``.
+
+Large state (``measure_large``). The tiny GPT's save is dominated by fixed costs, so a synthetic state of
+``bench.checkpoint_params`` parameters (null: the bench's ``large_params``, 100M; 25M with ``--quick``) is saved
+too: fp32 weights shaped like a GPT-2 style transformer (``SyntheticTransformer``, never run) plus the AdamW
+``exp_avg``/``exp_avg_sq`` after one step with random gradients, 12 B/param. Compared with the disk's own bandwidth
+on the same file system (``disk_bandwidth``: a file as large as the checkpoint, written + fsynced, then read
+back after its pages were dropped from the page cache with ``posix_fadvise(DONTNEED)``): ``Checkpointer.save``
+end to end (and per phase: state dict, NaN/Inf check, small files, DCP write with fsync, sha256 integrity record,
+rename), the async stall vs the time until committed, ``load`` (cold, integrity check included), and raw
+``dcp.save``/``load`` with each ``FileSystemWriter`` option side by side (interleaved rounds). Target:
+``Checkpointer.save`` (sync, durable), at the faster ``checkpoint.thread_count`` of 1 and 2, reaches >= 50% of the
+disk's write bandwidth (PASS/MISS); the best durable raw ``dcp.save`` option is printed beside it. Before
+the large run, free memory and disk are checked (``check_resources``): too little is one ``ValueError`` line.
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ from ..primitives.checkpoint import Checkpointer, step_dirname
 from ..primitives.checkpoint_files import verify
 from ..primitives.model_io import forward_loss_sum
 from ..user_model import VOCAB, build_model, model_name, n_params as count_params
+from .checkpoint_large import LARGE_PARAMS, check_resources, measure_large, print_large
 from .common import user_loss
 
 ADAMW_FP32_BYTES_PER_PARAM = 12  # weights + exp_avg + exp_avg_sq, fp32
@@ -117,26 +131,47 @@ def measure(cfg, repeats: int = 5, directory=None) -> dict:
     }
 
 
-def bench_checkpoint(cfg, mtbf_hours=(1.0, 24.0), restart_seconds: float = 60.0) -> dict:
-    r = measure(cfg, repeats=max(3, int(cfg.bench.repeats) // 2))
-    print(f"checkpoint of {r['model']} + AdamW (fp32), one process, median of {r['repeats']} saves")
-    print(f"  params              {r['params']:>12,}")
-    print(f"  size on disk        {r['bytes']:>12,} B  = {r['bytes_per_param']:.2f} B/param "
-          f"(weights + 2 AdamW moments = {ADAMW_FP32_BYTES_PER_PARAM} B/param; the rest: {r['entries']} entries, "
-          f"{r['overhead_bytes_per_entry']:.0f} B each)")
-    print(f"  save (sync)         {r['save_s'] * 1e3:>12.1f} ms  ({r['write_MB_per_s']:.0f} MB/s end to end)")
-    print(f"  save (async) stall  {r['async_blocking_s'] * 1e3:>12.1f} ms, committed after {r['async_total_s'] * 1e3:.1f} ms")
-    print(f"  load                {r['load_s'] * 1e3:>12.1f} ms  (of which verify, sha256 of every file: "
-          f"{r['verify_s'] * 1e3:.1f} ms = {r['bytes'] / r['verify_s'] / 1e6:.0f} MB/s)")
+def _young_daly_rows(save_s: float, mtbf_hours, restart_seconds: float) -> list[dict]:
     rows = []
     for hours in mtbf_hours:
         m = hours * 3600.0
-        t = young_daly_interval(r["save_s"], m)
-        rows.append({"mtbf_h": hours, "interval_s": t, "waste": expected_waste(t, r["save_s"], m, restart_seconds)})
-    print(f"  Young/Daly interval sqrt(2 * save * MTBF), waste C/T + (T/2 + R)/M with R = {restart_seconds:.0f} s:")
+        t = young_daly_interval(save_s, m)
+        rows.append({"mtbf_h": hours, "interval_s": t, "waste": expected_waste(t, save_s, m, restart_seconds)})
+    return rows
+
+
+def _print_young_daly(rows: list[dict], save_s: float, restart_seconds: float) -> None:
+    print(f"  Young/Daly interval sqrt(2 * save * MTBF) with save = {save_s:.3f} s, waste C/T + (T/2 + R)/M with "
+          f"R = {restart_seconds:.0f} s:")
     for row in rows:
         print(f"    MTBF {row['mtbf_h']:5.1f} h -> save every {row['interval_s']:8.1f} s, waste {row['waste'] * 100:.3f} %")
-    sizes = {n: checkpoint_bytes(n) for n in (124_000_000, 1_300_000_000, 7_000_000_000)}
-    print(f"  size at {ADAMW_FP32_BYTES_PER_PARAM} B/param:  "
-          + ", ".join(f"{n / 1e9:g}B params -> {b / 1e9:.1f} GB" for n, b in sizes.items()))
-    return {**r, "young_daly": rows, "restart_s": restart_seconds, "sizes_fp32_adamw": sizes}
+
+
+def bench_checkpoint(cfg, mtbf_hours=(1.0, 24.0), restart_seconds: float = 60.0,
+                     large_params: int = LARGE_PARAMS) -> dict:
+    """The configured model's checkpoint, then the large synthetic state of ``bench.checkpoint_params`` (null:
+    ``large_params``) parameters (``checkpoint_large``); memory and disk are checked before anything runs."""
+    configured = cfg.bench.get("checkpoint_params")
+    params = int(configured if configured is not None else large_params)
+    with tempfile.TemporaryDirectory(prefix="curry_train_ckpt_bench_") as tmp:
+        check_resources(params, tmp)
+        r = measure(cfg, repeats=max(3, int(cfg.bench.repeats) // 2), directory=tmp)
+        print(f"checkpoint of {r['model']} + AdamW (fp32), one process, median of {r['repeats']} saves")
+        print(f"  params              {r['params']:>12,}")
+        print(f"  size on disk        {r['bytes']:>12,} B  = {r['bytes_per_param']:.2f} B/param "
+              f"(weights + 2 AdamW moments = {ADAMW_FP32_BYTES_PER_PARAM} B/param; the rest: {r['entries']} entries, "
+              f"{r['overhead_bytes_per_entry']:.0f} B each)")
+        print(f"  save (sync)         {r['save_s'] * 1e3:>12.1f} ms  ({r['write_MB_per_s']:.0f} MB/s end to end)")
+        print(f"  save (async) stall  {r['async_blocking_s'] * 1e3:>12.1f} ms, committed after {r['async_total_s'] * 1e3:.1f} ms")
+        print(f"  load                {r['load_s'] * 1e3:>12.1f} ms  (of which verify, sha256 of every file: "
+              f"{r['verify_s'] * 1e3:.1f} ms = {r['bytes'] / r['verify_s'] / 1e6:.0f} MB/s)")
+        rows = _young_daly_rows(r["save_s"], mtbf_hours, restart_seconds)
+        _print_young_daly(rows, r["save_s"], restart_seconds)
+        sizes = {n: checkpoint_bytes(n) for n in (124_000_000, 1_300_000_000, 7_000_000_000)}
+        print(f"  size at {ADAMW_FP32_BYTES_PER_PARAM} B/param:  "
+              + ", ".join(f"{n / 1e9:g}B params -> {b / 1e9:.1f} GB" for n, b in sizes.items()))
+        large = measure_large(params, tmp, repeats=min(3, max(2, int(cfg.bench.repeats) // 3)))
+    print_large(large)
+    large["young_daly"] = _young_daly_rows(large["save_s"], mtbf_hours, restart_seconds)
+    _print_young_daly(large["young_daly"], large["save_s"], restart_seconds)
+    return {**r, "young_daly": rows, "restart_s": restart_seconds, "sizes_fp32_adamw": sizes, "large": large}

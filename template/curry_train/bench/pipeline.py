@@ -20,11 +20,15 @@ idle time is mostly those fixed costs, not the schedule's bubble):
   time inside stage forward (+ loss) / backward calls; median over ``steps`` timed steps after one warm-up;
 * ``step ms``: wall time of ``train_step`` (max over ranks), median.
 
-Row ``gpipe-torch`` is GPipe with PyTorch's own ``ScheduleGPipe`` (``early_recv=False``), which posts each
-receive only when the micro-batch is due; row ``gpipe`` is what ``PipelineSchedule`` runs (``gpipe_early_recv``).
+Row ``KIND-torch`` is KIND with PyTorch's own receive order (``early_recv=False``: ``ScheduleGPipe``,
+``Schedule1F1B`` and the multi-stage classes as they are), which posts most receives only when the micro-batch is
+due; row ``KIND`` is what ``PipelineSchedule`` runs (receives posted early: ``gpipe_early_recv``, ``early_recv``).
+Columns ``wait``, ``psend``, ``precv``, ``other`` split the measured idle fraction: time inside waits on
+sends/receives, inside posting sends, inside posting receives, and the rest (the schedule's own Python between
+stage calls; per lowered action on a MISS line).
 
-Target: for GPipe and 1F1B, measured within 0.05 of the simulator run on this run's stage costs (``sim@meas``:
-the first stage carries the embedding, the last the head and loss, so uniform F=1, B=2 is not what ran).
+Target: every kind, measured within 0.05 of the simulator run on this run's stage costs (``sim@meas``: the
+first stage carries the embedding, the last the head and loss, so uniform F=1, B=2 is not what ran).
 It is judged only where every rank has a core of its own (p <= cores): with more ranks than cores, busy
 intervals stretch while a rank waits for a core, and the comparison says nothing ("n/a").
 Writes ``timeline-{kind}-p{p}-m{m}.png`` (simulated above measured) into ``out_dir`` (``bench`` passes its run
@@ -55,7 +59,8 @@ from .machine import cpu_cores, world_sizes
 from .plots import plot_timeline
 
 TARGET = 0.05
-REFERENCE_ROWS = {"gpipe-torch": ("gpipe", {"early_recv": False})}  # row -> (kind, PipelineSchedule options)
+# row -> (kind, PipelineSchedule options): PyTorch's own receive order next to every kind's early-receive order
+REFERENCE_ROWS = {f"{kind}-torch": (kind, {"early_recv": False}) for kind in KINDS}
 
 
 def row_schedule(row: str) -> tuple[str, dict]:
@@ -137,6 +142,8 @@ def _run_kinds(rank, world_size, kinds, m, cfg, n_layer, act_shape, batch, steps
         n_valid = (y != IGNORE_INDEX).sum()
         sched = PipelineSchedule(kind, m, stages, None, lambda o, t: token_loss(logits_of(o), t)[0] / n_valid,
                                  record=True, device="cpu", **options)
+        order = getattr(sched.schedule, "pipeline_order_with_comms", None)  # runtime kinds: the lowered list
+        n_actions = len(order[sched.rank]) if order else None
         records = []
         for step in range(steps + 1):  # step 0 warms up (shape inference, allocator)
             for p in sched.parameters():
@@ -150,8 +157,15 @@ def _run_kinds(rank, world_size, kinds, m, cfg, n_layer, act_shape, batch, steps
                 records.append((timeline.bubble_fraction, wall.item(), timeline))
         records.sort(key=lambda r: r[0])
         idle, _, timeline = records[len(records) // 2]
+        span = sched.p * timeline.makespan
+        actions = [None] * world_size
+        dist.all_gather_object(actions, n_actions)
         out[row] = {"v": v, "measured": idle, "step_ms": 1e3 * statistics.median(r[1] for r in records),
-                     "events": [[e.rank, e.stage, e.kind, e.mb, e.start, e.end] for e in timeline.events]}
+                    "events": [[e.rank, e.stage, e.kind, e.mb, e.start, e.end] for e in timeline.events],
+                    "p2p_wait": sum(timeline.meta["p2p_wait_s"]) / span,
+                    "p2p_post_send": sum(timeline.meta["p2p_post_send_s"]) / span,
+                    "p2p_post_recv": sum(timeline.meta["p2p_post_recv_s"]) / span,
+                    "span_s": span, "actions": None if None in actions else sum(actions)}
     return out if rank == 0 else None
 
 
@@ -196,30 +210,47 @@ def bench_pipeline(cfg, pp_sizes=None, kinds=tuple(KINDS), m: int = 8, n_layer: 
                 panels, title = [sim, timelines[kind], timeline], f"{kind} vs {row}: simulated and measured"
             png = plot_timeline(panels, out_dir / f"timeline-{row}-p{p}-m{m}.png",
                                 title=f"{title}, {name}, {n_layer} blocks")
+            r["p2p_post"] = r["p2p_post_send"] + r["p2p_post_recv"]
+            other = r["measured"] - r["p2p_wait"] - r["p2p_post"]
             rows.append({"kind": row, "p": p, "v": v, "m": m, "analytic": analytic_bubble(kind, p, m, v),
                          "simulated": sim.bubble_fraction, "sim_at_measured": sim_measured.bubble_fraction,
-                         "measured": r["measured"], "step_ms": r["step_ms"], "p2p_ms": 1e3 * comm, "png": str(png)})
+                         "measured": r["measured"], "step_ms": r["step_ms"], "p2p_ms": 1e3 * comm, "png": str(png),
+                         "p2p_wait": r["p2p_wait"], "p2p_post": r["p2p_post"], "p2p_post_send": r["p2p_post_send"],
+                         "p2p_post_recv": r["p2p_post_recv"], "other": other,
+                         "actions": r["actions"],
+                         "other_us_per_action": 1e6 * other * r["span_s"] / r["actions"] if r["actions"] else None})
     cores = cpu_cores()
     print(f"pipeline schedules: {name} with {n_layer} blocks, global batch {batches.batch_size}x"
           f"{cfg.train.seq_len}, m={m} micro-batches, gloo on CPU, {cores} cores; median of {steps} steps")
-    print(f"  {'kind':11s} {'p':>2s} {'v':>2s} {'analytic':>9s} {'simulated':>10s} {'sim@meas':>9s} {'measured':>9s} "
-          f"{'step ms':>8s}  target")
+    print(f"  {'kind':15s} {'p':>2s} {'v':>2s} {'analytic':>9s} {'simulated':>10s} {'sim@meas':>9s} {'measured':>9s} "
+          f"{'=wait':>6s} {'+psend':>6s} {'+precv':>6s} {'+other':>7s} {'step ms':>8s}  target")
     for r in rows:
         analytic = f"{r['analytic']:.3f}" if r["analytic"] is not None else "-"
-        verdict = ""
-        if r["kind"] in ("gpipe", "1f1b", *REFERENCE_ROWS):
-            gap = abs(r["measured"] - r["sim_at_measured"])
-            verdict = f"|meas-sim@meas| {gap:.3f} "
-            if r["kind"] in REFERENCE_ROWS:
-                verdict += "(reference: PyTorch's receive order)"
-            elif r["p"] <= (cores or 1):
-                r["target_met"] = gap <= TARGET
-                verdict += "PASS" if r["target_met"] else "MISS"
-            else:
-                r["target_met"] = None
-                verdict += f"n/a ({r['p']} ranks > {cores} cores)"
-        print(f"  {r['kind']:11s} {r['p']:2d} {r['v']:2d} {analytic:>9s} {r['simulated']:10.3f} {r['sim_at_measured']:9.3f} "
-              f"{r['measured']:9.3f} {r['step_ms']:8.1f}  {verdict}")
+        gap = abs(r["measured"] - r["sim_at_measured"])
+        verdict = f"|meas-sim@meas| {gap:.3f} "
+        if r["kind"] in REFERENCE_ROWS:
+            verdict += "(reference: PyTorch's receive order)"
+        elif r["p"] <= (cores or 1):
+            r["target_met"] = gap <= TARGET
+            verdict += "PASS" if r["target_met"] else "MISS"
+        else:
+            r["target_met"] = None
+            verdict += f"n/a ({r['p']} ranks > {cores} cores)"
+        print(f"  {r['kind']:15s} {r['p']:2d} {r['v']:2d} {analytic:>9s} {r['simulated']:10.3f} "
+              f"{r['sim_at_measured']:9.3f} "
+              f"{r['measured']:9.3f} {r['p2p_wait']:6.3f} {r['p2p_post_send']:6.3f} {r['p2p_post_recv']:6.3f} "
+              f"{r['other']:7.3f} {r['step_ms']:8.1f}  "
+              f"{verdict}")
+    print("  measured idle = wait (inside waits on sends/receives) + psend/precv (posting sends/receives) + other "
+          "(the schedule's own Python between stage calls), each a fraction of p x makespan")
+    for r in rows:
+        if r.get("target_met") is False:
+            per_action = (f"; other = {r['other_us_per_action']:.0f} us per action over its {r['actions']} lowered "
+                          "actions" if r["other_us_per_action"] is not None else "")
+            print(f"  {r['kind']} p={r['p']} MISS: measured {r['measured']:.3f} vs sim@meas "
+                  f"{r['sim_at_measured']:.3f}: "
+                  f"waits {r['p2p_wait']:.3f}, posting sends {r['p2p_post_send']:.3f} and receives "
+                  f"{r['p2p_post_recv']:.3f}, other {r['other']:.3f}{per_action}")
     for p in pp_sizes:
         p2p = next((r["p2p_ms"] for r in rows if r["p"] == p), None)
         if p2p is not None:

@@ -10,11 +10,23 @@ optimizer state (``memory_report``), the unsharded parameter bytes held from for
 time (the slowest rank's) against DDP. Next to them: the ZeRO paper's formulas for this model's Psi. Target:
 FSDP2 per-rank totals within 1% of 1/N of DDP's. A model whose blocks are not found (``primitives.blocks``) is
 skipped with one line saying why.
+
+Step time and where it goes: the same interleaved rounds also time ``full`` with each FSDP2 lever of
+``DistributedOptimizer.wrap`` (``LEVERS``: explicit prefetch, the last block kept gathered, bigger wrap units, bf16
+reduce-scatter; a lever the model cannot take, e.g. prefetch past its last unit, is skipped with one line). After
+the timed rounds every side runs ``PROFILED`` steps under ``torch.profiler`` (CPU activity; the fastest is kept),
+split by ``profile_split``: each collective's own duration (the backend's ``gloo:*``/``nccl:*`` event, on the
+backend's thread) summed per kind (all-gather, reduce-scatter, all-reduce, other), and the step's time outside
+every collective ("compute": forward, backward, optimizer, FSDP2's copy-in/out). On gloo, FSDP2's reduce-scatter
+runs as a ``gloo:all_reduce`` (whole gradient, not 1/N of it). Target: the best fp32 ``full`` side <= 1.15x DDP at
+N=2. ``check_limits`` refuses, in one line, a world size above the GPU count (nccl) or a model whose sides' state
+cannot fit in memory.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import time
 
@@ -22,6 +34,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..distributed import launch
+from ..plan import model_state_bytes
 from ..primitives import DistributedOptimizer
 from ..primitives.blocks import NoBlocksError, require_blocks
 from ..primitives.distributed_optimizer import zero_bytes_per_rank
@@ -32,6 +45,78 @@ from .common import MIB, build_model_and_batches, interleaved_rounds, median_rat
 SHARDING_MODES = [("no_shard", None), ("zero1", None), ("shard_grad_op", None), ("full", None),
                   ("shard_grad_op", "bf16"), ("full", "bf16")]
 ZERO_NAME = {"no_shard": "DDP", "zero1": "ZeRO-1", "shard_grad_op": "ZeRO-2", "full": "ZeRO-3"}
+# label -> (sharding, precision, wrap levers); "B" in blocks_per_unit = all the model's blocks in one unit.
+LEVERS = {
+    "full prefetch=1": ("full", None, {"prefetch": 1}),
+    "full reshard_last": ("full", None, {"reshard_last": True}),
+    "full 2 blocks/unit": ("full", None, {"blocks_per_unit": 2}),
+    "full 1 unit": ("full", None, {"blocks_per_unit": "B"}),
+    "full 2 blocks/unit+last+pf1": ("full", None, {"blocks_per_unit": 2, "reshard_last": True, "prefetch": 1}),
+    "full bf16 reduce bf16": ("full", "bf16", {"reduce_dtype": "bf16"}),
+}
+TARGET_RATIO = 1.15  # the best full lever's step vs DDP's, at N = 2
+PROFILED = 2  # profiled steps per side after the timed rounds; the fastest is reported
+KINDS = ("all-gather", "reduce-scatter", "all-reduce", "other")
+
+
+def collective_kind(name: str) -> str:
+    """all-gather | reduce-scatter | all-reduce | other, from an op name (``c10d::_allgather_base_``,
+    ``gloo:all_gather``, ``nccl:reduce_scatter``, ``c10d::allreduce_``, ...)."""
+    low = name.lower().replace("_", "")
+    for key, kind in (("allgather", "all-gather"), ("reducescatter", "reduce-scatter"), ("allreduce", "all-reduce")):
+        if key in low:
+            return kind
+    return "other"
+
+
+def profile_split(events, step: tuple[float, float]) -> dict:
+    """Microseconds of one profiled step by where they went. ``events``: ``(name, start_us, end_us)`` of every
+    profiler event, any thread; ``step``: the step's ``(start_us, end_us)``.
+
+    A collective is a backend event (``gloo:*``, ``nccl:*``: the collective itself, on the backend's thread, from
+    enqueue to completion, so waiting for the slower peer counts). Its kind is that of the ``c10d::*`` op that issued
+    it (the last one starting before it): on gloo FSDP2's ``c10d::_reduce_scatter_base_`` runs as ``gloo:all_reduce``
+    and still counts as reduce-scatter. ``compute`` = the step's time outside every collective (the union of their
+    intervals, clipped to the step): time a collective overlaps with work (DDP's bucketed all-reduce during
+    backward) counts as that collective's, so DDP's ``compute`` understates its work and ``compute`` + the kinds
+    can exceed ``step`` only where collectives overlap each other. Inside the step, on any thread: ``copies``,
+    FSDP2's own buffer copies (the ``fsdp::*`` ops: all-gather copy-in, ``split_with_sizes_copy`` copy-out,
+    ``chunk_cat`` reduce-scatter copy-in), and ``optimizer``, the ``Optimizer.step#*`` events (AdamW over DTensor
+    shards pays DTensor dispatch per tensor); both mostly inside ``compute``. A collective that waits for a CPU core
+    before it starts (an oversubscribed machine) shows as ``compute``.
+    """
+    t0, t1 = step
+    issuers = sorted((s, n) for n, s, _ in events if n.startswith("c10d::"))
+    out = {k: 0.0 for k in KINDS}
+    spans = []
+    for name, s, e in events:
+        if not name.startswith(("gloo:", "nccl:")) or e <= t0 or s >= t1:
+            continue
+        issuer = next((n for st, n in reversed(issuers) if st <= s), name)
+        out[collective_kind(issuer)] += e - s
+        spans.append((max(s, t0), min(e, t1)))
+    covered, end = 0.0, t0
+    for s, e in sorted(spans):
+        covered += max(0.0, e - max(s, end))
+        end = max(end, e)
+    def inside(prefix):
+        return sum(min(e, t1) - max(s, t0) for n, s, e in events if n.startswith(prefix) and e > t0 and s < t1)
+    return {**out, "step": t1 - t0, "compute": (t1 - t0) - covered, "copies": inside("fsdp::"),
+            "optimizer": inside("Optimizer.step#"), "n_collectives": len(spans)}
+
+
+def _profiled_step(step) -> dict:
+    """``step()`` once under ``torch.profiler`` (CPU), split by ``profile_split``."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from .common import quiet_stderr
+
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function("sharding::step"):
+            step()
+    events = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()]
+    mark = next(e for e in events if e[0] == "sharding::step")
+    return profile_split(events, (mark[1], mark[2]))
 
 
 def _sharding_rank(rank, ws, cfg, backend="gloo"):
@@ -42,14 +127,23 @@ def _sharding_rank(rank, ws, cfg, backend="gloo"):
     x, y = (t.to(device) for t in batches.microbatches(0, rank, ws, 1)[0])
     loss_fn = user_loss(cfg)
     b = cfg.bench
-    sides = {}
-    for sharding, precision in SHARDING_MODES:
-        d = DistributedOptimizer.wrap(copy.deepcopy(model), sharding, mixed_precision=precision, lr=cfg.train.lr)
-        sides[(sharding, precision)] = {"d": d}
+    n_blocks = len(require_blocks(model))
+    sides, skipped = {}, {}
+    specs = {f"{s}|{p}": (s, p, {}) for s, p in SHARDING_MODES} | LEVERS
+    for key, (sharding, precision, levers) in specs.items():
+        levers = {k: n_blocks if v == "B" else v for k, v in levers.items()}
+        try:  # a lever the model cannot take (prefetch past a 2-block model's last unit) fails before any collective
+            d = DistributedOptimizer.wrap(copy.deepcopy(model), sharding, mixed_precision=precision, lr=cfg.train.lr,
+                                          **levers)
+        except ValueError as e:
+            skipped[key] = str(e)
+            continue
+        sides[key] = {"d": d}
 
-    def step(key):
+    def step(key, after=True):
         d = sides[key]["d"]
-        return train_step(d.model, d.optimizer, x, y, lambda: d.memory_report()["unsharded_param_bytes"], loss_fn=loss_fn)
+        held = (lambda: d.memory_report()["unsharded_param_bytes"]) if after else None
+        return train_step(d.model, d.optimizer, x, y, held, loss_fn=loss_fn)
 
     def timed(key):
         torch.distributed.barrier()
@@ -62,8 +156,49 @@ def _sharding_rank(rank, ws, cfg, backend="gloo"):
         for _ in range(b.burn_in):
             step(key)
     seconds = interleaved_rounds(timed, list(sides), b.repeats)
-    return {f"{s}|{p}": {"memory": v["d"].memory_report(), "held": v["held"], "seconds": seconds[(s, p)]}
-            for (s, p), v in sides.items()}
+    out = {k: {"memory": v["d"].memory_report(), "held": v["held"], "seconds": seconds[k]} for k, v in sides.items()}
+    for key in sides:  # PROFILED steps each, keep the fastest: one load spike on a shared machine skews one step
+        profiles = []
+        for _ in range(PROFILED):
+            torch.distributed.barrier()
+            profiles.append(_profiled_step(lambda: step(key, after=False)))
+        out[key]["profile"] = min(profiles, key=lambda p: p["step"])
+    return out | {"_skipped": skipped}
+
+
+def state_bytes_needed(psi: int, world_size: int) -> float:
+    """A lower bound on what one rank holds: every side's ZeRO fp32 bytes (``zero_bytes_per_rank``) plus the
+    fp32 model every side is copied from; activations and communication buffers come on top."""
+    specs = [(s, p) for s, p in SHARDING_MODES] + [(s, p) for s, p, _ in LEVERS.values()]
+    return 4 * psi + sum(zero_bytes_per_rank(psi, world_size, s, "fp32")["total"] for s, _ in specs)
+
+
+def available_bytes(backend: str) -> list[float]:
+    """Memory the ranks can use: each GPU's total (nccl), or the host's MemAvailable shared by every rank (gloo)."""
+    if backend == "nccl":
+        return [torch.cuda.mem_get_info(i)[1] for i in range(torch.cuda.device_count())]
+    try:
+        with open("/proc/meminfo") as f:
+            return [next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))]
+    except (OSError, StopIteration):
+        return [float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))]
+
+
+def check_limits(psi: int, world_sizes, backend: str, model: str) -> None:
+    """One ``ValueError`` line, before any rank starts, when a world size needs more GPUs than there are (nccl: one
+    rank per GPU) or the sides' state (``state_bytes_needed``) cannot fit in memory."""
+    memory = available_bytes(backend)
+    for ws in world_sizes:
+        if backend == "nccl" and ws > len(memory):
+            raise ValueError(f"bench.world_sizes: N={ws} needs {ws} GPUs (one rank per GPU), this machine has "
+                             f"{len(memory)}; use N <= {len(memory)}")
+        need = state_bytes_needed(psi, ws) * (1 if backend == "nccl" else ws)
+        have = min(memory) if backend == "nccl" else memory[0]
+        if need > have:
+            where = "per GPU" if backend == "nccl" else f"for {ws} CPU ranks"
+            raise ValueError(f"model={model}: bench sharding keeps {len(SHARDING_MODES) + len(LEVERS)} trained copies "
+                             f"({psi:,} parameters) and needs at least {need / 2**30:.1f} GiB {where} at N={ws}, "
+                             f"more than the {have / 2**30:.1f} GiB available: use a smaller model or fewer ranks")
 
 
 def bench_sharding(cfg, world_sizes=None) -> dict:
@@ -77,13 +212,15 @@ def bench_sharding(cfg, world_sizes=None) -> dict:
         print(f"sharding: skipped for {model_name(cfg)}: {e}")
         return {"skipped": str(e), "model": model_name(cfg)}
     psi = n_params(model)
+    check_limits(psi, world_sizes, backend, model_name(cfg))
     results = {}
     print(f"sharding on {model_name(cfg)}, Psi = {psi:,} parameters ({4 * psi / MIB:.2f} MiB fp32), AdamW, batch "
           f"{cfg.train.batch_size}x{cfg.train.seq_len} split over N {backend} ranks; bytes: largest rank, after backward + step;"
           f" time: median of {cfg.bench.repeats} interleaved steps, ratio to DDP")
-    print(f"  {'mode':27s} {'N':>2s} {'params':>7s} {'grads':>7s} {'optim':>7s} {'total':>7s} {'/(DDP/N)':>8s} "
+    print(f"  {'mode':27s} {'N':>2s} {'params':>7s} {'grads':>7s} {'optim':>7s} {'total':>7s} "
+          f"{'predicted':>9s} {'/(DDP/N)':>8s} "
           f"{'optim/(DDP/N)':>13s} {'held f->b':>9s} {'ZeRO fp32':>9s} {'ZeRO mixed':>10s} {'step':>8s} {'vs DDP':>6s}")
-    ok = True
+    ok, timing = True, {}
     for ws in world_sizes:
         ranks = launch(_sharding_rank, ws, plain, backend, timeout=600, backend=backend)
         ddp_total = max(r["no_shard|None"]["memory"]["total"] for r in ranks)
@@ -104,6 +241,8 @@ def bench_sharding(cfg, world_sizes=None) -> dict:
                 "held_fwd_bwd": max(r[key]["held"] for r in ranks),
                 "zero_fp32": zero_bytes_per_rank(psi, ws, sharding, "fp32")["total"],
                 "zero_mixed": zero_bytes_per_rank(psi, ws, sharding, "mixed")["total"],
+                # plan.py's prediction of this rank's memory_report() total (curry_train's bf16 keeps fp32 shards)
+                "predicted": model_state_bytes(psi, ws, sharding, "fp32")["total"],
                 "step_ms": 1000 * statistics.median(times),
                 "time_ratio": median_ratio(times, ddp_round),
             }
@@ -112,11 +251,71 @@ def bench_sharding(cfg, world_sizes=None) -> dict:
                 ok = False
             print(f"  {ZERO_NAME[sharding] + ' ' + row['mode']:27s} {ws:2d} {row['params'] / MIB:7.3f} "
                   f"{row['grads'] / MIB:7.3f} {row['optimizer_state'] / MIB:7.3f} {row['total'] / MIB:7.3f} "
-                  f"{row['ratio_to_ddp_over_n']:8.3f} {row['optim_ratio_to_ddp_over_n']:13.3f} "
+                  f"{row['predicted'] / MIB:9.3f} {row['ratio_to_ddp_over_n']:8.3f} "
+                  f"{row['optim_ratio_to_ddp_over_n']:13.3f} "
                   f"{row['held_fwd_bwd'] / MIB:9.3f} {row['zero_fp32'] / MIB:9.3f} "
                   f"{row['zero_mixed'] / MIB:10.3f} {row['step_ms']:5.0f} ms {row['time_ratio']:6.2f}")
         results[str(ws)] = rows
+        timing[str(ws)] = _time_rows(ranks, ddp_round)
+        for key, why in ranks[0]["_skipped"].items():
+            print(f"  {key}: skipped at N={ws}: {why}")
     print(f"  target: FSDP2 per-rank totals within 1% of DDP/N: {'PASS' if ok else 'MISS'}")
     print("  ZeRO formulas (Adam): fp32 DDP 16Psi, ZeRO-1 8Psi+8Psi/N, ZeRO-2 4Psi+12Psi/N, ZeRO-3 16Psi/N; mixed "
           "DDP 16Psi, ZeRO-1 4Psi+12Psi/N, ZeRO-2 2Psi+14Psi/N, ZeRO-3 16Psi/N")
-    return {"n_params": psi, "rows": results, "target_pass": ok, "backend": backend}
+    target = _print_time_rows(timing, model_name(cfg), backend)
+    return {"n_params": psi, "rows": results, "target_pass": ok, "backend": backend, "time_rows": timing,
+            "levers": {k: v[2] for k, v in LEVERS.items()}, "time_target": target}
+
+
+def _time_rows(ranks: list[dict], ddp_round: list[float]) -> list[dict]:
+    """Per side: median step and its ratio to DDP (per round, slowest rank), the unsharded bytes held from forward to
+    backward (largest rank; what prefetch, reshard_last and bigger units cost), and the slowest rank's profiled
+    step split (``profile_split``, in ms)."""
+    rows = []
+    for key in (k for k in ranks[0] if not k.startswith("_")):
+        times = [max(ts) for ts in zip(*(r[key]["seconds"] for r in ranks))]
+        prof = max((r[key]["profile"] for r in ranks), key=lambda p: p["step"])
+        label = key.replace("|None", "").replace("|bf16", " bf16")
+        rows.append({"mode": label, "step_ms": 1000 * statistics.median(times),
+                     "time_ratio": median_ratio(times, ddp_round), "held_fwd_bwd": max(r[key]["held"] for r in ranks),
+                     "profile_ms": {k: v / 1000 for k, v in prof.items() if k != "n_collectives"},
+                     "n_collectives": prof["n_collectives"]})
+    return rows
+
+
+def _print_time_rows(timing: dict, model: str, backend: str = "gloo") -> dict:
+    """The step-time table with each side's profiled split; the TARGET_RATIO line (N = 2, best ``full`` side)."""
+    print(f"\n  step time vs DDP, unsharded MiB held from forward to backward, and the fastest of {PROFILED} profiled "
+          "steps per side (torch.profiler, slowest rank, ms): the collectives' own durations by kind, and the step's "
+          "time outside every collective (compute; copies = FSDP2's fsdp::* copies, optim = Optimizer.step)")
+    cols = [("compute", 8), ("copies", 7), ("optimizer", 7), ("all-gather", 8), ("reduce-scatter", 8),
+            ("all-reduce", 8), ("other", 6)]
+    heads = {"optimizer": "optim", "all-gather": "all-gath", "reduce-scatter": "red-scat", "all-reduce": "all-red"}
+    print(f"  {'mode':30s} {'N':>2s} {'step':>8s} {'vs DDP':>6s} {'held f->b':>9s} | {'prof step':>9s} "
+          + " ".join(f"{heads.get(k, k):>{w}s}" for k, w in cols) + f" {'#coll':>5s}")
+    for ws, rows in timing.items():
+        for r in rows:
+            p = r["profile_ms"]
+            print(f"  {r['mode']:30s} {int(ws):2d} {r['step_ms']:5.0f} ms {r['time_ratio']:6.2f} "
+                  f"{r['held_fwd_bwd'] / MIB:9.3f} | {p['step']:9.1f} " + " ".join(f"{p[k]:{w}.1f}" for k, w in cols)
+                  + f" {r['n_collectives']:5d}")
+    rows = timing.get("2")
+    if not rows:
+        print(f"  target: best full <= {TARGET_RATIO}x DDP at N=2: not measured (bench.world_sizes has no 2)")
+        return {}
+    full = [r for r in rows if r["mode"].startswith("full") and "bf16" not in r["mode"]]
+    best, base = min(full, key=lambda r: r["time_ratio"]), next(r for r in rows if r["mode"] == "full")
+    ddp = next(r for r in rows if r["mode"] == "no_shard")
+    comm = lambda r: sum(r["profile_ms"][k] for k in KINDS)  # noqa: E731
+    verdict = "PASS" if best["time_ratio"] <= TARGET_RATIO else "MISS"
+    print(f"  target: best fp32 full side <= {TARGET_RATIO}x DDP at N=2 on {model}: {best['mode']} "
+          f"{best['time_ratio']:.2f}x (full without levers {base['time_ratio']:.2f}x): {verdict}")
+    print(f"  why (profiled step, ms outside collectives + in collectives): DDP {ddp['profile_ms']['compute']:.1f} + "
+          f"{comm(ddp):.1f} in {ddp['n_collectives']}; full {base['profile_ms']['compute']:.1f} + {comm(base):.1f} in "
+          f"{base['n_collectives']}; {best['mode']} {best['profile_ms']['compute']:.1f} + {comm(best):.1f} in "
+          f"{best['n_collectives']}")
+    if backend == "gloo":
+        print("  on gloo (CPU, no CUDA streams) FSDP2's all-gathers and reduce-scatters block the step (prefetch=k "
+              "issues async ones), the reduce-scatter runs as an all-reduce; DDP's bucketed all-reduce overlaps backward")
+    return {"best": best["mode"], "ratio": best["time_ratio"], "full_ratio": base["time_ratio"],
+            "pass": verdict == "PASS"}

@@ -47,6 +47,28 @@ class DataConfig:
 
 
 @dataclass
+class SpikeConfig:
+    """``train.spike.*``: roll back to the last good checkpoint on a sustained loss spike (``loop.SpikeRollback``)."""
+
+    enabled: bool = False
+    """On a sustained spike, load the newest checkpoint from before it and skip the spiking steps' data; needs
+    checkpoint.dir and checkpoint.every > 0."""
+    threshold_ratio: float = 5.0
+    """A spike: loss - floor > threshold_ratio x (baseline - floor), baseline = median of the last window losses;
+    > 1 (primitives/loss_spike.py)."""
+    sustain_steps: int = 3
+    """Spike steps in a row that trigger a rollback, > 0 (a single outlier is ignored when > 1)."""
+    min_history: int = 20
+    """Losses seen before a spike can count, >= 2."""
+    window: int = 50
+    """Recent non-spike losses the baseline (median) and floor (minimum) are taken over, >= 2."""
+    floor: Optional[float] = None
+    """The loss level the ratio is measured from; null = the window's minimum loss (scale-free)."""
+    max_rollbacks: int = 3
+    """Rollbacks in one run before a spike ends it with an error, >= 0 (0 = stop at the first spike)."""
+
+
+@dataclass
 class TrainConfig:
     """``train.*``: the loop, the optimizer and its schedule, recompute and compile (``train.py``, ``loop.py``)."""
 
@@ -94,6 +116,8 @@ class TrainConfig:
     """null = cross-entropy on the model's logits over targets != -100 (model_io.forward_loss_sum); or your loss for a
     model whose forward is not (idx) -> logits: train.loss._target_=pkg.module.fn, fn(model, (x, y), **kwargs) ->
     (loss_sum, n_valid), each other train.loss.KEY=VALUE a keyword argument (user_model.py)."""
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    """Loss-spike watchdog and automatic rollback (off by default)."""
 
 
 @dataclass
@@ -129,6 +153,13 @@ class ParallelConfig:
     """null (fp32) | bf16 (FSDP2 shardings); null with pp > 1."""
     cpu_offload: bool = False
     """Offload FSDP2 parameters and optimizer state to CPU (shard_grad_op, full only)."""
+    fsdp_prefetch: int = 0
+    """FSDP2 explicit all-gather prefetch depth, 0..units-1: each unit prefetches the next N in forward and the
+    previous N in backward (DistributedOptimizer.wrap prefetch; bench sharding measures it)."""
+    fsdp_reshard_last: bool = False
+    """sharding=full: keep the last FSDP2 unit gathered from forward to backward (one all-gather saved per step)."""
+    fsdp_blocks_per_unit: int = 1
+    """Consecutive blocks per FSDP2 unit, 1..model.n_layer: fewer, bigger all-gathers and reduce-scatters."""
     pp_schedule: str = "1f1b"
     """gpipe | 1f1b | interleaved | looped_bfs | zb | zbv | dualpipev (used when pp > 1)."""
     n_microbatches: int = 4
@@ -152,6 +183,9 @@ class CheckpointConfig:
     """Checkpoints kept (``latest`` and the newest before it), >= 0; 0 keeps every checkpoint."""
     async_save: bool = False
     """dcp.async_save: write in a background thread, committed when done or at exit."""
+    thread_count: int = 1
+    """DCP writer threads per rank (FileSystemWriter thread_count), >= 1; each writes its own file. 2 doubled
+    the raw dcp.save MB/s of a 100M-param state on a quiet 2-core box (`bench checkpoint`)."""
 
 
 @dataclass
@@ -171,6 +205,9 @@ class BenchConfig:
     world_sizes: Optional[List[int]] = None
     """Rank counts of the sharding and pipeline benches, each >= 2; null = from the machine: powers of two from 2 up
     to the GPUs (nccl) or CPU cores (gloo), at most 8 GPUs or 4 CPU ranks (2 cores: [2]; 4: [2, 4])."""
+    checkpoint_params: Optional[int] = None
+    """Parameters of `bench checkpoint`'s large synthetic state (fp32 + AdamW, 12 B/param), >= 10000; null = the
+    bench's own: 100M (25M with --quick). Refused up front if memory or disk is short."""
 
 
 @dataclass

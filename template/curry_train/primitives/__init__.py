@@ -5,6 +5,7 @@ from .checkpoint import Checkpointer
 from .context_parallel import ContextParallel, apply_context_parallel, ring_attention
 from .distributed_optimizer import DistributedOptimizer
 from .grad_accum import GradientAccumulation
+from .loss_spike import LossSpikeWatchdog
 from .model_io import count_target_tokens, forward_loss_sum
 from .moe import Experts, MoEMLP, TopKRouter
 from .parallel_state import ParallelState
@@ -16,4 +17,4 @@ __all__ = ["Checkpointer", "DistributedOptimizer", "Recompute", "activation_memo
            "GradientAccumulation", "count_target_tokens", "forward_loss_sum", "ParallelState", "PipelineSchedule",
            "find_blocks", "require_blocks", "NoBlocksError", "ContextParallel", "apply_context_parallel",
            "ring_attention", "TopKRouter", "Experts", "MoEMLP", "ColumnParallelLinear", "RowParallelLinear",
-           "apply_tensor_parallel"]
+           "apply_tensor_parallel", "LossSpikeWatchdog"]

@@ -26,7 +26,9 @@ never removes the directory ``latest`` names.
 Model and optimizer go through ``get_state_dict``/``set_state_dict``: keys are plain FQNs with no wrapper
 prefixes (DDP ``module.``, FSDP, ``_checkpoint_wrapped_module.``), and DTensor shards are saved with their
 global shapes, so a checkpoint written at world size 4 with FSDP2 loads at world size 2, 1, or into a plain
-``nn.Module``. The optimizer state is flattened per parameter FQN, so pipeline stages and ZeRO-1 partitions
+``nn.Module``. Expert-parallel MoE banks (each ep rank's slice of ``[E, ...]`` under one FQN) are saved the same
+way, as ``Shard(0)`` DTensors over the ep group (``checkpoint_experts``): the checkpoint holds every expert once,
+and loads at any ``ep`` (1 included). The optimizer state is flattened per parameter FQN, so pipeline stages and ZeRO-1 partitions
 (each rank holding different parameters' state) save their part and load at any layout. RNG states are per
 rank: they are restored only when the world size is unchanged (a resharded load reports that it skipped them;
 curry_train's data order depends only on ``(seed, step)``, so the resume is still exact).
@@ -58,6 +60,7 @@ from torch.distributed.checkpoint.state_dict import (
 from ._config import config_getter
 from .checkpoint_files import fsync_dir, rng_state, save_fsynced, set_rng_state
 from .checkpoint_files import first_nonfinite, verify, write_description
+from .checkpoint_experts import as_global, as_local
 
 LATEST = "latest"
 STEP_PREFIX = "step-"
@@ -129,14 +132,16 @@ def _zero1_inner(optimizer):
 
 
 def training_state(model, optimizer=None) -> dict:
-    """``{"model": ..., "optim": ...}`` from ``get_state_dict``: wrapper-free FQNs, DTensor shards for FSDP2."""
+    """``{"model": ..., "optim": ...}`` from ``get_state_dict``: wrapper-free FQNs, DTensor shards for FSDP2, and
+    expert-parallel bank slices (and their optimizer state) as ``Shard(0)`` DTensors of the whole bank
+    (``checkpoint_experts.as_global``; ``as_local`` turns them back into slices after a load)."""
     if optimizer is None:
-        return {"model": get_model_state_dict(model, options=STATE_DICT_OPTIONS)}
+        return as_global({"model": get_model_state_dict(model, options=STATE_DICT_OPTIONS)}, model)
     inner = _zero1_inner(optimizer)
     if inner is not None:  # the wrapper copies lr etc. to the inner optimizer only at step(): copy them now
         type(optimizer)._sync_param_groups(optimizer.param_groups, inner.param_groups)
     msd, osd = get_state_dict(model, inner or optimizer, options=STATE_DICT_OPTIONS)
-    return {"model": msd, "optim": osd}
+    return as_global({"model": msd, "optim": osd}, model)
 
 
 def check_compatible(metadata, model_state: dict, path, limit: int = 5) -> None:
@@ -169,7 +174,7 @@ def check_compatible(metadata, model_state: dict, path, limit: int = 5) -> None:
 class Checkpointer:
     """Save / load / prune checkpoints under one directory. Every rank calls every method (they are collective)."""
 
-    def __init__(self, dir, keep_last: int = 2, async_save: bool = False, process_group=None):
+    def __init__(self, dir, keep_last: int = 2, async_save: bool = False, process_group=None, thread_count: int = 1):
         if dir is None or str(dir) == "":
             raise ValueError("checkpoint.dir must be a directory path")
         if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
@@ -179,16 +184,25 @@ class Checkpointer:
         self.dir = Path(str(dir)).expanduser()
         self.keep_last = keep_last
         self.async_save = async_save
+        if isinstance(thread_count, bool) or not isinstance(thread_count, int) or thread_count < 1:
+            raise ValueError(f"checkpoint.thread_count must be an integer >= 1 (DCP writer threads per rank; each "
+                             f"writes its own file), got {thread_count!r}")
+        self.thread_count = thread_count
         self._group = process_group
         self._group_ready = process_group is not None
         self._pending = None  # (future, step, tmp_dir, final_dir) of an async save not yet committed
+        # Seconds per phase of the last save (rank 0's clock): state (state dict), nonfinite_check, files (rng, meta,
+        # scheduler), dcp_write (DCP write incl. its per-file fsync; async: staging only), integrity (sha256
+        # record), rename (fsync dirs, rename, latest, prune). The checkpoint bench prints them.
+        self.last_save_seconds: dict[str, float] = {}
 
     @classmethod
     def from_config(cls, cfg, process_group=None) -> "Checkpointer":
-        """From ``cfg.checkpoint`` (mapping or attribute object): ``dir``, ``keep_last``, ``async_save``."""
+        """From ``cfg.checkpoint`` (mapping or attribute object): ``dir``, ``keep_last``, ``async_save``,
+        ``thread_count``."""
         get = config_getter(cfg)
         return cls(get("dir"), keep_last=get("keep_last", 2), async_save=get("async_save", False),
-                   process_group=process_group)
+                   process_group=process_group, thread_count=get("thread_count", 1))
 
     # -- paths ---------------------------------------------------------------------------------------
     def check_writable(self) -> None:
@@ -268,8 +282,13 @@ class Checkpointer:
         self.wait()
         group = self._ensure_group()
         rank, world = _rank(), _world_size()
+        clock = time.perf_counter()
         state = training_state(model, optimizer)
+        self.last_save_seconds = {"state": time.perf_counter() - clock}
+        clock = time.perf_counter()
         self._refuse_nonfinite(step, state, scheduler)
+        self.last_save_seconds["nonfinite_check"] = time.perf_counter() - clock
+        clock = time.perf_counter()
         tmp, final = self.dir / f"{TMP_PREFIX}{step_dirname(step)}", self.dir / step_dirname(step)
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
@@ -285,14 +304,18 @@ class Checkpointer:
                 json.dump(meta, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
-        writer = FileSystemWriter(str(tmp), sync_files=True)
+        writer = FileSystemWriter(str(tmp), sync_files=True, thread_count=self.thread_count)
+        self.last_save_seconds["files"] = time.perf_counter() - clock
+        clock = time.perf_counter()
         if self.async_save:
             with _quiet():
                 future = dcp.async_save(state, storage_writer=writer, process_group=group, no_dist=not _distributed())
+            self.last_save_seconds["dcp_write"] = time.perf_counter() - clock
             self._pending = (future, step, tmp, final)
         else:
             with _quiet():
                 dcp.save(state, storage_writer=writer, process_group=group, no_dist=not _distributed())
+            self.last_save_seconds["dcp_write"] = time.perf_counter() - clock
             if rank == 0:
                 self._commit(tmp, final)
             self._barrier()
@@ -314,7 +337,10 @@ class Checkpointer:
     def _commit(self, tmp: Path, final: Path) -> None:
         """Rank 0, after every rank's files are written: describe them (``integrity.json``), rename into place,
         move ``latest``, prune."""
+        clock = time.perf_counter()
         write_description(tmp)
+        self.last_save_seconds["integrity"] = time.perf_counter() - clock
+        clock = time.perf_counter()
         fsync_dir(tmp)
         if final.exists():  # re-saving a step (after a rollback): move the old copy aside first
             old = self.dir / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
@@ -332,6 +358,7 @@ class Checkpointer:
         os.replace(pointer_tmp, self.dir / LATEST)
         fsync_dir(self.dir)
         self._prune(int(final.name[len(STEP_PREFIX):]))
+        self.last_save_seconds["rename"] = time.perf_counter() - clock
 
     def _prune(self, latest_step: int) -> None:
         """Keep ``latest`` and the ``keep_last - 1`` newest checkpoints before it; drop crashed temporaries.
@@ -434,6 +461,7 @@ class Checkpointer:
         with _quiet():
             dcp.load(state, storage_reader=reader, process_group=self._group if self._group_ready else None,
                      no_dist=not _distributed())
+        state = as_local(state, model)  # expert-parallel banks: back to this rank's slices
         if optimizer is None:
             set_model_state_dict(model, state["model"], options=STATE_DICT_OPTIONS)
         else:

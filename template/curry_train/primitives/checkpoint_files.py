@@ -22,6 +22,7 @@ import math
 import os
 import random
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -77,11 +78,15 @@ def file_digest(path: Path) -> str:
 
 
 def describe(directory: Path) -> dict:
-    """``{"files": {name: {"size", "sha256"}}}`` for every file in ``directory`` (recursively), except itself."""
-    files = {}
-    for p in sorted(directory.rglob("*")):
-        if p.is_file() and p.name != INTEGRITY:
-            files[p.relative_to(directory).as_posix()] = {"size": p.stat().st_size, "sha256": file_digest(p)}
+    """``{"files": {name: {"size", "sha256"}}}`` for every file in ``directory`` (recursively), except itself.
+
+    Files are hashed on up to ``os.cpu_count()`` threads (hashlib releases the GIL): with ``checkpoint.thread_count``
+    = 2 a rank writes two data files, and hashing them one after the other was 27% of a 100M-param save
+    (``bench checkpoint``)."""
+    paths = [p for p in sorted(directory.rglob("*")) if p.is_file() and p.name != INTEGRITY]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(paths), os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(file_digest, paths))
+    files = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": d} for p, d in zip(paths, digests)}
     return {"format": 1, "files": files}
 
 
@@ -124,14 +129,12 @@ def verify(directory: Path) -> str | None:
 
 
 def _all_finite(t: torch.Tensor) -> bool:
-    """A finite sum means every element is finite (one NaN or Inf makes it NaN/Inf): one cheap reduction, and the
-    exact element-wise test only when the sum is not finite (it may merely have overflowed)."""
-    return bool(torch.isfinite(t.sum())) or not bool(t.isnan().any() or t.isinf().any())
+    """The exact element-wise test (used only for tensors whose fused norm below is not finite)."""
+    return not bool(t.isnan().any() or t.isinf().any())
 
 
-def first_nonfinite(state, prefix: str = "") -> str | None:
-    """The key of the first floating-point tensor in a (nested) state dict holding NaN or Inf, else ``None``.
-    DTensor shards are checked locally: call it on every rank and combine the answers."""
+def _leaves(state, prefix: str, out: list) -> list:
+    """``(name, value)`` of every floating-point tensor (DTensors: the local shard) and float, in traversal order."""
     if isinstance(state, dict):
         items = state.items()
     elif isinstance(state, (list, tuple)):
@@ -142,12 +145,37 @@ def first_nonfinite(state, prefix: str = "") -> str | None:
         name = f"{prefix}{key}"
         if isinstance(value, torch.Tensor):
             local = value.to_local() if hasattr(value, "to_local") else value
-            if local.is_floating_point() and local.numel() and not _all_finite(local):
-                return name
-        elif isinstance(value, float) and not math.isfinite(value):
-            return name
+            if local.is_floating_point() and local.numel():
+                out.append((name, local))
+        elif isinstance(value, float):
+            out.append((name, value))
         elif isinstance(value, (dict, list, tuple)):
-            found = first_nonfinite(value, f"{name}.")
-            if found is not None:
-                return found
+            _leaves(value, f"{name}.", out)
+    return out
+
+
+def first_nonfinite(state, prefix: str = "") -> str | None:
+    """The key of the first floating-point tensor in a (nested) state dict holding NaN or Inf, else ``None``.
+    DTensor shards are checked locally: call it on every rank and combine the answers.
+
+    One fused ``torch._foreach_norm`` pass per (device, dtype): a finite norm means every element is finite (one
+    NaN or Inf makes it NaN/Inf); only a tensor whose norm is not finite (it may merely have overflowed) gets the
+    exact element-wise test. One op per tensor (the earlier per-tensor ``sum``) cost 0.76 s of a 2 s save of a
+    25M-parameter state on a busy 2-core machine (``bench checkpoint --quick``)."""
+    leaves = _leaves(state, prefix, [])
+    groups: dict = {}
+    for i, (_, value) in enumerate(leaves):
+        if isinstance(value, torch.Tensor):
+            groups.setdefault((value.device, value.dtype), []).append(i)
+    suspect = set()
+    for indices in groups.values():
+        norms = torch._foreach_norm([leaves[i][1] for i in indices])
+        finite = torch.isfinite(torch.stack([n.reshape(()) for n in norms])).tolist()
+        suspect.update(i for i, ok in zip(indices, finite) if not ok)
+    for i, (name, value) in enumerate(leaves):
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                return name
+        elif i in suspect and not _all_finite(value):
+            return name
     return None

@@ -28,8 +28,10 @@ divisor relies on. ``memory_report()`` counts the bytes each rank really holds (
 
 FSDP1-style arguments: ``use_orig_params=True`` is what FSDP2 always does (``False`` is rejected);
 ``backward_prefetch="backward_pre"`` is FSDP2's built-in behaviour (other values are rejected: use
-``FSDPModule.set_modules_to_backward_prefetch``); FSDP1 strategy names ``FULL_SHARD``/``SHARD_GRAD_OP``/
-``NO_SHARD`` and ``zero2``/``zero3`` map to the modes above; ``fp16`` is rejected (it needs a gradient scaler).
+``prefetch=k``, i.e. ``FSDPModule.set_modules_to_backward_prefetch``); FSDP1 strategy names ``FULL_SHARD``/
+``SHARD_GRAD_OP``/``NO_SHARD`` and ``zero2``/``zero3`` map to the modes above; ``fp16`` is rejected (it needs a
+gradient scaler). Step-time levers of the FSDP2 modes (``prefetch``, ``reshard_last``, ``blocks_per_unit``,
+``reduce_dtype``): ``wrap``'s docstring; ``python -m curry_train bench sharding`` measures each against DDP.
 """
 
 from __future__ import annotations
@@ -80,9 +82,11 @@ def normalize_sharding(sharding) -> str:
 
 
 def check_options(sharding, mixed_precision=None, cpu_offload=False, reshard_after_forward=None,
-                  use_orig_params=None, backward_prefetch=None) -> tuple[str, str | None]:
+                  use_orig_params=None, backward_prefetch=None, prefetch=0, reshard_last=False, reduce_dtype=None,
+                  blocks_per_unit=1, lever_prefix="") -> tuple[str, str | None]:
     """Validate ``wrap``'s options without a model or a process group; returns (sharding, mixed_precision)
-    normalised. Call it before ``init_process_group`` to fail in one process with one message."""
+    normalised. Call it before ``init_process_group`` to fail in one process with one message. The block count
+    limits (``prefetch``, ``blocks_per_unit``) are checked by ``wrap``, which sees the model."""
     sharding = normalize_sharding(sharding)
     if mixed_precision == "fp16":
         raise ValueError("mixed_precision='fp16' needs a gradient scaler, which curry_train does not implement; "
@@ -101,10 +105,50 @@ def check_options(sharding, mixed_precision=None, cpu_offload=False, reshard_aft
     if backward_prefetch not in (None, "backward_pre", "BACKWARD_PRE"):
         raise ValueError(
             f"backward_prefetch={backward_prefetch!r} is an FSDP1 option; FSDP2 always prefetches the next "
-            "block's all-gather in backward (= 'backward_pre'). For explicit control call "
-            "FSDPModule.set_modules_to_backward_prefetch on the wrapped blocks"
+            "block's all-gather in backward (= 'backward_pre'). For explicit control pass prefetch=k (which calls "
+            "FSDPModule.set_modules_to_backward_prefetch on the wrapped blocks)"
         )
+    _check_levers(sharding, mixed_precision, reshard_after_forward, prefetch, reshard_last, reduce_dtype,
+                  blocks_per_unit, lever_prefix)
     return sharding, mixed_precision
+
+
+def check_lever_limits(n_blocks: int, prefetch: int = 0, blocks_per_unit: int = 1, prefix: str = "") -> None:
+    """``blocks_per_unit`` <= ``n_blocks`` and ``prefetch`` <= the FSDP units after the first,
+    ``ceil(n_blocks / blocks_per_unit) - 1``; ``prefix`` goes before the names in the message (config keys)."""
+    units = -(-n_blocks // blocks_per_unit)
+    if blocks_per_unit > n_blocks:
+        raise ValueError(f"{prefix}blocks_per_unit={blocks_per_unit} exceeds the model's {n_blocks} blocks")
+    if prefetch > units - 1:
+        raise ValueError(f"{prefix}prefetch={prefetch} exceeds the {units - 1} FSDP units that can follow one "
+                         f"({n_blocks} blocks, {prefix}blocks_per_unit={blocks_per_unit}): use 0..{units - 1}")
+
+
+def _check_levers(sharding, mixed_precision, reshard_after_forward, prefetch, reshard_last, reduce_dtype,
+                  blocks_per_unit, prefix="") -> None:
+    """The FSDP2 step-time levers (``wrap``'s docstring): one ``ValueError`` line per bad value, each naming
+    ``prefix`` + the argument (``prefix="fsdp_"`` for the ``parallel.fsdp_*`` config keys)."""
+    fsdp = sharding in FSDP_MODES
+    for name, value, low in (("prefetch", prefetch, 0), ("blocks_per_unit", blocks_per_unit, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{prefix}{name} must be an int >= {low}, got {value!r}")
+    for name, value, on in (("prefetch", prefetch, prefetch > 0), ("blocks_per_unit", blocks_per_unit,
+                                                                     blocks_per_unit > 1)):
+        if on and not fsdp:
+            raise ValueError(f"{prefix}{name}={value} applies to FSDP2 shardings {FSDP_MODES}, not {sharding!r}")
+    if not isinstance(reshard_last, bool):
+        raise ValueError(f"{prefix}reshard_last must be true or false, got {reshard_last!r}")
+    if reshard_last and (sharding != "full" or reshard_after_forward is False):
+        raise ValueError(f"{prefix}reshard_last=True keeps the last block gathered after forward; it applies to "
+                         f"sharding='full' with resharding blocks, not sharding={sharding!r}, reshard_after_forward="
+                         f"{reshard_after_forward!r} (which already keeps every block gathered)")
+    if reduce_dtype not in (None, "fp32", "bf16"):
+        raise ValueError(f"reduce_dtype must be one of (None, 'fp32', 'bf16'), got {reduce_dtype!r}")
+    if reduce_dtype is not None and not fsdp:
+        raise ValueError(f"reduce_dtype applies to FSDP2 shardings {FSDP_MODES}, not {sharding!r}")
+    if reduce_dtype == "bf16" and mixed_precision != "bf16":
+        raise ValueError("reduce_dtype='bf16' needs mixed_precision='bf16' (gradients already computed in bf16); "
+                         f"got mixed_precision={mixed_precision!r}")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -170,6 +214,10 @@ class DistributedOptimizer:
         param_groups=None,
         backward_prefetch: str | None = None,
         use_orig_params: bool | None = None,
+        prefetch: int = 0,
+        reshard_last: bool = False,
+        reduce_dtype: str | None = None,
+        blocks_per_unit: int = 1,
         **optimizer_kwargs,
     ) -> "DistributedOptimizer":
         """Shard ``model`` over ``process_group`` (default: the world) and build its optimizer.
@@ -189,6 +237,25 @@ class DistributedOptimizer:
           ``shard_grad_op``; an int reshards to that smaller world size). FSDP2 modes only.
         * ``block_types``: the block classes FSDP2 shards one unit each (default: ``find_blocks``' discovery);
           FSDP2 modes raise ``NoBlocksError`` (a ``ValueError``) when no block is found, before any collective.
+
+        Step-time levers (FSDP2 modes; ``bench sharding`` measures each against DDP, skill
+        ``primitive-distributed-optimizer``):
+
+        * ``blocks_per_unit`` (>= 1, <= the block count): consecutive blocks sharded as one FSDP unit
+          (``fully_shard([b_i, ..., b_i+k-1])``): one all-gather and one reduce-scatter per unit instead of per
+          block, ``ceil(B / k)`` of each per step; a unit's whole parameters are held while any of its blocks runs.
+        * ``prefetch`` (>= 0, <= units - 1): explicit prefetch depth. Unit ``i`` prefetches the all-gathers of
+          units ``i+1 .. i+prefetch`` in forward (``set_modules_to_forward_prefetch``) and ``i-1 .. i-prefetch``
+          in backward (``set_modules_to_backward_prefetch``); up to ``prefetch`` more units held gathered. On CPU
+          (gloo, no CUDA streams) the unshards are also issued with ``async_op=True``
+          (``FSDPModule._set_unshard_async_op``) so a prefetched all-gather runs on gloo's thread while this
+          rank computes; without it a CPU all-gather blocks where it is issued and prefetch only reorders.
+        * ``reshard_last``: ``sharding='full'`` only: the last unit keeps its parameters gathered from forward to
+          backward (``reshard_after_forward=False``, as torchtitan does): backward starts with it, so resharding it
+          only to all-gather it again at once is one all-gather per step saved, for 1/units of Psi held.
+        * ``reduce_dtype``: ``None``/``"fp32"`` or ``"bf16"`` (needs ``mixed_precision='bf16'``): the
+          reduce-scatter dtype of ``MixedPrecisionPolicy(reduce_dtype=)``; bf16 halves its bytes and sums the
+          N already-bf16 gradients in bf16 (one more rounding per step; not bitwise equal to the fp32 reduce).
         * ``optimizer_class(param_groups(model) or model.parameters(), **optimizer_kwargs)`` is built on the
           wrapped model; for ``zero1`` it is wrapped in ``ZeroRedundancyOptimizer``. ``optimizer_class=None``
           builds none: build your own on ``.model`` and hand it to ``shard_optimizer``.
@@ -198,7 +265,8 @@ class DistributedOptimizer:
         pure pipeline-parallel run) also leaves the model unwrapped.
         """
         sharding, mixed_precision = check_options(sharding, mixed_precision, cpu_offload, reshard_after_forward,
-                                                  use_orig_params, backward_prefetch)
+                                                  use_orig_params, backward_prefetch, prefetch, reshard_last,
+                                                  reduce_dtype, blocks_per_unit)
         fsdp = sharding in FSDP_MODES
         if mesh is not None:
             if not fsdp:
@@ -210,6 +278,7 @@ class DistributedOptimizer:
         blocks = None
         if fsdp:
             blocks = require_blocks(model, block_types, purpose=f"sharding={sharding!r} (FSDP2 shards each block)")
+            check_lever_limits(len(blocks), prefetch, blocks_per_unit)
         device = next(iter(model.parameters()), torch.zeros(0)).device
         if mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError(f"mixed_precision='bf16' but {torch.cuda.get_device_name(device)} has no bf16 support; "
@@ -230,7 +299,8 @@ class DistributedOptimizer:
 
         if fsdp:
             wrapped = _fully_shard(model, blocks, sharding, mixed_precision, cpu_offload, reshard_after_forward,
-                                   process_group, device, mesh)
+                                   process_group, device, mesh, prefetch=prefetch, reshard_last=reshard_last,
+                                   reduce_dtype=reduce_dtype, blocks_per_unit=blocks_per_unit)
         else:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -247,16 +317,23 @@ class DistributedOptimizer:
 
     @classmethod
     def from_config(cls, cfg, model: nn.Module, process_group=None, **kwargs) -> "DistributedOptimizer":
-        """``wrap`` with ``sharding``, ``mixed_precision`` and ``cpu_offload`` read from ``cfg`` (any mapping or
-        attribute object, e.g. Hydra's ``cfg.parallel``); ``kwargs`` go to ``wrap`` (optimizer settings)."""
+        """``wrap`` with ``sharding``, ``mixed_precision``, ``cpu_offload`` and the levers ``fsdp_prefetch``,
+        ``fsdp_reshard_last``, ``fsdp_blocks_per_unit`` (``wrap``'s ``prefetch``, ``reshard_last``,
+        ``blocks_per_unit``) read from ``cfg`` (any mapping or attribute object, e.g. Hydra's ``cfg.parallel``);
+        ``kwargs`` go to ``wrap`` (optimizer settings)."""
         get = config_getter(cfg)
+        levers = {k: get(f"fsdp_{k}", d) for k, d in (("prefetch", 0), ("reshard_last", False), ("blocks_per_unit", 1))}
         try:
+            check_options(get("sharding", "no_shard"), get("mixed_precision", None), bool(get("cpu_offload", False)),
+                          lever_prefix="fsdp_", **levers)
             return cls.wrap(model, get("sharding", "no_shard"), get("mixed_precision", None),
-                            bool(get("cpu_offload", False)), process_group=process_group, **kwargs)
+                            bool(get("cpu_offload", False)), process_group=process_group, **levers, **kwargs)
         except NoBlocksError:
             raise  # about the model, not a config key
-        except ValueError as e:
-            raise ValueError(f"parallel.{e}") from None
+        except ValueError as e:  # wrap's block-count check names the argument: name the config key
+            msg = str(e)
+            raise ValueError(f"parallel.{'fsdp_' if msg.startswith(('prefetch=', 'blocks_per_unit=')) else ''}{msg}") \
+                from None
 
     def shard_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """An optimizer built on ``self.model`` made right for this sharding: for ``zero1`` the same class,
@@ -319,21 +396,31 @@ def _autocast_forward(model: nn.Module, device: torch.device) -> None:
 
 
 def _fully_shard(model, blocks, sharding, mixed_precision, cpu_offload, reshard_after_forward, group, device,
-                 mesh=None):
+                 mesh=None, *, prefetch=0, reshard_last=False, reduce_dtype=None, blocks_per_unit=1):
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     if mesh is None:
         mesh_device = "cuda" if (device.type == "cuda" or (cpu_offload and torch.cuda.is_available())) else "cpu"
         mesh = DeviceMesh.from_group(group if group is not None else dist.group.WORLD, mesh_device)
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                               reduce_dtype=torch.bfloat16 if reduce_dtype == "bf16" else torch.float32)
           if mixed_precision == "bf16" else MixedPrecisionPolicy())
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     block_reshard = (sharding == "full") if reshard_after_forward is None else reshard_after_forward
     kw = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
-    for block in blocks:
-        fully_shard(block, reshard_after_forward=block_reshard, **kw)
+    units = [blocks[i:i + blocks_per_unit] for i in range(0, len(blocks), blocks_per_unit)]
+    for j, unit in enumerate(units):
+        keep = reshard_last and j == len(units) - 1
+        fully_shard(unit if len(unit) > 1 else unit[0], reshard_after_forward=False if keep else block_reshard, **kw)
     # Root (embeddings, final norm, tied head): FSDP2's default for the root is not to reshard after forward,
     # since backward needs it first; under shard_grad_op nothing is resharded after forward.
     fully_shard(model, reshard_after_forward=None if sharding == "full" else False, **kw)
+    if prefetch:
+        heads = [unit[0] for unit in units]  # a unit's modules share one FSDP state
+        for i, head in enumerate(heads):
+            head.set_modules_to_forward_prefetch(heads[i + 1:i + 1 + prefetch])
+            head.set_modules_to_backward_prefetch(heads[max(i - prefetch, 0):i][::-1])
+        if mesh.device_type == "cpu":  # no streams: only an async unshard overlaps (wrap's docstring)
+            model._set_unshard_async_op(True)
     return model

@@ -141,6 +141,21 @@ from curry_train.primitives.tensor_parallel import apply_tensor_parallel
 apply_tensor_parallel(model, tp_mesh, sequence_parallel=True)  # before recompute, compile and FSDP2
 loss_sum, n_valid = your_summed_token_loss(model(x), y)  # the same x, y on every rank of the tp group
 """),
+    Primitive(
+        "loss_spike", "primitives/loss_spike.py", "stage5-loss-spike-rollback",
+        "a loss-spike watchdog (robust median baseline, sustained-spike rule) to roll back to the last good checkpoint",
+        """\
+from curry_train.primitives.loss_spike import LossSpikeWatchdog
+
+watchdog = LossSpikeWatchdog(threshold_ratio=5.0, sustain_steps=3, min_history=20)
+for step in range(start, total_steps):
+    loss = your_training_step(model, optimizer, step)  # the step's mean loss: the same number on every rank
+    if watchdog.observe(step, loss):                   # a sustained spike, begun at step watchdog.spike_start
+        your_load_checkpoint_before(watchdog.spike_start)  # model, optimizer, scheduler as they were then
+        watchdog.reset()                               # go on with step + 1's data: the spike's window is skipped
+    elif (step + 1) % 100 == 0 and not watchdog.in_spike:  # never save a state taken during a spike
+        your_save_checkpoint(step + 1, extra={"loss_spike": watchdog.state_dict()})
+"""),
 ]}
 ALIASES = {p.skill: p.name for p in PRIMITIVES.values()}
 

@@ -30,18 +30,28 @@ Bad input raises ``ValueError`` before the first send/recv, on every rank: unkno
 number of stages, too few micro-batches (1F1B, DualPipeV), a batch not divisible by ``n_microbatches``.
 Per-step checks agree across ranks through one 1-element all-reduce, so a rank never waits for a peer that failed.
 
-Kind ``gpipe`` runs ``ScheduleGPipeEarlyRecv`` (``gpipe_early_recv.py``): PyTorch's GPipe with each receive
-posted one micro-batch ahead, which on gloo removes most of the idle time the simulator does not predict.
-``early_recv=False`` runs PyTorch's ``ScheduleGPipe`` as it is. The other kinds always run PyTorch's classes.
+Receives posted early (``early_recv=True``, the default). gloo moves a message only once its receive is posted,
+and PyTorch posts most receives right before the compute that needs them, so the receiver waits for the transfer.
+Kind ``gpipe`` runs ``ScheduleGPipeEarlyRecv`` (``gpipe_early_recv.py``: each receive one micro-batch ahead).
+The multi-stage kinds run PyTorch's class with its lowered action list (``pipeline_order_with_comms``) passed
+through ``early_recv.post_receives_early`` (receives moved up, per-peer order kept; on a non-gloo backend never
+above a send to the same peer); ``1f1b`` runs the same ``Schedule1F1B`` order on PyTorch's
+``_PipelineScheduleRuntime`` so that its receives can move too. ``early_recv=False`` runs PyTorch's classes as they
+are (the bench's ``*-torch`` rows). Only posting order changes: every compute runs in PyTorch's order.
+``recv_order`` holds every rank's action list the runtime runs (None for gpipe and with ``early_recv=False``).
 
 Measured timeline: ``record=True`` times every ``forward_one_chunk`` (plus the loss on the last stage) as F,
 ``backward_one_chunk`` as B (or I when the schedule splits backward) and ``backward_weight_one_chunk`` as W,
 relative to a barrier at the start of the step. ``measured_timeline()`` gathers them into a ``Timeline``; its
 idle fraction counts everything that is not stage compute (waiting for peers, send/recv, schedule overhead).
+Its ``meta["p2p_wait_s"]``, ``meta["p2p_post_send_s"]``, ``meta["p2p_post_recv_s"]`` hold, per rank, the
+seconds inside the step's waits on sends/receives, inside posting sends and inside posting receives (within the
+timeline's span): the rest of the idle time is the schedule's own per-action Python.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 
@@ -49,7 +59,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .sim import KINDS, Event, Timeline, check_schedule, normalize_kind, stage_placement
+from .early_recv import missing_runtime_internals, one_f_one_b_runtime, use_early_receives
+from .sim import KINDS, Event, Timeline, action_lists, check_schedule, normalize_kind, stage_placement
 
 
 def layer_split(n_layer: int, n_stages: int, layers_per_stage=None) -> list[int]:
@@ -106,7 +117,7 @@ class PipelineSchedule:
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
         self.modules = {s: stages[s] for s in self.stage_ids}
         self._tied = self._find_tied(stages)
-        self._user_loss_fn, self.record, self.events, self._t0 = loss_fn, record, [], 0.0
+        self._user_loss_fn, self.record, self.events, self.p2p_events, self._t0 = loss_fn, record, [], [], 0.0
         self.losses: list[torch.Tensor] = []
         self._loss_divisor = 1.0
 
@@ -118,16 +129,26 @@ class PipelineSchedule:
                        for s in self.stage_ids]
         for st in self.stages:
             self._instrument(st)
+        self.early_recv = bool(early_recv)
         cls = getattr(pipelining, KINDS[kind][0])
-        if kind == "gpipe" and early_recv:
-            missing = missing_torch_internals()
-            if missing:
-                warnings.warn(f"torch {torch.__version__} lacks {', '.join(missing)}: running PyTorch's ScheduleGPipe "
-                              "(receives posted late) instead of ScheduleGPipeEarlyRecv", stacklevel=2)
-            else:
-                cls = ScheduleGPipeEarlyRecv
+        missing = (missing_torch_internals() if kind == "gpipe" else missing_runtime_internals()) if early_recv else []
+        if missing:
+            warnings.warn(f"torch {torch.__version__} lacks {', '.join(missing)}: running PyTorch's {cls.__name__} "
+                          "(receives posted late) instead of the early-receive order", stacklevel=2)
+            self.early_recv = False
         arg = self.stages[0] if v == 1 and kind in ("gpipe", "1f1b") else self.stages
-        self.schedule = cls(arg, n_microbatches=self.n_microbatches, loss_fn=self._loss, scale_grads=scale_grads)
+        if kind == "gpipe" and self.early_recv:
+            self.schedule = ScheduleGPipeEarlyRecv(arg, n_microbatches=self.n_microbatches, loss_fn=self._loss,
+                                                   scale_grads=scale_grads)
+        elif kind == "1f1b" and self.early_recv:
+            self.schedule = one_f_one_b_runtime(arg, self.n_microbatches, action_lists("1f1b", p, self.n_microbatches),
+                                                self._loss, scale_grads)
+        else:
+            self.schedule = cls(arg, n_microbatches=self.n_microbatches, loss_fn=self._loss, scale_grads=scale_grads)
+        self.recv_order = None  # every rank's lowered action order with receives moved up (runtime kinds)
+        if kind != "gpipe" and self.early_recv:
+            # gloo runs each send/recv on its own; a stream-ordered backend (NCCL) keeps receives behind sends
+            self.recv_order = use_early_receives(self.schedule, keep_after_sends=dist.get_backend(pp_group) != "gloo")
 
     # ---- tied weights -------------------------------------------------------------------------------------------
     def _find_tied(self, stages) -> list[tuple]:
@@ -176,6 +197,34 @@ class PipelineSchedule:
         stage.backward_one_chunk = lambda mb, *a, **k: timed("B", bwd, mb, *a, **k)
         stage.backward_weight_one_chunk = lambda mb, *a, **k: timed("W", bwd_w, mb, *a, **k)
 
+    @contextlib.contextmanager
+    def _timed_p2p(self):
+        """With ``record``: time each post (``_batch_p2p``) and each wait (``_wait_batch_p2p``) of a send/receive,
+        by swapping PyTorch's module functions for the step (every schedule calls them through the module)."""
+        from torch.distributed.pipelining import schedules
+
+        if not self.record:
+            yield
+            return
+        post, wait = schedules._batch_p2p, schedules._wait_batch_p2p
+
+        def timed(kind, fn):
+            def call(ops, *args, **kwargs):
+                t = time.perf_counter()
+                try:
+                    return fn(ops, *args, **kwargs)
+                finally:
+                    sends_only = kind != "wait" and all(o.op is dist.isend for o in ops)
+                    what = kind if kind == "wait" else "post_send" if sends_only else "post_recv"
+                    self.p2p_events.append([what, t - self._t0, time.perf_counter() - self._t0])
+            return call
+
+        schedules._batch_p2p, schedules._wait_batch_p2p = timed("post", post), timed("wait", wait)
+        try:
+            yield
+        finally:
+            schedules._batch_p2p, schedules._wait_batch_p2p = post, wait
+
     def _loss(self, output, target):
         loss = self._user_loss_fn(output, target)
         if self.record and self.events and self.events[-1][2] == "F":  # the loss belongs to the last stage's F
@@ -185,10 +234,15 @@ class PipelineSchedule:
     def measured_timeline(self) -> Timeline:
         """Gather the last recorded step's events from every rank of ``pp_group`` (collective) into a Timeline."""
         gathered = [None] * self.p
-        dist.all_gather_object(gathered, self.events, group=self.group)
-        events = [Event(*e) for rank_events in gathered for e in rank_events]
+        dist.all_gather_object(gathered, (self.events, self.p2p_events), group=self.group)
+        events = [Event(*e) for rank_events, _ in gathered for e in rank_events]
+        lo, hi = min(e.start for e in events), max(e.end for e in events)
+        p2p = {kind: [sum(max(0.0, min(end, hi) - max(start, lo)) for k, start, end in rank_p2p if k == kind)
+                      for _, rank_p2p in gathered] for kind in ("post_send", "post_recv", "wait")}
         return Timeline(events, self.p, label=f"{self.kind} measured (p={self.p}, m={self.n_microbatches}, v={self.v})",
-                        meta={"kind": self.kind, "p": self.p, "m": self.n_microbatches, "v": self.v})
+                        meta={"kind": self.kind, "p": self.p, "m": self.n_microbatches, "v": self.v,
+                              "p2p_wait_s": p2p["wait"], "p2p_post_send_s": p2p["post_send"],
+                              "p2p_post_recv_s": p2p["post_recv"]})
 
     # ---- one step -----------------------------------------------------------------------------------------------
     def _input_error(self, batch, target) -> str:
@@ -213,7 +267,7 @@ class PipelineSchedule:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)  # every rank learns of any rank's bad input
         if flag.item():
             raise ValueError(error or "a peer rank of the pipeline rejected its input (see its error)")
-        self.events, self._loss_divisor = [], float(loss_divisor)
+        self.events, self.p2p_events, self._loss_divisor = [], [], float(loss_divisor)
         if self.record:
             dist.barrier(group=self.group)
             self._t0 = time.perf_counter()
@@ -221,7 +275,8 @@ class PipelineSchedule:
         kwargs = {}
         if self.rank == self.last_rank:
             kwargs = {"target": target.to(self.device), "losses": []}
-        self.schedule.step(*args, **kwargs)
+        with self._timed_p2p():
+            self.schedule.step(*args, **kwargs)
         self.losses = [t.detach() for t in kwargs.get("losses", [])]
         if sync_tied:
             self.sync_tied_grads()
