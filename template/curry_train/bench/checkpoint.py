@@ -151,7 +151,7 @@ def bench_checkpoint(cfg, mtbf_hours=(1.0, 24.0), restart_seconds: float = 60.0,
                      large_params: int = LARGE_PARAMS) -> dict:
     """The configured model's checkpoint, then the large synthetic state of ``bench.checkpoint_params`` (null:
     ``large_params``) parameters (``checkpoint_large``); memory and disk are checked before anything runs."""
-    configured = cfg.bench.get("checkpoint_params")
+    configured = cfg.bench.checkpoint_params
     params = int(configured if configured is not None else large_params)
     with tempfile.TemporaryDirectory(prefix="curry_train_ckpt_bench_") as tmp:
         check_resources(params, tmp)
