@@ -62,7 +62,8 @@ def test_every_dcp_option_and_the_checkpointer_round_trip_bit_exactly(tmp_path):
     want = training_state(model, opt)
     for name, options in large.DCP_OPTIONS.items():
         path = tmp_path / name
-        dcp.save(want, storage_writer=FileSystemWriter(str(path), **options), no_dist=True)
+        large.save_with(want, path, options)
+        assert torch.serialization.get_crc32_options() is True  # switched for that save only
         fresh, fresh_opt = large.synthetic_training_state(SMALL, seed=1)
         got = training_state(fresh, fresh_opt)
         assert not large._equal_state(got, want)
@@ -72,6 +73,7 @@ def test_every_dcp_option_and_the_checkpointer_round_trip_bit_exactly(tmp_path):
         ckpt = Checkpointer(tmp_path / f"ckpt-{async_save}", keep_last=1, async_save=async_save)
         ckpt.save(1, model, opt)
         ckpt.wait()
+        assert torch.serialization.get_crc32_options() is True  # the sync save's switch is restored
         assert set(ckpt.last_save_seconds) == {"state", "nonfinite_check", "files", "dcp_write", "integrity", "rename"}
         assert all(v >= 0 for v in ckpt.last_save_seconds.values())
         fresh, fresh_opt = large.synthetic_training_state(SMALL, seed=1)
@@ -80,7 +82,7 @@ def test_every_dcp_option_and_the_checkpointer_round_trip_bit_exactly(tmp_path):
 
 
 def test_measure_large_reports_every_option_and_cleans_up(tmp_path):
-    r = large.measure_large(SMALL, tmp_path, repeats=1)
+    r = large.measure_large(SMALL, tmp_path, repeats=1, rounds=2)
     assert r["load_exact"] is True and r["params"] >= SMALL
     assert r["bytes"] > large.BYTES_PER_PARAM * r["params"]
     assert [row["option"] for row in r["dcp_options"]] == list(large.DCP_OPTIONS)

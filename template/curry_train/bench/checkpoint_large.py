@@ -9,7 +9,8 @@ own bandwidth on the same file system, the ``FileSystemWriter`` options side by 
   Median of ``repeats``.
 * ``SyntheticTransformer(n_params)``: fp32 weights shaped like a GPT-2 style model (``synthetic_shape``), never run;
   ``synthetic_training_state`` adds AdamW after one step with random gradients (12 B/param with both moments).
-* ``measure_large``: ``Checkpointer.save`` sync (median per phase, ``Checkpointer.last_save_seconds``) and async
+* ``measure_large``: ``Checkpointer.save`` sync (median per phase, ``Checkpointer.last_save_seconds``) in rounds side
+  by side with the disk's own file, async
   (stall until ``save()`` returns vs until committed), a cold ``load`` (integrity check included) checked bit-exact,
   then raw ``dcp.save``/``dcp.load`` per ``FileSystemWriter`` option (``DCP_OPTIONS``) in interleaved rounds.
   MB/s are 1e6 bytes/s of the checkpoint's files; fractions are of ``disk_bandwidth`` measured in the same run.
@@ -33,15 +34,19 @@ from ..primitives.checkpoint import Checkpointer, training_state
 
 LARGE_PARAMS = 100_000_000
 BYTES_PER_PARAM = 12  # fp32 weights + AdamW exp_avg + exp_avg_sq
-MEMORY_COPIES = 4  # state + fresh copy to load into + async staging copy + gradients/AdamW temporaries
+MEMORY_COPIES = 4  # state + fresh copy to load into + async staging copy + gradients/AdamW temporaries 
 DISK_COPIES = 5  # sync and async Checkpointer dirs, each old + new during a save, one raw DCP variant
 TARGET_FRACTION = 0.5
 CHUNK = 4 << 20
-# name -> FileSystemWriter keyword arguments; the first is what Checkpointer uses.
+# name -> FileSystemWriter keyword arguments (RECORD_CRC32: torch.save's per-record CRC32, on by default; Checkpointer's
+# sync saves switch it off).
+RECORD_CRC32 = "record_crc32"
 DCP_OPTIONS = {
     "default": {},
     "thread_count=2": {"thread_count": 2},
     "thread_count=4": {"thread_count": 4},
+    "record_crc32=False": {RECORD_CRC32: False},
+    "thread_count=2,record_crc32=False": {"thread_count": 2, RECORD_CRC32: False},
     "single_file_per_rank=False": {"single_file_per_rank": False},
     "sync_files=False": {"sync_files": False},
     "overwrite=False": {"overwrite": False},
@@ -182,12 +187,23 @@ def _equal_state(a: dict, b: dict) -> bool:
          _equal_state(x, b[k]) if isinstance(x, dict) else x == b[k]) for k, x in a.items())
 
 
+def save_with(state: dict, path: Path, options: dict) -> float:
+    """``dcp.save`` with ``FileSystemWriter(path, **options)``; ``options[RECORD_CRC32]``, if given, switches
+    ``torch.save``'s record CRC32 for this save only. Returns seconds."""
+    options = dict(options)
+    crc = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(options.pop(RECORD_CRC32, crc))
+    try:
+        t0 = time.perf_counter()
+        dcp.save(state, storage_writer=FileSystemWriter(str(path), **options), no_dist=True)
+        return time.perf_counter() - t0
+    finally:
+        torch.serialization.set_crc32_options(crc)
+
+
 def raw_dcp(state: dict, path: Path, options: dict) -> tuple[float, float, int, int]:
-    """``dcp.save`` with ``FileSystemWriter(path, **options)``, then a cold ``dcp.load`` into ``state`` (same values):
-    ``(save_s, load_s, bytes, files)``."""
-    t0 = time.perf_counter()
-    dcp.save(state, storage_writer=FileSystemWriter(str(path), **options), no_dist=True)
-    save_s = time.perf_counter() - t0
+    """``save_with``, then a cold ``dcp.load`` into ``state`` (same values): ``(save_s, load_s, bytes, files)``."""
+    save_s = save_with(state, path, options)
     size, files = dir_bytes(path), sum(1 for p in path.rglob("*") if p.is_file())
     drop_page_cache(path)
     t0 = time.perf_counter()
@@ -196,28 +212,37 @@ def raw_dcp(state: dict, path: Path, options: dict) -> tuple[float, float, int, 
 
 
 def measure_large(params: int, directory, repeats: int = 3, options: dict | None = None,
-                  thread_counts: tuple = (1, 2)) -> dict:
+                  thread_counts: tuple = (1, 2), rounds: int = 5) -> dict:
     """Everything in the module docstring, in ``directory`` (removed pieces as it goes); seconds, bytes, MB/s.
-    ``Checkpointer.save`` runs at each of ``thread_counts`` (``checkpoint.thread_count``); the top-level
-    ``save_*`` numbers are the fastest one's (the first thread count's checkpoint is the one loaded)."""
+    ``Checkpointer.save`` runs at each of ``thread_counts`` (``checkpoint.thread_count``) in ``rounds`` rounds, each
+    round also writing the disk's own file (``disk_bandwidth``), so the target's two sides share the machine's state
+    (this machine's write speed swings 2-5x with what ran seconds before); the top-level ``save_*`` numbers are the
+    fastest thread count's (the first thread count's checkpoint is the one loaded). ``repeats``: async saves, loads
+    and each raw DCP option."""
     directory = Path(directory)
     options = DCP_OPTIONS if options is None else options
     model, opt = synthetic_training_state(params, seed=0)
     ckpts = {t: Checkpointer(directory / f"sync-{t}", keep_last=1, thread_count=t) for t in thread_counts}
     saves, phases = {t: [] for t in thread_counts}, {t: [] for t in thread_counts}
-    for step in range(1, repeats + 1):  # interleaved, the first thread count rotating
-        order = list(thread_counts)[step % len(thread_counts):] + list(thread_counts)[: step % len(thread_counts)]
-        for t in order:
+    disk_runs, sides = [], ["disk", *thread_counts]
+    for step in range(1, rounds + 1):  # the disk file and each thread count side by side, who goes first rotating
+        for side in sides[step % len(sides):] + sides[: step % len(sides)]:
+            if side == "disk":
+                disk_runs.append(disk_bandwidth(directory, max(params * BYTES_PER_PARAM, 8 << 20), repeats=1))
+                continue
             t0 = time.perf_counter()
-            ckpts[t].save(step, model, opt)
-            saves[t].append(time.perf_counter() - t0)
-            phases[t].append(dict(ckpts[t].last_save_seconds))
+            ckpts[side].save(step, model, opt)
+            saves[side].append(time.perf_counter() - t0)
+            phases[side].append(dict(ckpts[side].last_save_seconds))
     for t in thread_counts[1:]:
         shutil.rmtree(directory / f"sync-{t}", ignore_errors=True)
     ckpt = ckpts[thread_counts[0]]
     path = ckpt.latest_path()
     size = dir_bytes(path)
-    disk = disk_bandwidth(directory, min(max(size, 8 << 20), 1 << 30), repeats=repeats)
+    disk = {"bytes": disk_runs[0]["bytes"], "repeats": rounds, "read_cold": all(d["read_cold"] for d in disk_runs),
+            "write_MB_per_s": statistics.median(d["write_MB_per_s"] for d in disk_runs),
+            "read_MB_per_s": statistics.median(d["read_MB_per_s"] for d in disk_runs),
+            "write_MB_per_s_all": [d["write_MB_per_s"] for d in disk_runs]}
     sync_rows = [{"thread_count": t, "save_s": statistics.median(saves[t]), "save_s_all": saves[t],
                   "phases_s": {k: statistics.median(p.get(k, 0.0) for p in phases[t]) for k in phases[t][0]}}
                  for t in thread_counts]
@@ -270,17 +295,21 @@ def measure_large(params: int, directory, repeats: int = 3, options: dict | None
             "async_stall_s": statistics.median(stalls), "async_total_s": statistics.median(totals),
             "load_s": statistics.median(loads), "verify_s": statistics.median(verifies),
             "load_MB_per_s": size / statistics.median(loads) / 1e6, "load_exact": exact, "dcp_options": rows,
-            "repeats": repeats}
+            "repeats": repeats, "rounds": rounds}
 
 
 def print_large(r: dict) -> None:
     disk, sh = r["disk"], r["shape"]
     print(f"large state: synthetic fp32 transformer (d_model {sh['d_model']}, {sh['n_layer']} blocks, vocab "
           f"{sh['vocab']}) + AdamW exp_avg/exp_avg_sq, {r['params']:,} params, {r['bytes'] / 1e9:.2f} GB on disk; "
-          f"median of {r['repeats']}; timings are noisy on a shared machine")
+          f"the disk file and Checkpointer.save: median of {r['rounds']} side-by-side rounds, the rest median of "
+          f"{r['repeats']}")
     how = "cold: pages dropped with posix_fadvise" if disk["read_cold"] else "may be from the page cache"
+    runs = ", ".join(f"{x:.0f}" for x in disk.get("write_MB_per_s_all", []))
     print(f"  disk, same file system   write+fsync {disk['write_MB_per_s']:8.0f} MB/s   read {disk['read_MB_per_s']:8.0f} "
           f"MB/s ({how}; {disk['bytes'] / 2**20:.0f} MiB file)")
+    if runs:
+        print(f"    write MB/s per round: {runs} (the spread is this machine's, the same for every side)")
     for row in r["checkpointer"]:
         print(f"  Checkpointer.save (sync), checkpoint.thread_count={row['thread_count']}: {row['save_s']:6.2f} s = "
               f"{row['save_MB_per_s']:.0f} MB/s = {row['save_of_disk'] * 100:.0f}% of disk write")
@@ -299,7 +328,8 @@ def print_large(r: dict) -> None:
         print(f"    {row['option']:<28s}{row['files']:>6d}{row['save_s']:>9.2f}{row['save_MB_per_s']:>8.0f}"
               f"{row['save_of_disk'] * 100:>8.0f}%{row['load_s']:>9.2f}{row['load_MB_per_s']:>8.0f}"
               f"{row['load_of_disk'] * 100:>8.0f}%")
-    print("    (sync_files=False skips the fsync: not durable; overwrite=False only refuses an existing checkpoint)")
+    print("    (sync_files=False skips the fsync: not durable; overwrite=False only refuses an existing checkpoint;")
+    print("     record_crc32=False: torch.save's per-record CRC32 off, as Checkpointer's sync save does)")
     durable = [row for row in r["dcp_options"] if DCP_OPTIONS.get(row["option"], {}).get("sync_files", True)]
     if durable:
         best = max(durable, key=lambda row: row["save_of_disk"])

@@ -37,6 +37,10 @@ curry_train's data order depends only on ``(seed, step)``, so the resume is stil
 background thread over a dedicated gloo group so it never interleaves with training collectives). The
 pending save is committed (rename + ``latest``) by ``poll()`` once done, and always waited on before the
 next save and by ``wait()``/``close()`` at exit.
+
+Synchronous saves switch off the CRC32 ``torch.save`` computes for every record (``integrity.json``'s sha256
+already covers every byte; at 100M parameters this is the largest single cost of a save). Async saves keep it:
+the switch is process-wide and their write runs while training goes on.
 """
 
 from __future__ import annotations
@@ -69,6 +73,20 @@ TMP_PREFIX = ".tmp-"
 # One process without a process group is a supported mode (``no_dist``); DCP warns about it on every call.
 _NO_DIST_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
 warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)  # also covers async saves' background thread
+
+
+@contextlib.contextmanager
+def _without_record_crc32():
+    """``torch.save`` computes a CRC32 of every record it writes (DCP writes each tensor with ``torch.save``): about
+    a second per GB on one core, and redundant here, where ``integrity.json`` holds every file's sha256. Switched
+    off for the duration of a synchronous save (PyTorch's own switch, ``torch.serialization.set_crc32_options``);
+    ``torch.load`` reads such records."""
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(before)
 
 
 @contextlib.contextmanager
@@ -313,7 +331,7 @@ class Checkpointer:
             self.last_save_seconds["dcp_write"] = time.perf_counter() - clock
             self._pending = (future, step, tmp, final)
         else:
-            with _quiet():
+            with _quiet(), _without_record_crc32():
                 dcp.save(state, storage_writer=writer, process_group=group, no_dist=not _distributed())
             self.last_save_seconds["dcp_write"] = time.perf_counter() - clock
             if rank == 0:
