@@ -257,3 +257,29 @@ def test_comms_checker_catches_misordered_receives_and_nccl_deadlocks():
     check_comms(early, stage_rank)
     with pytest.raises(ValueError, match="deadlock"):
         check_comms(early, stage_rank, stream_ordered=True)
+
+
+@pytest.mark.parametrize("p,m", [(2, 8), (4, 8)])
+def test_split_overlaps_sends_each_output_right_after_its_compute(p, m):
+    """DualPipeV's OVERLAP_F_B entries become their two sub-actions, each directly followed by the send it produced;
+    the computes run in the same order, every rank's sends and receives keep their order, and the result runs on
+    both communication models (alone and with receives moved up)."""
+    from curry_train.primitives.pipeline.early_recv import (
+        SENDS, _computes, _kind, _sends_of, check_comms, post_receives_early, split_overlaps)
+
+    order, stage_rank = _lowered("dualpipev", p, m)
+    assert any(_kind(a) == "OVERLAP_F_B" for acts in order.values() for a in acts)
+    new = split_overlaps(order)
+    for r, old in order.items():
+        assert not any(_kind(a) == "OVERLAP_F_B" for a in new[r])
+        assert [c for a in new[r] for c in _computes(a)] == [c for a in old for c in _computes(a)]
+        comms = [a for a in old if _kind(a) in SENDS or _is_recv(a)]
+        assert [a for a in new[r] if _kind(a) in SENDS or _is_recv(a)] == comms
+        for i, a in enumerate(new[r]):
+            if _kind(a) in SENDS:
+                producer = next(j for j in range(i - 1, -1, -1) if _computes(new[r][j]))
+                assert _sends_of(new[r][producer], a) or _kind(new[r][i - 1]) in SENDS
+    check_comms(new, stage_rank)
+    check_comms(new, stage_rank, stream_ordered=True)
+    check_comms(post_receives_early(new, stage_rank), stage_rank)
+    check_comms(post_receives_early(new, stage_rank, keep_after_sends=True), stage_rank, stream_ordered=True)

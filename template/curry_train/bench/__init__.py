@@ -45,7 +45,7 @@ BENCH_HELP = {
     "checkpoint": "DCP save/load of model + AdamW: bytes per parameter, sync and async save time, Young/Daly; a "
                   "100M-param state vs the disk's own MB/s, per save phase and FileSystemWriter option (target >= 50%)",
     "pipeline": "every pipeline schedule at p ranks from the CPU cores (2, 4): analytic, simulated and measured "
-                "bubble, timeline PNGs (target: GPipe, 1F1B within 0.05 of the simulator fed the run's own costs)",
+                "bubble, timeline PNGs (target: every schedule within 0.05 of the simulator fed the run's own costs)",
     "recompute": "activation memory and step time: none, full, selective, every 2nd block (target: full <= 25%, <= 1.4x)",
     "sharding": "per-rank bytes and step time: DDP, ZeRO-1, FSDP2 shard_grad_op and full, bf16, N from the machine "
                 "(target: FSDP2 within 1% of DDP/N)",

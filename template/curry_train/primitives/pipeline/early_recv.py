@@ -19,6 +19,12 @@ Contract of ``post_receives_early(order, stage_to_rank, ahead=None, keep_after_s
   to the same peer can wait for a message the peer sends only after our send completes: a cycle). gloo runs each
   send and receive on its own, so ``PipelineSchedule`` passes ``keep_after_sends=(backend != "gloo")``.
 
+``split_overlaps(order)``: PyTorch lowers an ``OVERLAP_F_B`` (DualPipeV's forward of one micro-batch paired with the
+backward of another) as one entry followed by both sends, so the forward's activation leaves only after the
+backward ran too. Without a custom function registered for ``OVERLAP_F_B`` the runtime runs the two one after
+the other anyway; the split lists them as two entries, each followed by its own send (the order of every send and
+receive is unchanged, only the backward moves below the forward's send).
+
 ``check_comms(order, stage_to_rank, stream_ordered=False)`` runs a lowered order without processes: posts are
 non-blocking, a compute waits for its receive, the k-th receive on a channel gets the channel's k-th send (with
 ``stream_ordered`` every op of a rank pair also completes in posting order, rendezvous style). It raises
@@ -108,6 +114,39 @@ def _reorder_rank(actions: list, stage_to_rank, ahead, keep_after_sends) -> list
         out += slot_of.get(k, [])
         if k < len(others):
             out.append(others[k])
+    return out
+
+
+def _sends_of(compute, entry) -> bool:
+    kind = _kind(entry)
+    if entry.stage_index != compute.stage_index or entry.microbatch_index != compute.microbatch_index:
+        return False
+    return kind == "SEND_F" if _kind(compute) == "F" else kind == "SEND_B" and _kind(compute) in ("B", "I")
+
+
+def split_overlaps(order: dict) -> dict:
+    """``{rank: actions}`` with every ``OVERLAP_F_B`` replaced by its sub-actions, each followed by the sends it
+    produced (which PyTorch's lowering put right after the combined entry); a new dict."""
+    out = {}
+    for rank, actions in order.items():
+        actions = [a for a in actions if a is not None]
+        new, k = [], 0
+        while k < len(actions):
+            a = actions[k]
+            k += 1
+            if _kind(a) != "OVERLAP_F_B":
+                new.append(a)
+                continue
+            sends = []
+            while k < len(actions) and _kind(actions[k]) in SENDS:
+                sends.append(actions[k])
+                k += 1
+            for sub in a.sub_actions:
+                new.append(sub)
+                new += [x for x in sends if _sends_of(sub, x)]
+            unmatched = [x for x in sends if not any(_sends_of(sub, x) for sub in a.sub_actions)]
+            new += unmatched  # sends of earlier entries that followed this one: kept after it, in their order
+        out[rank] = new
     return out
 
 
@@ -221,10 +260,14 @@ def lowered_order(schedule) -> dict:
 
 
 def use_early_receives(schedule, keep_after_sends: bool, ahead: int | None = None) -> dict:
-    """Replace ``schedule``'s lowered order (every rank's) by ``post_receives_early`` of it, through the runtime's
-    own ``_prepare_schedule_with_comms(..., format="compute_comms")``; returns the new order."""
+    """Replace ``schedule``'s lowered order (every rank's) by ``post_receives_early`` of it (after
+    ``split_overlaps`` where no custom ``OVERLAP_F_B`` function is registered), through the runtime's own
+    ``_prepare_schedule_with_comms(..., format="compute_comms")``; returns the new order."""
     mapping = schedule.stage_index_to_group_rank
-    order = post_receives_early(lowered_order(schedule), mapping.__getitem__, ahead, keep_after_sends)
+    order = lowered_order(schedule)
+    if not any(getattr(t, "name", t) == "OVERLAP_F_B" for t in getattr(schedule, "_comp_type_to_function_map", {})):
+        order = split_overlaps(order)
+    order = post_receives_early(order, mapping.__getitem__, ahead, keep_after_sends)
     schedule._prepare_schedule_with_comms(order, format="compute_comms")
     return order
 
