@@ -121,6 +121,15 @@ def test_run_folders_never_collide(tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv,message", [
     (["bench", "mfu", "nope"], f"error: unknown bench nope; choose from {', '.join(BENCHES)}"),
     (["bench", "bench.world_sizes=[1]"], "error: bench.world_sizes must be a non-empty list of integers >= 2"),
+    # more CPU ranks than memory holds, a pipeline size no schedule can split the blocks over, a model too large for
+    # this machine (built on the meta device for the count): refused before any rank starts
+    (["bench", "sharding", "bench.world_sizes=[100000]"], "error: bench.world_sizes: N=100000 spawns 100000 CPU "
+                                                          "ranks of at least 0.5 GiB each"),
+    (["bench", "pipeline", "bench.world_sizes=[16]"], "error: bench.world_sizes: p=16 runs no pipeline schedule with "
+                                                      "8 blocks and m=8 micro-batches (each stage needs whole blocks); "
+                                                      "p that run: 2, 4, 8"),
+    (["bench", "sharding", "model.n_embd=16384", "model.n_head=16", "model.n_layer=48"],
+     "error: model=tiny GPT: bench sharding keeps 12 trained copies (154,635,370,496 parameters)"),
 ])
 def test_bad_bench_input_is_one_line(argv, message, capsys):
     assert main(argv) == 2

@@ -401,20 +401,26 @@ def test_bad_lever_values_fail_in_one_process(kwargs, match):
 
 
 def test_sharding_bench_refuses_what_the_machine_cannot_run(monkeypatch):
-    from curry_train.bench import sharding
+    from curry_train.bench import machine, sharding
 
-    monkeypatch.setattr(sharding, "available_bytes", lambda backend: [80 * 2**30] * 2)
+    monkeypatch.setattr(machine, "available_bytes", lambda backend: [80 * 2**30] * 2)
     with pytest.raises(ValueError, match=r"^bench.world_sizes: N=4 needs 4 GPUs \(one rank per GPU\), this machine "
                                          r"has 2; use N <= 2$"):
         sharding.check_limits(10**6, [2, 4], "nccl", "small")
-    monkeypatch.setattr(sharding, "available_bytes", lambda backend: [2**30])
+    monkeypatch.setattr(machine, "available_bytes", lambda backend: [2**30])
     psi = 10**8
     need = sharding.state_bytes_needed(psi, 2)
     assert need >= 4 * psi + 16 * psi + 16 * psi / 2  # the source model, DDP, and at least one ZeRO-3 side
     with pytest.raises(ValueError, match=r"^model=big: bench sharding keeps 12 trained copies .* at N=2, more than "
                                          r"the 1.0 GiB available"):
         sharding.check_limits(psi, [2], "gloo", "big")
+    with pytest.raises(ValueError, match=r"^model=tiny: .* for 2 CPU ranks at N=2"):  # the processes' own memory
+        sharding.check_limits(10**5, [2, 4], "gloo", "tiny")
+    monkeypatch.setattr(machine, "available_bytes", lambda backend: [8 * 2**30])
     sharding.check_limits(10**5, [2, 4], "gloo", "tiny")  # fits: no error
+    with pytest.raises(ValueError, match=r"^bench.world_sizes: N=32 spawns 32 CPU ranks of at least 0.5 GiB each "
+                                         r"\(16.0 GiB\), 8.0 GiB available; use N <= 16$"):
+        machine.check_world_sizes([2, 32], "gloo")
 
 
 @pytest.mark.parametrize("overrides, match", [

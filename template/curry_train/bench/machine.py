@@ -8,7 +8,8 @@
   kernel launches, not kernels.
 * Rank counts (``bench.world_sizes``, null = from the machine): the powers of two from 2 up to the number of GPUs
   (nccl) or of CPU cores this process may use (gloo), capped at 8 GPUs or 4 CPU ranks, at least ``[2]``: 2 cores
-  give ``[2]``, 4 cores or 4 GPUs ``[2, 4]``, 8 GPUs ``[2, 4, 8]``.
+  give ``[2]``, 4 cores or 4 GPUs ``[2, 4]``, 8 GPUs ``[2, 4, 8]``. Given sizes are checked before any rank
+  starts (``check_world_sizes``): nccl needs a GPU per rank, gloo ``RANK_BASE_BYTES`` of memory per rank.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import torch
 from ..distributed import resolve_device
 
 MAX_RANKS = {"nccl": 8, "gloo": 4}
+# A lower bound on one spawned CPU rank's resident memory before its share of the model: the interpreter, torch, a
+# gloo group, the benches' profiler and allocator caches (the sharding bench's tiny-GPT ranks grow past this).
+RANK_BASE_BYTES = 512 << 20
 
 
 def cpu_cores() -> int:
@@ -50,15 +54,47 @@ def world_sizes(cfg, bench: str = "sharding") -> list[int]:
     """``bench.world_sizes`` if set, else the powers of two in ``[2, min(units, cap)]`` (at least ``[2]``), units =
     GPUs for nccl, CPU cores for gloo."""
     given = cfg.bench.world_sizes
-    if given is not None:
-        return [int(n) for n in given]
     backend = rank_backend(cfg, bench)
+    if given is not None:
+        sizes = [int(n) for n in given]
+        check_world_sizes(sizes, backend)
+        return sizes
     units = torch.cuda.device_count() if backend == "nccl" else cpu_cores()
     sizes, n = [2], 4
     while n <= min(units, MAX_RANKS[backend]):
         sizes.append(n)
         n *= 2
     return sizes
+
+
+def available_bytes(backend: str) -> list[float]:
+    """Memory the ranks can use: each GPU's total (nccl), or the host's MemAvailable shared by every rank (gloo)."""
+    if backend == "nccl":
+        return [torch.cuda.mem_get_info(i)[1] for i in range(torch.cuda.device_count())]
+    try:
+        with open("/proc/meminfo") as f:
+            return [next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))]
+    except (OSError, StopIteration):
+        return [float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))]
+
+
+def check_world_sizes(sizes, backend: str, key: str = "bench.world_sizes") -> None:
+    """One ``ValueError`` line naming ``key`` when a size needs more GPUs than there are (nccl: one rank per GPU) or
+    more memory than is available for that many CPU processes (gloo: ``RANK_BASE_BYTES`` each, before any model)."""
+    if backend == "nccl":
+        gpus = torch.cuda.device_count()
+        for n in sizes:
+            if n > gpus:
+                raise ValueError(f"{key}: N={n} needs {n} GPUs (one rank per GPU), this machine has {gpus}; "
+                                 f"use N <= {gpus}")
+        return
+    have = available_bytes(backend)[0]
+    limit = max(1, int(have // RANK_BASE_BYTES))
+    for n in sizes:
+        if n > limit:
+            raise ValueError(f"{key}: N={n} spawns {n} CPU ranks of at least {RANK_BASE_BYTES / 2**30:.1f} GiB each "
+                             f"({n * RANK_BASE_BYTES / 2**30:.1f} GiB), {have / 2**30:.1f} GiB available; use N <= "
+                             f"{limit}")
 
 
 def rank_device(backend: str, rank: int) -> torch.device:

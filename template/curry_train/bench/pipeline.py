@@ -83,17 +83,29 @@ def _stage_costs(timeline: Timeline, n_stages: int) -> dict:
     return {"f": f, "b": b, "w": w}
 
 
-def _allowed(kind: str, p: int, m: int, n_layer: int) -> bool:
+def _allowed(kind: str, p: int, m: int, n_layer: int, quiet: bool = False) -> bool:
+    say = (lambda _: None) if quiet else print
     try:
         check_schedule(kind, p, m)
     except ValueError as e:
-        print(f"  skipping {kind} at p={p}: {e}")
+        say(f"  skipping {kind} at p={p}: {e}")
         return False
     stages = p * default_stages_per_rank(kind)
     if n_layer % stages:
-        print(f"  skipping {kind} at p={p}: {n_layer} blocks do not split evenly over {stages} stages")
+        say(f"  skipping {kind} at p={p}: {n_layer} blocks do not split evenly over {stages} stages")
         return False
     return True
+
+
+def check_pipeline_sizes(pp_sizes, kinds, m: int, n_layer: int) -> None:
+    """One ``ValueError`` line naming ``bench.world_sizes`` when some p runs none of ``kinds`` (every rank needs
+    whole stages of blocks, 1F1B and DualPipeV enough micro-batches); names the sizes that do run."""
+    for p in pp_sizes:
+        if not any(_allowed(k, p, m, n_layer, quiet=True) for k in kinds):
+            ok = [q for q in range(2, max(pp_sizes) + 1) if any(_allowed(k, q, m, n_layer, quiet=True) for k in kinds)]
+            raise ValueError(f"bench.world_sizes: p={p} runs no pipeline schedule with {n_layer} blocks and m={m} "
+                             f"micro-batches (each stage needs whole blocks); p that run: "
+                             f"{', '.join(map(str, ok)) or 'none'}")
 
 
 def _pipeline_model(cfg: dict, n_layer: int):
@@ -189,6 +201,7 @@ def bench_pipeline(cfg, pp_sizes=None, kinds=tuple(KINDS), m: int = 8, n_layer: 
         return {"skipped": str(e), "model": name}
     out_dir = Path(out_dir if out_dir is not None else cfg.bench.out_dir)
     pp_sizes = pp_sizes if pp_sizes is not None else world_sizes(cfg, "pipeline")
+    check_pipeline_sizes(pp_sizes, kinds, m, n_layer)
     rows = []
     for p in pp_sizes:
         runnable = [row for k in kinds if _allowed(k, p, m, n_layer)

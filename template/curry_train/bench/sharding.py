@@ -173,26 +173,27 @@ def state_bytes_needed(psi: int, world_size: int) -> float:
     return 4 * psi + sum(zero_bytes_per_rank(psi, world_size, s, "fp32")["total"] for s, _ in specs)
 
 
-def available_bytes(backend: str) -> list[float]:
-    """Memory the ranks can use: each GPU's total (nccl), or the host's MemAvailable shared by every rank (gloo)."""
-    if backend == "nccl":
-        return [torch.cuda.mem_get_info(i)[1] for i in range(torch.cuda.device_count())]
+def _meta_model(cfg):
+    """The configured model built on the meta device (shapes, no memory), so a model too large for this machine is
+    refused by ``check_limits`` instead of exhausting memory here; a model that cannot be built on meta is built for
+    real."""
     try:
-        with open("/proc/meminfo") as f:
-            return [next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))]
-    except (OSError, StopIteration):
-        return [float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))]
+        with torch.device("meta"):
+            return build_model(cfg)
+    except Exception:  # a user's model that computes on its weights in __init__
+        return build_model(cfg)
 
 
 def check_limits(psi: int, world_sizes, backend: str, model: str) -> None:
     """One ``ValueError`` line, before any rank starts, when a world size needs more GPUs than there are (nccl: one
     rank per GPU) or the sides' state (``state_bytes_needed``) cannot fit in memory."""
-    memory = available_bytes(backend)
+    memory = machine.available_bytes(backend)
     for ws in world_sizes:
         if backend == "nccl" and ws > len(memory):
             raise ValueError(f"bench.world_sizes: N={ws} needs {ws} GPUs (one rank per GPU), this machine has "
                              f"{len(memory)}; use N <= {len(memory)}")
-        need = state_bytes_needed(psi, ws) * (1 if backend == "nccl" else ws)
+        need = state_bytes_needed(psi, ws) * (1 if backend == "nccl" else ws) + (
+            0 if backend == "nccl" else ws * machine.RANK_BASE_BYTES)
         have = min(memory) if backend == "nccl" else memory[0]
         if need > have:
             where = "per GPU" if backend == "nccl" else f"for {ws} CPU ranks"
@@ -205,7 +206,7 @@ def bench_sharding(cfg, world_sizes=None) -> dict:
     plain = OmegaConf.to_container(cfg, resolve=True)
     world_sizes = world_sizes if world_sizes is not None else machine.world_sizes(cfg)
     backend = machine.rank_backend(cfg)
-    model = build_model(cfg)
+    model = _meta_model(cfg)
     try:
         require_blocks(model, purpose="FSDP2's per-block sharding")
     except NoBlocksError as e:
