@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from .model import token_loss
 from .primitives import GradientAccumulation
-from .primitives.checkpoint import STEP_PREFIX, CheckpointDamagedError
+from .primitives.checkpoint import CheckpointDamagedError, step_of
 from .primitives.model_io import count_target_tokens, forward_loss_sum
 from .primitives.moe import MoEMLP, moe_aux_loss, update_moe_biases
 from .primitives.tensor_parallel import local_value, loss_parallel_context
@@ -234,7 +234,7 @@ class SpikeRollback:
 
     def _load_before(self, start: int) -> dict | None:
         for path in self.ckpt.candidates():  # newest first
-            if int(path.name[len(STEP_PREFIX):]) >= start:
+            if step_of(path) >= start:
                 continue
             try:
                 return self.ckpt.load(self.model, self.optimizer, self.scheduler, path=path, restore_rng=False)

@@ -23,15 +23,11 @@ only then replaces ``latest`` (write ``latest.tmp``, fsync, ``os.replace``). A c
 previous ``latest`` and its directory untouched. Pruning (``keep_last``) runs after ``latest`` moved and
 never removes the directory ``latest`` names.
 
-Model and optimizer go through ``get_state_dict``/``set_state_dict``: keys are plain FQNs with no wrapper
-prefixes (DDP ``module.``, FSDP, ``_checkpoint_wrapped_module.``), and DTensor shards are saved with their
-global shapes, so a checkpoint written at world size 4 with FSDP2 loads at world size 2, 1, or into a plain
-``nn.Module``. Expert-parallel MoE banks (each ep rank's slice of ``[E, ...]`` under one FQN) are saved the same
-way, as ``Shard(0)`` DTensors over the ep group (``checkpoint_experts``): the checkpoint holds every expert once,
-and loads at any ``ep`` (1 included). The optimizer state is flattened per parameter FQN, so pipeline stages and ZeRO-1 partitions
-(each rank holding different parameters' state) save their part and load at any layout. RNG states are per
-rank: they are restored only when the world size is unchanged (a resharded load reports that it skipped them;
-curry_train's data order depends only on ``(seed, step)``, so the resume is still exact).
+Resharding: what is saved is ``checkpoint_state.training_state`` (wrapper-free FQNs, DTensor shards with global
+shapes, per-FQN optimizer state, expert banks as ``Shard(0)`` DTensors), so a checkpoint written at world size 4
+with FSDP2, pipeline stages, ZeRO-1 or expert parallelism loads at any other layout, 1 process included. RNG
+states are per rank and restored only at the same world size (data order depends only on ``(seed, step)``, so a
+resharded resume is still exact).
 
 ``async_save=True`` uses ``dcp.async_save`` (state staged to CPU memory before it returns, written by a
 background thread over a dedicated gloo group so it never interleaves with training collectives). The
@@ -45,7 +41,6 @@ the switch is process-wide and their write runs while training goes on.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -57,48 +52,19 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
 from ._config import config_getter
 from .checkpoint_files import fsync_dir, rng_state, save_fsynced, set_rng_state
-from .checkpoint_files import first_nonfinite, verify, write_description
-from .checkpoint_experts import as_global, as_local
+from .checkpoint_files import first_nonfinite, quiet_dcp, verify, without_record_crc32, write_description
+from .checkpoint_experts import as_local
+from .checkpoint_state import (  # noqa: F401  (CheckpointMismatchError, training_state: part of this module's API)
+    STATE_DICT_OPTIONS, CheckpointMismatchError, _zero1_inner, check_compatible, training_state,
+)
 
 LATEST = "latest"
 STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
-
-# One process without a process group is a supported mode (``no_dist``); DCP warns about it on every call.
-_NO_DIST_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
-warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)  # also covers async saves' background thread
-
-
-@contextlib.contextmanager
-def _without_record_crc32():
-    """``torch.save`` computes a CRC32 of every record it writes (DCP writes each tensor with ``torch.save``): about
-    a second per GB on one core, and redundant here, where ``integrity.json`` holds every file's sha256. Switched
-    off for the duration of a synchronous save (PyTorch's own switch, ``torch.serialization.set_crc32_options``);
-    ``torch.load`` reads such records."""
-    before = torch.serialization.get_crc32_options()
-    torch.serialization.set_crc32_options(False)
-    try:
-        yield
-    finally:
-        torch.serialization.set_crc32_options(before)
-
-
-@contextlib.contextmanager
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
-        yield
-
-
-class CheckpointMismatchError(ValueError):
-    """The checkpoint's tensors do not match the model's (different shape, missing or unexpected keys)."""
-
 
 class CheckpointDamagedError(ValueError):
     """No checkpoint that was asked for (or none of those in ``dir``) passes verification; names each and why."""
@@ -121,6 +87,13 @@ def step_dirname(step: int) -> str:
     return f"{STEP_PREFIX}{step:08d}"
 
 
+def step_of(path) -> int | None:
+    """The step a ``step-N`` directory name holds; None for any other name."""
+    name = Path(path).name
+    digits = name[len(STEP_PREFIX):]
+    return int(digits) if name.startswith(STEP_PREFIX) and digits.isdigit() else None
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -131,62 +104,6 @@ def _rank() -> int:
 
 def _world_size() -> int:
     return dist.get_world_size() if _distributed() else 1
-
-
-# Optimizer state flattened to one entry per parameter FQN, hyperparameters included
-# (``state.blocks.0.attn.qkv.weight.exp_avg``, ``param_groups.blocks.0.attn.qkv.weight.lr``): under pipeline
-# parallelism every rank holds different parameters, and the nested form's single ``param_groups`` list would
-# be deduplicated to one rank's copy (torchtitan does the same for PP).
-STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
-
-
-def _zero1_inner(optimizer):
-    """``ZeroRedundancyOptimizer`` (ZeRO-1) keeps each parameter's state on one rank, in a plain optimizer
-    (``.optim``) over that rank's parameters; ``get_state_dict`` cannot read the wrapper, but the inner one is
-    checkpointed like a pipeline stage: FQN keys, union over ranks, re-partitioned at any world size."""
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else None
-
-
-def training_state(model, optimizer=None) -> dict:
-    """``{"model": ..., "optim": ...}`` from ``get_state_dict``: wrapper-free FQNs, DTensor shards for FSDP2, and
-    expert-parallel bank slices (and their optimizer state) as ``Shard(0)`` DTensors of the whole bank
-    (``checkpoint_experts.as_global``; ``as_local`` turns them back into slices after a load)."""
-    if optimizer is None:
-        return as_global({"model": get_model_state_dict(model, options=STATE_DICT_OPTIONS)}, model)
-    inner = _zero1_inner(optimizer)
-    if inner is not None:  # the wrapper copies lr etc. to the inner optimizer only at step(): copy them now
-        type(optimizer)._sync_param_groups(optimizer.param_groups, inner.param_groups)
-    msd, osd = get_state_dict(model, inner or optimizer, options=STATE_DICT_OPTIONS)
-    return as_global({"model": msd, "optim": osd}, model)
-
-
-def check_compatible(metadata, model_state: dict, path, limit: int = 5) -> None:
-    """Compare the checkpoint's tensor shapes with the model's *before* loading; raise listing the first mismatches.
-
-    Under pipeline parallelism each rank holds part of the model, so the model side is the union of every
-    rank's keys. ``dcp.load`` itself would silently keep missing keys (or fail deep inside planning).
-    """
-    ours = {k: list(v.shape) for k, v in model_state.items() if isinstance(v, torch.Tensor)}
-    if _distributed():
-        everyone = [None] * _world_size()
-        dist.all_gather_object(everyone, ours)
-        ours = {k: v for d in everyone for k, v in d.items()}
-    theirs = {k[len("model."):]: list(getattr(m, "size", [])) for k, m in metadata.state_dict_metadata.items()
-              if k.startswith("model.") and hasattr(m, "size")}
-    shape = [f"{k}: checkpoint {theirs[k]} vs model {ours[k]}" for k in ours if k in theirs and theirs[k] != ours[k]]
-    missing = [k for k in ours if k not in theirs]
-    unexpected = [k for k in theirs if k not in ours]
-    if shape or missing or unexpected:
-        parts = []
-        if shape:
-            parts.append(f"{len(shape)} shape mismatch(es), first: " + "; ".join(shape[:limit]))
-        if missing:
-            parts.append(f"{len(missing)} model key(s) missing from the checkpoint, first: {missing[:limit]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} checkpoint key(s) not in the model, first: {unexpected[:limit]}")
-        raise CheckpointMismatchError(f"checkpoint {path} does not match the model (nothing was loaded): " + " | ".join(parts))
 
 
 class Checkpointer:
@@ -239,8 +156,8 @@ class Checkpointer:
             return []
         found = []
         for p in self.dir.iterdir():
-            if p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX):].isdigit() and (p / ".metadata").is_file():
-                found.append(int(p.name[len(STEP_PREFIX):]))
+            if step_of(p) is not None and (p / ".metadata").is_file():
+                found.append(step_of(p))
         return sorted(found)
 
     def latest_path(self) -> Path | None:
@@ -258,9 +175,8 @@ class Checkpointer:
         if not pointer.is_file():
             return None, None
         name = pointer.read_text(errors="replace").strip()
-        digits = name[len(STEP_PREFIX):]
-        if name.startswith(STEP_PREFIX) and digits.isdigit() and (self.dir / name).is_dir():
-            return int(digits), None
+        if step_of(name) is not None and (self.dir / name).is_dir():
+            return step_of(name), None
         return None, f"{pointer} names {name[:60]!r}, which is not a checkpoint directory"
 
     def candidates(self) -> list[Path]:
@@ -269,8 +185,7 @@ class Checkpointer:
         not, so a damaged one is named rather than passed over."""
         if not self.dir.is_dir():
             return []
-        found = sorted((int(p.name[len(STEP_PREFIX):]) for p in self.dir.iterdir()
-                        if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX):].isdigit()),
+        found = sorted((step_of(p) for p in self.dir.iterdir() if p.is_dir() and step_of(p) is not None),
                        reverse=True)
         latest, _ = self._pointer()
         return [self.dir / step_dirname(s) for s in found if latest is None or s <= latest]
@@ -326,12 +241,12 @@ class Checkpointer:
         self.last_save_seconds["files"] = time.perf_counter() - clock
         clock = time.perf_counter()
         if self.async_save:
-            with _quiet():
+            with quiet_dcp():
                 future = dcp.async_save(state, storage_writer=writer, process_group=group, no_dist=not _distributed())
             self.last_save_seconds["dcp_write"] = time.perf_counter() - clock
             self._pending = (future, step, tmp, final)
         else:
-            with _quiet(), _without_record_crc32():
+            with quiet_dcp(), without_record_crc32():
                 dcp.save(state, storage_writer=writer, process_group=group, no_dist=not _distributed())
             self.last_save_seconds["dcp_write"] = time.perf_counter() - clock
             if rank == 0:
@@ -375,7 +290,7 @@ class Checkpointer:
             os.fsync(f.fileno())
         os.replace(pointer_tmp, self.dir / LATEST)
         fsync_dir(self.dir)
-        self._prune(int(final.name[len(STEP_PREFIX):]))
+        self._prune(step_of(final))
         self.last_save_seconds["rename"] = time.perf_counter() - clock
 
     def _prune(self, latest_step: int) -> None:
@@ -476,7 +391,7 @@ class Checkpointer:
             raise CheckpointMismatchError(f"checkpoint {path} holds no optimizer state; load it with optimizer=None")
         if scheduler is not None and not (path / "scheduler.pt").is_file():
             raise CheckpointMismatchError(f"checkpoint {path} holds no LR scheduler state; load it with scheduler=None")
-        with _quiet():
+        with quiet_dcp():
             dcp.load(state, storage_reader=reader, process_group=self._group if self._group_ready else None,
                      no_dist=not _distributed())
         state = as_local(state, model)  # expert-parallel banks: back to this rank's slices

@@ -12,20 +12,51 @@ file, a size or checksum that differs (expected vs found), unreadable JSON. Hash
 
 Checkpoints written before this file existed have no ``integrity.json``: they are checked for their required
 files only (``.metadata``, ``meta.json``), and a load that still fails on them is reported the same way.
+
+``without_record_crc32()`` / ``quiet_dcp()``: context managers around a DCP call (``torch.save``'s per-record CRC32
+off; DCP's no-process-group warning silenced).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import random
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+# One process without a process group is a supported mode (``no_dist``); DCP warns about it on every call.
+_NO_DIST_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
+warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)  # also covers async saves' background thread
+
+
+@contextlib.contextmanager
+def without_record_crc32():
+    """``torch.save`` computes a CRC32 of every record it writes (DCP writes each tensor with ``torch.save``): about
+    a second per GB on one core, and redundant here, where ``integrity.json`` holds every file's sha256. Switched
+    off for the duration of a synchronous save (PyTorch's own switch, ``torch.serialization.set_crc32_options``);
+    ``torch.load`` reads such records."""
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(before)
+
+
+@contextlib.contextmanager
+def quiet_dcp():
+    """DCP's warning about running without a process group, silenced for one call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
+        yield
 
 
 def fsync_dir(path: Path) -> None:
