@@ -113,7 +113,8 @@ def test_keep_last_prunes_oldest_and_latest_moves_after_each_save(tmp_path):
     for s in range(1, 6):
         ckpt.save(s, model, opt, sched)
         assert (tmp_path / "latest").read_text().strip() == step_dirname(s)
-    assert ckpt.steps() == [4, 5]
+    assert ckpt.steps() == [4, 5]  # pruned ones are out of sight at once (renamed), deleted on a thread
+    ckpt.wait()  # joins that thread
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", step_dirname(4), step_dirname(5)]
     keep_all = Checkpointer(tmp_path / "all", keep_last=0)
     for s in range(1, 4):
@@ -390,3 +391,24 @@ def test_checkpoint_bench_measures_size_and_times_on_the_reference_gpt():
     large = r["large"]  # bench.checkpoint_params is applied; Young/Daly fed by the large state's own save time
     assert 20_000 <= large["params"] < 100_000 and large["load_exact"] is True
     assert large["young_daly"][1]["interval_s"] == pytest.approx((2 * large["save_s"] * 24 * 3600) ** 0.5)
+
+
+def test_save_drops_the_previous_checkpoints_page_cache_and_keeps_its_bytes(tmp_path, monkeypatch):
+    """Before writing step N, the checkpoint ``latest`` names is dropped from the page cache (clean pages only: its
+    files stay intact and load bit-exactly); the first save has nothing to drop."""
+    import curry_train.primitives.checkpoint as checkpoint_module
+    from curry_train.primitives.checkpoint_files import drop_page_cache, verify
+
+    dropped = []
+    monkeypatch.setattr(checkpoint_module, "drop_page_cache", lambda path: dropped.append(Path(path).name) or True)
+    model, opt, sched = _build(0)
+    ckpt = Checkpointer(tmp_path, keep_last=2)
+    ckpt.save(1, model, opt, sched)
+    assert dropped == []
+    ckpt.save(2, model, opt, sched)
+    assert dropped == [step_dirname(1)]
+    assert drop_page_cache(tmp_path / step_dirname(2)) in (True, False)  # the real call, on every file of a folder
+    assert verify(tmp_path / step_dirname(2)) is None
+    fresh, fresh_opt, fresh_sched = _build(1)
+    ckpt.load(fresh, fresh_opt, fresh_sched)
+    assert _max_diff(_full_state(fresh, fresh_opt), _full_state(model, opt)) == 0

@@ -1,7 +1,8 @@
 """The large-state part of ``bench checkpoint``: save/load throughput of a >= 100M-parameter state against the disk's
 own bandwidth on the same file system, the ``FileSystemWriter`` options side by side, what each part of a save costs.
 
-* ``disk_bandwidth(dir, nbytes)``: write ``nbytes`` of random bytes to one file in ``dir`` (4 MiB writes), fsync,
+* ``disk_bandwidth(dir, nbytes)``: write ``nbytes`` of random bytes to one file in ``dir`` (4 MiB writes, over a
+  truncated file of the same size so the page cache has memory at hand), fsync,
   time it (write MB/s = bytes / (write + fsync)); drop the file's pages from the page cache (``posix_fadvise
   DONTNEED``: the pages are clean after the fsync) and time reading it back (cold read MB/s; ``read_cold`` is False
   where fadvise is missing, and the read then may come from memory; this is the OS's cache only, a hypervisor's or
@@ -31,6 +32,7 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
 from ..primitives.checkpoint import Checkpointer, training_state
+from ..primitives.checkpoint_files import drop_page_cache
 
 LARGE_PARAMS = 100_000_000
 BYTES_PER_PARAM = 12  # fp32 weights + AdamW exp_avg + exp_avg_sq
@@ -53,23 +55,12 @@ DCP_OPTIONS = {
 }
 
 
-def drop_page_cache(path) -> bool:
-    """``posix_fadvise(DONTNEED)`` on ``path`` (a file, or every file under a folder): the next read comes from the
-    disk for clean pages. False where the call is missing (not Linux)."""
-    if not hasattr(os, "posix_fadvise"):
-        return False
-    path = Path(path)
-    for p in ([path] if path.is_file() else [q for q in path.rglob("*") if q.is_file()]):
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    return True
-
-
 def disk_bandwidth(directory, nbytes: int, repeats: int = 3) -> dict:
-    """Write + fsync ``nbytes`` to a file in ``directory``, then read it back cold; median MB/s of ``repeats``."""
+    """Write + fsync ``nbytes`` to a file in ``directory``, then read it back cold; median MB/s of ``repeats``.
+
+    The timed write truncates a file of the same size written just before: new disk blocks, and page-cache memory at
+    hand (on a VM that hands freed memory back to its host, a write into fresh pages runs at the speed of the
+    host's page faults, not of the disk)."""
     if nbytes <= 0 or repeats <= 0:
         raise ValueError(f"nbytes and repeats must be > 0, got {nbytes!r}, {repeats!r}")
     directory = Path(directory)
@@ -77,19 +68,24 @@ def disk_bandwidth(directory, nbytes: int, repeats: int = 3) -> dict:
     chunk = os.urandom(min(CHUNK, nbytes))
     buf = bytearray(len(chunk))
     writes, reads, cold = [], [], True
+
+    def write_file(path) -> float:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            t0 = time.perf_counter()
+            left = nbytes
+            while left > 0:
+                left -= os.write(fd, memoryview(chunk)[: min(left, len(chunk))])
+            os.fsync(fd)
+            return time.perf_counter() - t0
+        finally:
+            os.close(fd)
+
     for i in range(repeats):
         path = directory / f".disk-bandwidth-{os.getpid()}-{i}"
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                t0 = time.perf_counter()
-                left = nbytes
-                while left > 0:
-                    left -= os.write(fd, memoryview(chunk)[: min(left, len(chunk))])
-                os.fsync(fd)
-                writes.append(time.perf_counter() - t0)
-            finally:
-                os.close(fd)
+            write_file(path)  # untimed: the truncate below frees its cached pages right before the timed write
+            writes.append(write_file(path))
             cold = drop_page_cache(path) and cold
             t0 = time.perf_counter()
             with open(path, "rb", buffering=0) as f:

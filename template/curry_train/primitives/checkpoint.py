@@ -21,7 +21,8 @@ Atomicity: every rank writes into ``.tmp-step-N`` (DCP fsyncs each file, rank 0 
 after every rank reported its writes done). Rank 0 then fsyncs the directory, renames it to ``step-N`` and
 only then replaces ``latest`` (write ``latest.tmp``, fsync, ``os.replace``). A crash at any point leaves the
 previous ``latest`` and its directory untouched. Pruning (``keep_last``) runs after ``latest`` moved and
-never removes the directory ``latest`` names.
+never removes the directory ``latest`` names: a pruned checkpoint is renamed to ``.tmp-purge-step-N`` (gone from
+``steps()`` at once) and deleted on a background thread, joined by the next save, ``wait()`` and ``close()``.
 
 Resharding: what is saved is ``checkpoint_state.training_state`` (wrapper-free FQNs, DTensor shards with global
 shapes, per-FQN optimizer state, expert banks as ``Shard(0)`` DTensors), so a checkpoint written at world size 4
@@ -34,7 +35,9 @@ background thread over a dedicated gloo group so it never interleaves with train
 pending save is committed (rename + ``latest``) by ``poll()`` once done, and always waited on before the
 next save and by ``wait()``/``close()`` at exit.
 
-Synchronous saves switch off the CRC32 ``torch.save`` computes for every record (``integrity.json``'s sha256
+Before writing, a save drops the previous checkpoint's clean pages from the OS page cache (``posix_fadvise``): the
+new files then get memory the OS has at hand (on a VM that hands freed memory back to its host, fresh pages cost a
+fault each and halved the write speed). Synchronous saves switch off the CRC32 ``torch.save`` computes for every record (``integrity.json``'s sha256
 already covers every byte; at 100M parameters this is the largest single cost of a save). Async saves keep it:
 the switch is process-wide and their write runs while training goes on.
 """
@@ -44,6 +47,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -55,7 +59,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
 from ._config import config_getter
-from .checkpoint_files import fsync_dir, rng_state, save_fsynced, set_rng_state
+from .checkpoint_files import drop_page_cache, fsync_dir, rng_state, save_fsynced, set_rng_state
 from .checkpoint_files import first_nonfinite, quiet_dcp, verify, without_record_crc32, write_description
 from .checkpoint_experts import as_local
 from .checkpoint_state import (  # noqa: F401  (CheckpointMismatchError, training_state: part of this module's API)
@@ -126,6 +130,7 @@ class Checkpointer:
         self._group = process_group
         self._group_ready = process_group is not None
         self._pending = None  # (future, step, tmp_dir, final_dir) of an async save not yet committed
+        self._purger = None  # the thread deleting pruned checkpoints (renamed to .tmp-purge-step-N first)
         # Seconds per phase of the last save (rank 0's clock): state (state dict), nonfinite_check, files (rng, meta,
         # scheduler), dcp_write (DCP write incl. its per-file fsync; async: staging only), integrity (sha256
         # record), rename (fsync dirs, rename, latest, prune). The checkpoint bench prints them.
@@ -222,6 +227,9 @@ class Checkpointer:
         self._refuse_nonfinite(step, state, scheduler)
         self.last_save_seconds["nonfinite_check"] = time.perf_counter() - clock
         clock = time.perf_counter()
+        previous = self.latest_path()
+        if previous is not None:  # its pages stay cached but are not needed: freed, the new files can reuse them
+            drop_page_cache(previous)
         tmp, final = self.dir / f"{TMP_PREFIX}{step_dirname(step)}", self.dir / step_dirname(step)
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
@@ -298,6 +306,7 @@ class Checkpointer:
 
         Checkpoints *after* ``latest`` (left over from before a rollback) are never touched.
         """
+        self._join_purger()
         for p in self.dir.iterdir():  # what killed saves leave behind: temporary dirs, pointer and probe files
             if p.name.startswith(TMP_PREFIX) and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
@@ -306,9 +315,15 @@ class Checkpointer:
         if self.keep_last == 0:
             return
         older = [s for s in self.steps() if s <= latest_step]
+        doomed = []
         for s in older[: -self.keep_last]:
-            if s != latest_step:
-                shutil.rmtree(self.dir / step_dirname(s), ignore_errors=True)
+            if s != latest_step:  # renamed out of sight now (atomic), deleted on a thread (torchtitan purges so too)
+                doomed.append(self.dir / f"{TMP_PREFIX}purge-{step_dirname(s)}")
+                os.replace(self.dir / step_dirname(s), doomed[-1])
+        if doomed:
+            self._purger = threading.Thread(target=lambda: [shutil.rmtree(d, ignore_errors=True) for d in doomed],
+                                            name="checkpoint-purge", daemon=True)
+            self._purger.start()
 
     def poll(self) -> bool:
         """Commit a finished async save without blocking; True if nothing is pending any more."""
@@ -316,8 +331,15 @@ class Checkpointer:
             self.wait()
         return self._pending is None
 
+    def _join_purger(self) -> None:
+        if self._purger is not None:
+            self._purger.join()
+            self._purger = None
+
     def wait(self) -> Path | None:
-        """Block until a pending async save finished and commit it; returns its directory (None if none)."""
+        """Block until a pending async save finished and commit it, and until pruned checkpoints are deleted;
+        returns the committed directory (None if none)."""
+        self._join_purger()
         if self._pending is None:
             return None
         future, step, tmp, final = self._pending

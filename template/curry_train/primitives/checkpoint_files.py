@@ -14,7 +14,8 @@ Checkpoints written before this file existed have no ``integrity.json``: they ar
 files only (``.metadata``, ``meta.json``), and a load that still fails on them is reported the same way.
 
 ``without_record_crc32()`` / ``quiet_dcp()``: context managers around a DCP call (``torch.save``'s per-record CRC32
-off; DCP's no-process-group warning silenced).
+off; DCP's no-process-group warning silenced). ``drop_page_cache(path)``: a file's or folder's clean pages out of the
+OS page cache (``posix_fadvise(DONTNEED)``).
 """
 
 from __future__ import annotations
@@ -210,3 +211,18 @@ def first_nonfinite(state, prefix: str = "") -> str | None:
         elif i in suspect and not _all_finite(value):
             return name
     return None
+
+
+def drop_page_cache(path) -> bool:
+    """``posix_fadvise(DONTNEED)`` on ``path`` (a file, or every file under a folder): the next read comes from the
+    disk for clean pages. False where the call is missing (not Linux)."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    path = Path(path)
+    for p in ([path] if path.is_file() else [q for q in path.rglob("*") if q.is_file()]):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
