@@ -3,10 +3,10 @@ context, expert and pipeline parallelism, checked against each other and the mod
 
 ``check_parallel(cfg, world_size, n_layer)`` runs every check (``validate`` calls it); the others are its parts,
 also used on their own (``train`` takes ``pipeline_settings`` from here, ``parallelize``'s tests
-``check_parallelize_config``). ``model_shapes`` builds the model on the meta device for the layout checks.
+``check_parallelize_config``). ``model_shapes`` (``user_model.build_model_shapes``) builds the model on the meta
+device for the layout checks.
 """
 
-import torch
 from omegaconf import DictConfig
 
 from .data import check_batch_split
@@ -18,7 +18,8 @@ from .primitives.pipeline.schedule import layer_split
 from .primitives.pipeline.sim import check_schedule, default_stages_per_rank, normalize_kind
 from .primitives.recompute import check_recompute_config
 from .primitives.tensor_parallel import check_tensor_parallel, tp_layout
-from .user_model import build_model, user_target
+from .user_model import build_model_shapes as model_shapes  # noqa: F401  (re-exported by config)
+from .user_model import user_target
 
 
 def _check_expert_parallel(cfg, dp: int) -> None:
@@ -146,17 +147,6 @@ def check_tensor_parallel_config(cfg, world_size: int) -> None:
         raise ValueError(f"parallel.tp={tp}: {e}") from None
     with prefixed("parallel."):
         check_tensor_parallel(model, tp, sp, lp)
-
-
-def model_shapes(cfg) -> torch.nn.Module:
-    """The configured model for layout checks: built on the meta device (no memory, no initialisation cost), or on
-    CPU for a factory that cannot build there (``check_model`` built it once already); the RNG is left untouched."""
-    with torch.random.fork_rng(devices=[]):
-        try:
-            with torch.device("meta"):
-                return build_model(cfg)
-        except Exception:
-            return build_model(cfg)
 
 
 def check_context_parallel_config(cfg) -> None:

@@ -180,6 +180,17 @@ def build_model(cfg) -> nn.Module:
     return model
 
 
+def build_model_shapes(cfg) -> nn.Module:
+    """The configured model for shape and layout checks: built on the meta device (no memory, no initialisation
+    cost), or on CPU for a factory that cannot build there; the RNG is left untouched."""
+    with torch.random.fork_rng(devices=[]):
+        try:
+            with torch.device("meta"):
+                return build_model(cfg)
+        except Exception:  # a user's model that computes on its weights in __init__
+            return build_model(cfg)
+
+
 def build_loss(cfg) -> Callable:
     """``(model, batch) -> (loss_sum, n_valid)``: ``train.loss._target_`` with its keyword arguments bound, or
     ``model_io.forward_loss_sum``."""

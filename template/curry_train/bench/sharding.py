@@ -26,7 +26,6 @@ cannot fit in memory.
 from __future__ import annotations
 
 import copy
-import os
 import statistics
 import time
 
@@ -38,7 +37,7 @@ from ..plan import model_state_bytes
 from ..primitives import DistributedOptimizer
 from ..primitives.blocks import NoBlocksError, require_blocks
 from ..primitives.distributed_optimizer import zero_bytes_per_rank
-from ..user_model import build_model, model_name, n_params
+from ..user_model import build_model_shapes, model_name, n_params
 from . import machine
 from .common import MIB, build_model_and_batches, interleaved_rounds, median_ratio, train_step, user_loss
 
@@ -173,17 +172,6 @@ def state_bytes_needed(psi: int, world_size: int) -> float:
     return 4 * psi + sum(zero_bytes_per_rank(psi, world_size, s, "fp32")["total"] for s, _ in specs)
 
 
-def _meta_model(cfg):
-    """The configured model built on the meta device (shapes, no memory), so a model too large for this machine is
-    refused by ``check_limits`` instead of exhausting memory here; a model that cannot be built on meta is built for
-    real."""
-    try:
-        with torch.device("meta"):
-            return build_model(cfg)
-    except Exception:  # a user's model that computes on its weights in __init__
-        return build_model(cfg)
-
-
 def check_limits(psi: int, world_sizes, backend: str, model: str) -> None:
     """One ``ValueError`` line, before any rank starts, when a world size needs more GPUs than there are (nccl: one
     rank per GPU) or the sides' state (``state_bytes_needed``) cannot fit in memory."""
@@ -206,7 +194,7 @@ def bench_sharding(cfg, world_sizes=None) -> dict:
     plain = OmegaConf.to_container(cfg, resolve=True)
     world_sizes = world_sizes if world_sizes is not None else machine.world_sizes(cfg)
     backend = machine.rank_backend(cfg)
-    model = _meta_model(cfg)
+    model = build_model_shapes(cfg)  # meta device: a model too large for this machine is refused, not built
     try:
         require_blocks(model, purpose="FSDP2's per-block sharding")
     except NoBlocksError as e:
