@@ -328,9 +328,13 @@ def _load_ws2(rank, world, root):
     ckpt.save(5, model, opt, sched)
     snapshot = _full_state(model, opt)
     _step(model, opt, sched, 5, rank, world)
-    ckpt.close()
+    ckpt.close()  # rank 0 commits (renames into place); rank 1 returns at once
     other, other_opt, other_sched = _build_fsdp(7)
-    Checkpointer(root / "async").load(other, other_opt, other_sched)
+    reader = Checkpointer(root / "async")
+    if rank == 1:  # what rank 1 saw when it listed the directory before rank 0's rename: nothing
+        reader.candidates = lambda: []
+    out["shared"] = [p.name for p in reader.shared_candidates()]
+    out["loaded_step"] = reader.load(other, other_opt, other_sched)["step"]  # rank 0's list, on every rank
     again = _full_state(other, other_opt)
     out["async_diff"] = _max_diff(snapshot, again) if rank == 0 else None
     return out
@@ -348,6 +352,7 @@ def test_reshard_fsdp2_4_to_2_to_1_is_exact(tmp_path):
     for got, want in zip(two[0]["continued"], ref["continued"]):
         assert abs(got - want) <= 1e-6
     assert two[0]["async_diff"] == 0.0
+    assert [r["shared"] for r in two] == [["step-00000005"]] * 2 and [r["loaded_step"] for r in two] == [5, 5]
 
     # world size 1, no process group, plain GPT (no FSDP): keys carry no wrapper prefixes
     plain, opt, sched = _build(42)

@@ -74,7 +74,7 @@ def test_every_dcp_option_and_the_checkpointer_round_trip_bit_exactly(tmp_path):
         ckpt.save(1, model, opt)
         ckpt.wait()
         assert torch.serialization.get_crc32_options() is True  # the sync save's switch is restored
-        assert set(ckpt.last_save_seconds) == {"state", "nonfinite_check", "files", "dcp_write", "integrity", "rename"}
+        assert set(ckpt.last_save_seconds) == {"state", "nonfinite_check", "files", "dcp_write", "seal", "rename"}
         assert all(v >= 0 for v in ckpt.last_save_seconds.values())
         fresh, fresh_opt = large.synthetic_training_state(SMALL, seed=1)
         ckpt.load(fresh, fresh_opt)
@@ -88,7 +88,7 @@ def test_measure_large_reports_every_option_and_cleans_up(tmp_path):
     assert [row["option"] for row in r["dcp_options"]] == list(large.DCP_OPTIONS)
     assert all(row["bytes"] > large.BYTES_PER_PARAM * r["params"] for row in r["dcp_options"])
     assert next(row for row in r["dcp_options"] if row["option"] == "single_file_per_rank=False")["files"] > 20
-    assert set(r["save_phases_s"]) == {"state", "nonfinite_check", "files", "dcp_write", "integrity", "rename"}
+    assert set(r["save_phases_s"]) == {"state", "nonfinite_check", "files", "dcp_write", "seal", "rename"}
     assert [row["thread_count"] for row in r["checkpointer"]] == [1, 2]
     assert r["save_s"] == min(row["save_s"] for row in r["checkpointer"])
     assert 0 < r["async_stall_s"] <= r["async_total_s"]

@@ -233,7 +233,8 @@ class SpikeRollback:
         return record
 
     def _load_before(self, start: int) -> dict | None:
-        for path in self.ckpt.candidates():  # newest first
+        self.ckpt.wait()
+        for path in self.ckpt.shared_candidates():  # newest first, the same list on every rank
             if step_of(path) >= start:
                 continue
             try:

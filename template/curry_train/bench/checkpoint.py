@@ -6,7 +6,7 @@ hyperparameter of the flattened optimizer state, plus DCP ``.metadata``), which 
 The tied head is stored under both names. The bench sums the file sizes actually written by
 ``Checkpointer.save`` and reports ``(bytes - 12 * params) / entries``.
 
-Time. ``save`` is timed end to end (state dict, DCP write with fsync, integrity record, rename, ``latest``), median of
+Time. ``save`` is timed end to end (state dict, DCP write, fsync with the integrity record, rename, ``latest``), median of
 ``bench.repeats`` saves; ``async_save=True`` is timed twice: until ``save()`` returns (the training stall: staging
 copies the state to CPU memory) and until the background write is committed. ``load`` is timed into a fresh model,
 its integrity check (``checkpoint_files.verify``: sha256 of every file) on its own too.
@@ -23,8 +23,8 @@ too: fp32 weights shaped like a GPT-2 style transformer (``SyntheticTransformer`
 ``exp_avg``/``exp_avg_sq`` after one step with random gradients, 12 B/param. Compared with the disk's own bandwidth
 on the same file system (``disk_bandwidth``: a file as large as the checkpoint, written + fsynced, then read
 back after its pages were dropped from the page cache with ``posix_fadvise(DONTNEED)``): ``Checkpointer.save``
-end to end (and per phase: state dict, NaN/Inf check, small files, DCP write with fsync, sha256 integrity record,
-rename), the async stall vs the time until committed, ``load`` (cold, integrity check included), and raw
+end to end (and per phase: state dict, NaN/Inf check, small files, DCP write, seal: each file's fsync with its sha256
+record, rename), the async stall vs the time until committed, ``load`` (cold, integrity check included), and raw
 ``dcp.save``/``load`` with each ``FileSystemWriter`` option side by side (interleaved rounds). Target:
 ``Checkpointer.save`` (sync, durable), at the faster ``checkpoint.thread_count`` of 1 and 2, reaches >= 50% of the
 disk's write bandwidth (PASS/MISS); the best durable raw ``dcp.save`` option is printed beside it. Before

@@ -310,8 +310,9 @@ def print_large(r: dict) -> None:
     print(f"    parts at thread_count={r['thread_count']} (the faster):")
     total = sum(r["save_phases_s"].values())
     print("      " + ", ".join(f"{k} {v:.2f} s ({v / total * 100:.0f}%)" for k, v in r["save_phases_s"].items()))
-    integrity = r["save_phases_s"].get("integrity", 0.0)
-    print(f"    integrity record (sha256 of every file) hashes at {r['bytes'] / max(integrity, 1e-9) / 1e6:.0f} MB/s")
+    sealed = r["save_phases_s"].get("seal", 0.0)
+    print(f"    seal (each file's fsync and sha256 at once, integrity.json) at {r['bytes'] / max(sealed, 1e-9) / 1e6:.0f} "
+          f"MB/s; dcp_write is DCP's write into the page cache")
     print(f"  async save               stall {r['async_stall_s']:.2f} s (staging to CPU memory), committed after "
           f"{r['async_total_s']:.2f} s")
     print(f"  load (cold, verify incl.) {r['load_s']:7.2f} s = {r['load_MB_per_s']:.0f} MB/s (verify alone "

@@ -17,9 +17,9 @@ file, for the newest older one that verifies; none left is ``CheckpointDamagedEr
 A state holding NaN/Inf is never saved (``NonFiniteStateError``). Leftovers of a killed save (``.tmp-*``
 directories, ``latest.tmp-*``) are removed by the next save.
 
-Atomicity: every rank writes into ``.tmp-step-N`` (DCP fsyncs each file, rank 0 writes ``.metadata`` only
-after every rank reported its writes done). Rank 0 then fsyncs the directory, renames it to ``step-N`` and
-only then replaces ``latest`` (write ``latest.tmp``, fsync, ``os.replace``). A crash at any point leaves the
+Atomicity: every rank writes into ``.tmp-step-N`` (rank 0 writes ``.metadata`` only after every rank reported its
+writes done) and fsyncs its files (``checkpoint_files.seal``); rank 0 then writes ``integrity.json``, renames the
+directory to ``step-N`` and only then moves ``latest`` (``checkpoint_layout``). A crash at any point leaves the
 previous ``latest`` and its directory untouched. Pruning (``keep_last``) runs after ``latest`` moved and
 never removes the directory ``latest`` names: a pruned checkpoint is renamed to ``.tmp-purge-step-N`` (gone from
 ``steps()`` at once) and deleted on a background thread, joined by the next save, ``wait()`` and ``close()``.
@@ -35,11 +35,10 @@ background thread over a dedicated gloo group so it never interleaves with train
 pending save is committed (rename + ``latest``) by ``poll()`` once done, and always waited on before the
 next save and by ``wait()``/``close()`` at exit.
 
-Before writing, a save drops the previous checkpoint's clean pages from the OS page cache (``posix_fadvise``): the
-new files then get memory the OS has at hand (on a VM that hands freed memory back to its host, fresh pages cost a
-fault each and halved the write speed). Synchronous saves switch off the CRC32 ``torch.save`` computes for every record (``integrity.json``'s sha256
-already covers every byte; at 100M parameters this is the largest single cost of a save). Async saves keep it:
-the switch is process-wide and their write runs while training goes on.
+Speed (``bench checkpoint`` measures each): a save first drops the previous checkpoint's clean pages from the page
+cache (``checkpoint_files.drop_page_cache``); a sync save switches off the CRC32 ``torch.save`` computes per record
+(the sha256 covers every byte; async saves keep it: the switch is process-wide) and lets each rank fsync its files
+while it hashes them (``seal``) instead of DCP fsyncing each file before the hashing starts.
 """
 
 from __future__ import annotations
@@ -55,20 +54,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
 from ._config import config_getter
-from .checkpoint_files import drop_page_cache, fsync_dir, rng_state, save_fsynced, set_rng_state
+from .checkpoint_files import RecordingWriter, drop_page_cache, rng_state, save_fsynced, seal, set_rng_state
 from .checkpoint_files import first_nonfinite, quiet_dcp, verify, without_record_crc32, write_description
 from .checkpoint_experts import as_local
+from .checkpoint_layout import (  # noqa: F401  (LATEST, step_dirname, step_of: part of this module's API)
+    LATEST, TMP_PREFIX, complete_steps, point_latest, read_pointer, remove_leftovers, rename_into_place,
+    resume_candidates, step_dirname, step_of,
+)
 from .checkpoint_state import (  # noqa: F401  (CheckpointMismatchError, training_state: part of this module's API)
     STATE_DICT_OPTIONS, CheckpointMismatchError, _zero1_inner, check_compatible, training_state,
 )
 
-LATEST = "latest"
-STEP_PREFIX = "step-"
-TMP_PREFIX = ".tmp-"
 
 class CheckpointDamagedError(ValueError):
     """No checkpoint that was asked for (or none of those in ``dir``) passes verification; names each and why."""
@@ -85,17 +85,6 @@ class CheckpointWarning(UserWarning):
 def _warn(message: str) -> None:
     if _rank() == 0:
         warnings.warn(message, CheckpointWarning, stacklevel=3)
-
-
-def step_dirname(step: int) -> str:
-    return f"{STEP_PREFIX}{step:08d}"
-
-
-def step_of(path) -> int | None:
-    """The step a ``step-N`` directory name holds; None for any other name."""
-    name = Path(path).name
-    digits = name[len(STEP_PREFIX):]
-    return int(digits) if name.startswith(STEP_PREFIX) and digits.isdigit() else None
 
 
 def _distributed() -> bool:
@@ -132,8 +121,9 @@ class Checkpointer:
         self._pending = None  # (future, step, tmp_dir, final_dir) of an async save not yet committed
         self._purger = None  # the thread deleting pruned checkpoints (renamed to .tmp-purge-step-N first)
         # Seconds per phase of the last save (rank 0's clock): state (state dict), nonfinite_check, files (rng, meta,
-        # scheduler), dcp_write (DCP write incl. its per-file fsync; async: staging only), integrity (sha256
-        # record), rename (fsync dirs, rename, latest, prune). The checkpoint bench prints them.
+        # scheduler), dcp_write (sync: DCP's write into the page cache; async: staging only), seal (fsync of every
+        # file with its sha256 at once, integrity.json; async: the sha256 only), rename (fsync dirs, rename, latest,
+        # prune). The checkpoint bench prints them.
         self.last_save_seconds: dict[str, float] = {}
 
     @classmethod
@@ -157,13 +147,7 @@ class Checkpointer:
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints in ``dir`` (directories that were renamed into place), ascending."""
-        if not self.dir.is_dir():
-            return []
-        found = []
-        for p in self.dir.iterdir():
-            if step_of(p) is not None and (p / ".metadata").is_file():
-                found.append(step_of(p))
-        return sorted(found)
+        return complete_steps(self.dir)
 
     def latest_path(self) -> Path | None:
         """The directory ``latest`` names; if that is missing or dangling, the newest complete step directory."""
@@ -175,25 +159,11 @@ class Checkpointer:
         return self.dir / step_dirname(steps[-1]) if steps else None
 
     def _pointer(self) -> tuple[int | None, str | None]:
-        """The step ``latest`` names (None without a usable pointer) and, for an unusable one, why."""
-        pointer = self.dir / LATEST
-        if not pointer.is_file():
-            return None, None
-        name = pointer.read_text(errors="replace").strip()
-        if step_of(name) is not None and (self.dir / name).is_dir():
-            return step_of(name), None
-        return None, f"{pointer} names {name[:60]!r}, which is not a checkpoint directory"
+        return read_pointer(self.dir)
 
     def candidates(self) -> list[Path]:
-        """Where a resume looks, newest first: every step directory up to the one ``latest`` names (all of them
-        without a usable pointer; later ones are an abandoned timeline, left from before a rollback), complete or
-        not, so a damaged one is named rather than passed over."""
-        if not self.dir.is_dir():
-            return []
-        found = sorted((step_of(p) for p in self.dir.iterdir() if p.is_dir() and step_of(p) is not None),
-                       reverse=True)
-        latest, _ = self._pointer()
-        return [self.dir / step_dirname(s) for s in found if latest is None or s <= latest]
+        """``checkpoint_layout.resume_candidates``: where a resume looks, newest first (this rank's view)."""
+        return resume_candidates(self.dir)
 
     # -- save ----------------------------------------------------------------------------------------
     def _ensure_group(self):
@@ -245,7 +215,9 @@ class Checkpointer:
                 json.dump(meta, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
-        writer = FileSystemWriter(str(tmp), sync_files=True, thread_count=self.thread_count)
+        # Sync saves fsync their files themselves (``seal``: each file's fsync and sha256 at once); async saves let
+        # DCP's writer threads do it, off the training thread.
+        writer = RecordingWriter(str(tmp), sync_files=self.async_save, thread_count=self.thread_count)
         self.last_save_seconds["files"] = time.perf_counter() - clock
         clock = time.perf_counter()
         if self.async_save:
@@ -257,8 +229,15 @@ class Checkpointer:
             with quiet_dcp(), without_record_crc32():
                 dcp.save(state, storage_writer=writer, process_group=group, no_dist=not _distributed())
             self.last_save_seconds["dcp_write"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+            own = seal(tmp, [*writer.written, f"rng-rank{rank}.pt"])  # this rank's files: on disk and recorded
+            records = [own]
+            if _distributed():
+                records = [None] * world
+                dist.all_gather_object(records, own, group=group)
+            self.last_save_seconds["seal"] = time.perf_counter() - clock
             if rank == 0:
-                self._commit(tmp, final)
+                self._commit(tmp, final, {name: r for record in records for name, r in record.items()})
             self._barrier()
         return final
 
@@ -275,29 +254,15 @@ class Checkpointer:
             raise NonFiniteStateError(f"not saving step {step}: {bad} holds NaN or Inf. Earlier checkpoints in "
                                       f"{self.dir} are kept; lower train.lr or check the data")
 
-    def _commit(self, tmp: Path, final: Path) -> None:
-        """Rank 0, after every rank's files are written: describe them (``integrity.json``), rename into place,
-        move ``latest``, prune."""
+    def _commit(self, tmp: Path, final: Path, records: dict | None = None) -> None:
+        """Rank 0, after every rank's files are written: record them (``integrity.json``; ``records``: the files the
+        ranks sealed already, the rest sealed here), rename into place, move ``latest``, prune."""
         clock = time.perf_counter()
-        write_description(tmp)
-        self.last_save_seconds["integrity"] = time.perf_counter() - clock
+        write_description(tmp, records)
+        self.last_save_seconds["seal"] = self.last_save_seconds.get("seal", 0.0) + time.perf_counter() - clock
         clock = time.perf_counter()
-        fsync_dir(tmp)
-        if final.exists():  # re-saving a step (after a rollback): move the old copy aside first
-            old = self.dir / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(self.dir)
-        pointer_tmp = self.dir / f"{LATEST}.tmp-{os.getpid()}"
-        with open(pointer_tmp, "w") as f:
-            f.write(final.name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(pointer_tmp, self.dir / LATEST)
-        fsync_dir(self.dir)
+        rename_into_place(tmp, final)
+        point_latest(final)
         self._prune(step_of(final))
         self.last_save_seconds["rename"] = time.perf_counter() - clock
 
@@ -307,11 +272,7 @@ class Checkpointer:
         Checkpoints *after* ``latest`` (left over from before a rollback) are never touched.
         """
         self._join_purger()
-        for p in self.dir.iterdir():  # what killed saves leave behind: temporary dirs, pointer and probe files
-            if p.name.startswith(TMP_PREFIX) and p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            elif p.is_file() and (p.name.startswith(f"{LATEST}.tmp-") or p.name.startswith(".write-test-")):
-                p.unlink(missing_ok=True)
+        remove_leftovers(self.dir)
         if self.keep_last == 0:
             return
         older = [s for s in self.steps() if s <= latest_step]
@@ -355,12 +316,22 @@ class Checkpointer:
         self.wait()
 
     # -- load ----------------------------------------------------------------------------------------
+    def _from_rank0(self, value):
+        """``value`` as rank 0 computed it, on every rank."""
+        if _distributed():
+            box = [value]
+            dist.broadcast_object_list(box, src=0, group=self._group if self._group_ready else None)
+            return box[0]
+        return value
+
+    def shared_candidates(self) -> list[Path]:
+        """``candidates()`` as rank 0 sees them, on every rank (collective): a save rank 0 is still committing
+        (renaming into place) must not be missing from another rank's list."""
+        return self._from_rank0(self.candidates() if _rank() == 0 else None)
+
     def verify(self, path) -> str | None:
         """``checkpoint_files.verify`` run by rank 0, its verdict shared with every rank (``None`` = intact)."""
-        verdict = [verify(Path(path)) if _rank() == 0 else None]
-        if _distributed():
-            dist.broadcast_object_list(verdict, src=0, group=self._group if self._group_ready else None)
-        return verdict[0]
+        return self._from_rank0(verify(Path(path)) if _rank() == 0 else None)
 
     def load(self, model, optimizer=None, scheduler=None, path=None, restore_rng: bool = True) -> dict | None:
         """Load ``path`` (default: the newest checkpoint that verifies) into model/optimizer/scheduler; returns its
@@ -377,8 +348,7 @@ class Checkpointer:
         if path is not None:
             tried = [Path(path)]
         else:
-            tried = self.candidates()
-            _, problem = self._pointer()
+            tried, problem = self._from_rank0((self.candidates(), self._pointer()[1]) if _rank() == 0 else None)
             if problem:
                 _warn(f"{problem}; looking at the step directories instead")
         if not tried:

@@ -1,0 +1,94 @@
+"""The directory ``Checkpointer`` keeps: names, the ``latest`` pointer, and the atomic moves between them.
+
+``step-00000010/`` is a complete checkpoint (``.metadata`` inside), ``.tmp-*`` is a save in progress, a crashed
+one, or a pruned checkpoint being deleted, ``latest`` names the newest committed step directory. Every change is a
+rename of something already fsynced, followed by an fsync of the directory holding it: a crash at any point leaves
+either the old state or the new one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from .checkpoint_files import fsync_dir
+
+LATEST = "latest"
+STEP_PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+
+
+def step_dirname(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def step_of(path) -> int | None:
+    """The step a ``step-N`` directory name holds; None for any other name."""
+    name = Path(path).name
+    digits = name[len(STEP_PREFIX):]
+    return int(digits) if name.startswith(STEP_PREFIX) and digits.isdigit() else None
+
+
+def complete_steps(directory: Path) -> list[int]:
+    """Steps of the complete checkpoints in ``directory`` (renamed into place: ``.metadata`` inside), ascending."""
+    if not directory.is_dir():
+        return []
+    return sorted(step_of(p) for p in directory.iterdir() if step_of(p) is not None and (p / ".metadata").is_file())
+
+
+def read_pointer(directory: Path) -> tuple[int | None, str | None]:
+    """The step ``latest`` names (None without a usable pointer) and, for an unusable one, why."""
+    pointer = directory / LATEST
+    if not pointer.is_file():
+        return None, None
+    name = pointer.read_text(errors="replace").strip()
+    if step_of(name) is not None and (directory / name).is_dir():
+        return step_of(name), None
+    return None, f"{pointer} names {name[:60]!r}, which is not a checkpoint directory"
+
+
+def resume_candidates(directory: Path) -> list[Path]:
+    """Where a resume looks, newest first: every step directory up to the one ``latest`` names (all of them
+    without a usable pointer; later ones are an abandoned timeline, left from before a rollback), complete or
+    not, so a damaged one is named rather than passed over."""
+    if not directory.is_dir():
+        return []
+    found = sorted((step_of(p) for p in directory.iterdir() if p.is_dir() and step_of(p) is not None), reverse=True)
+    latest, _ = read_pointer(directory)
+    return [directory / step_dirname(s) for s in found if latest is None or s <= latest]
+
+
+def rename_into_place(tmp: Path, final: Path) -> None:
+    """``tmp`` (complete, fsynced) becomes ``final``, replacing an earlier copy of the same step (a re-save after
+    a rollback) without a moment in which neither exists."""
+    fsync_dir(tmp)
+    if final.exists():
+        old = final.parent / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def point_latest(final: Path) -> None:
+    """Make ``latest`` name ``final`` (write ``latest.tmp-PID``, fsync, ``os.replace``, fsync the directory)."""
+    directory = final.parent
+    pointer_tmp = directory / f"{LATEST}.tmp-{os.getpid()}"
+    with open(pointer_tmp, "w") as f:
+        f.write(final.name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(pointer_tmp, directory / LATEST)
+    fsync_dir(directory)
+
+
+def remove_leftovers(directory: Path) -> None:
+    """Delete what killed saves leave behind: ``.tmp-*`` directories, ``latest.tmp-*`` and probe files."""
+    for p in directory.iterdir():
+        if p.name.startswith(TMP_PREFIX) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.is_file() and (p.name.startswith(f"{LATEST}.tmp-") or p.name.startswith(".write-test-")):
+            p.unlink(missing_ok=True)
