@@ -21,7 +21,7 @@ from curry_train.distributed import launch
 from curry_train.loop import build_optimizer, build_scheduler
 from curry_train.model import GPT, GPTConfig, token_loss
 from curry_train.primitives import Checkpointer
-from curry_train.primitives.checkpoint import CheckpointMismatchError, step_dirname
+from curry_train.primitives.checkpoint import CheckpointMismatchError, NonFiniteStateError, step_dirname
 
 PACKAGE_ROOT = str(Path(curry_train.__file__).resolve().parents[1])  # subprocesses import this copy
 SMALL = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32)
@@ -337,6 +337,18 @@ def _load_ws2(rank, world, root):
     out["loaded_step"] = reader.load(other, other_opt, other_sched)["step"]  # rank 0's list, on every rank
     again = _full_state(other, other_opt)
     out["async_diff"] = _max_diff(snapshot, again) if rank == 0 else None
+    # one rank's shard turns Inf: the sync save writes, finds it while sealing, removes the files, raises everywhere
+    guarded = Checkpointer(root / "nan")
+    guarded.save(1, other, other_opt, other_sched)
+    if rank == 1:
+        with torch.no_grad():
+            other.tok_emb.weight.to_local()[0, 0] = float("inf")
+    try:
+        guarded.save(2, other, other_opt, other_sched)
+        out["nan"] = "saved"
+    except NonFiniteStateError as e:
+        out["nan"] = str(e)
+    out["nan_left"] = sorted(p.name for p in (root / "nan").iterdir())
     return out
 
 
@@ -353,6 +365,9 @@ def test_reshard_fsdp2_4_to_2_to_1_is_exact(tmp_path):
         assert abs(got - want) <= 1e-6
     assert two[0]["async_diff"] == 0.0
     assert [r["shared"] for r in two] == [["step-00000005"]] * 2 and [r["loaded_step"] for r in two] == [5, 5]
+    for r in two:
+        assert r["nan"].startswith("not saving step 2: model.tok_emb.weight (rank 1) holds NaN or Inf")
+        assert r["nan_left"] == ["latest", "step-00000001"]
 
     # world size 1, no process group, plain GPT (no FSDP): keys carry no wrapper prefixes
     plain, opt, sched = _build(42)

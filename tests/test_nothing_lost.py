@@ -144,14 +144,16 @@ def test_persistent_non_finite_steps_end_the_run_and_keep_the_last_finite_checkp
     assert [m["step"] for m in lines if m["skipped"]] == [6, 7]  # the third ends the run before its metrics
 
 
-def test_a_non_finite_state_is_never_saved(tmp_path):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync: found while sealing", "async: before staging"])
+def test_a_non_finite_state_is_never_saved(tmp_path, async_save):
     model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=32))
-    ckpt = Checkpointer(tmp_path)
+    ckpt = Checkpointer(tmp_path, async_save=async_save)
     ckpt.save(1, model)
     with torch.no_grad():
         model.blocks[0].attn.proj.weight[0, 0] = float("inf")
     with pytest.raises(NonFiniteStateError, match=r"not saving step 2: model\.blocks\.0\.attn\.proj\.weight holds NaN"):
         ckpt.save(2, model)
+    ckpt.close()
     assert ckpt.steps() == [1] and sorted(p.name for p in tmp_path.iterdir()) == ["latest", step_dirname(1)]
 
 

@@ -14,15 +14,15 @@ Layout of ``dir``::
 Integrity: ``load`` verifies a checkpoint against its ``integrity.json`` before reading it; on resume a damaged
 one (truncated, flipped bytes, garbage or missing metadata) is skipped with a ``CheckpointWarning`` naming the
 file, for the newest older one that verifies; none left is ``CheckpointDamagedError``, one line listing each.
-A state holding NaN/Inf is never saved (``NonFiniteStateError``). Leftovers of a killed save (``.tmp-*``
+A state holding NaN/Inf is never committed (``NonFiniteStateError``; a sync save checks it while its files are
+fsynced and removes them, an async save before staging). Leftovers of a killed save (``.tmp-*``
 directories, ``latest.tmp-*``) are removed by the next save.
 
 Atomicity: every rank writes into ``.tmp-step-N`` (rank 0 writes ``.metadata`` only after every rank reported its
 writes done) and fsyncs its files (``checkpoint_files.seal``); rank 0 then writes ``integrity.json``, renames the
 directory to ``step-N`` and only then moves ``latest`` (``checkpoint_layout``). A crash at any point leaves the
-previous ``latest`` and its directory untouched. Pruning (``keep_last``) runs after ``latest`` moved and
-never removes the directory ``latest`` names: a pruned checkpoint is renamed to ``.tmp-purge-step-N`` (gone from
-``steps()`` at once) and deleted on a background thread, joined by the next save, ``wait()`` and ``close()``.
+previous ``latest`` and its directory untouched. Pruning (``keep_last``, ``checkpoint_layout.prune``) runs after
+``latest`` moved, never removes the directory it names, and deletes on a background thread.
 
 Resharding: what is saved is ``checkpoint_state.training_state`` (wrapper-free FQNs, DTensor shards with global
 shapes, per-FQN optimizer state, expert banks as ``Shard(0)`` DTensors), so a checkpoint written at world size 4
@@ -49,6 +49,7 @@ import shutil
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -62,8 +63,8 @@ from .checkpoint_files import RecordingWriter, drop_page_cache, rng_state, save_
 from .checkpoint_files import first_nonfinite, quiet_dcp, verify, without_record_crc32, write_description
 from .checkpoint_experts import as_local
 from .checkpoint_layout import (  # noqa: F401  (LATEST, step_dirname, step_of: part of this module's API)
-    LATEST, TMP_PREFIX, complete_steps, point_latest, read_pointer, remove_leftovers, rename_into_place,
-    resume_candidates, step_dirname, step_of,
+    LATEST, TMP_PREFIX, check_writable, complete_steps, latest_complete, point_latest, prune, read_pointer,
+    rename_into_place, resume_candidates, step_dirname, step_of,
 )
 from .checkpoint_state import (  # noqa: F401  (CheckpointMismatchError, training_state: part of this module's API)
     STATE_DICT_OPTIONS, CheckpointMismatchError, _zero1_inner, check_compatible, training_state,
@@ -99,6 +100,17 @@ def _world_size() -> int:
     return dist.get_world_size() if _distributed() else 1
 
 
+def _first_bad(verdicts: list) -> str | None:
+    """The first rank's ``_nonfinite`` answer (named with its rank when there are several), else None."""
+    named = [(f"{b} (rank {r})" if len(verdicts) > 1 else b) for r, b in enumerate(verdicts) if b is not None]
+    return named[0] if named else None
+
+
+def _timed(fn, *args):
+    clock = time.perf_counter()
+    return fn(*args), time.perf_counter() - clock
+
+
 class Checkpointer:
     """Save / load / prune checkpoints under one directory. Every rank calls every method (they are collective)."""
 
@@ -120,10 +132,10 @@ class Checkpointer:
         self._group_ready = process_group is not None
         self._pending = None  # (future, step, tmp_dir, final_dir) of an async save not yet committed
         self._purger = None  # the thread deleting pruned checkpoints (renamed to .tmp-purge-step-N first)
-        # Seconds per phase of the last save (rank 0's clock): state (state dict), nonfinite_check, files (rng, meta,
-        # scheduler), dcp_write (sync: DCP's write into the page cache; async: staging only), seal (fsync of every
-        # file with its sha256 at once, integrity.json; async: the sha256 only), rename (fsync dirs, rename, latest,
-        # prune). The checkpoint bench prints them.
+        # Seconds per phase of the last save (rank 0's clock): state (state dict), nonfinite_check (sync: on a
+        # thread during seal, not added to the sum), files (rng, meta, scheduler), dcp_write (sync: DCP's write into
+        # the page cache; async: staging only), seal (fsync of every file with its sha256 at once, integrity.json;
+        # async: the sha256 only), rename (fsync dirs, rename, latest, prune). The checkpoint bench prints them.
         self.last_save_seconds: dict[str, float] = {}
 
     @classmethod
@@ -137,13 +149,7 @@ class Checkpointer:
     # -- paths ---------------------------------------------------------------------------------------
     def check_writable(self) -> None:
         """Create ``dir`` and write/remove a probe file; ``ValueError`` naming ``checkpoint.dir`` if that fails."""
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            probe = self.dir / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"ok")
-            probe.unlink()
-        except OSError as e:
-            raise ValueError(f"checkpoint.dir={str(self.dir)!r} is not writable: {e}") from None
+        check_writable(self.dir, "checkpoint.dir")
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints in ``dir`` (directories that were renamed into place), ascending."""
@@ -151,12 +157,7 @@ class Checkpointer:
 
     def latest_path(self) -> Path | None:
         """The directory ``latest`` names; if that is missing or dangling, the newest complete step directory."""
-        step, _ = self._pointer()
-        if step is not None and (self.dir / step_dirname(step) / ".metadata").is_file() \
-                and (self.dir / step_dirname(step) / "meta.json").is_file():
-            return self.dir / step_dirname(step)
-        steps = self.steps()
-        return self.dir / step_dirname(steps[-1]) if steps else None
+        return latest_complete(self.dir)
 
     def _pointer(self) -> tuple[int | None, str | None]:
         return read_pointer(self.dir)
@@ -193,9 +194,10 @@ class Checkpointer:
         clock = time.perf_counter()
         state = training_state(model, optimizer)
         self.last_save_seconds = {"state": time.perf_counter() - clock}
-        clock = time.perf_counter()
-        self._refuse_nonfinite(step, state, scheduler)
-        self.last_save_seconds["nonfinite_check"] = time.perf_counter() - clock
+        if self.async_save:  # checked before staging; a sync save checks while it seals (``_seal_and_commit``)
+            clock = time.perf_counter()
+            self._refuse_nonfinite(step, _first_bad(self._gather(self._nonfinite(state, scheduler))))
+            self.last_save_seconds["nonfinite_check"] = time.perf_counter() - clock
         clock = time.perf_counter()
         previous = self.latest_path()
         if previous is not None:  # its pages stay cached but are not needed: freed, the new files can reuse them
@@ -229,27 +231,48 @@ class Checkpointer:
             with quiet_dcp(), without_record_crc32():
                 dcp.save(state, storage_writer=writer, process_group=group, no_dist=not _distributed())
             self.last_save_seconds["dcp_write"] = time.perf_counter() - clock
-            clock = time.perf_counter()
-            own = seal(tmp, [*writer.written, f"rng-rank{rank}.pt"])  # this rank's files: on disk and recorded
-            records = [own]
-            if _distributed():
-                records = [None] * world
-                dist.all_gather_object(records, own, group=group)
-            self.last_save_seconds["seal"] = time.perf_counter() - clock
-            if rank == 0:
-                self._commit(tmp, final, {name: r for record in records for name, r in record.items()})
-            self._barrier()
+            self._seal_and_commit(step, tmp, final, [*writer.written, f"rng-rank{rank}.pt"], state, scheduler)
         return final
 
-    def _refuse_nonfinite(self, step: int, state: dict, scheduler) -> None:
-        """Raise ``NonFiniteStateError`` on every rank if any rank's state holds NaN/Inf (nothing is written)."""
+    def _seal_and_commit(self, step: int, tmp: Path, final: Path, own_files: list, state: dict, scheduler) -> None:
+        """Sync save, after DCP wrote: every rank ``seal``s its own files (fsync + sha256) while a thread checks
+        its state for NaN/Inf (the check's compute hides behind the wait on the disk); one gather shares both.
+        A bad state anywhere: the files are removed, ``NonFiniteStateError`` on every rank. Else rank 0 commits."""
+        clock = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=1) as checking:
+            check = checking.submit(_timed, self._nonfinite, state, scheduler)
+            records = seal(tmp, own_files)
+            bad, self.last_save_seconds["nonfinite_check"] = check.result()
+        everyone = self._gather((bad, records))
+        self.last_save_seconds["seal"] = time.perf_counter() - clock
+        bad = _first_bad([b for b, _ in everyone])
+        if bad is not None:
+            if _rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)  # written, never committed
+            self._barrier()
+            self._refuse_nonfinite(step, bad)
+        if _rank() == 0:
+            self._commit(tmp, final, {name: r for _, records in everyone for name, r in records.items()})
+        self._barrier()
+
+    def _gather(self, value) -> list:
+        """``value`` from every rank, in rank order (``[value]`` without a process group)."""
+        if not _distributed():
+            return [value]
+        everyone = [None] * _world_size()
+        dist.all_gather_object(everyone, value, group=self._group)
+        return everyone
+
+    @staticmethod
+    def _nonfinite(state: dict, scheduler) -> str | None:
+        """This rank's first tensor (or scheduler value) holding NaN/Inf, else None."""
         bad = first_nonfinite(state)
         if bad is None and scheduler is not None:
             bad = first_nonfinite(scheduler.state_dict(), "scheduler.")
-        if _distributed():
-            everyone = [None] * _world_size()
-            dist.all_gather_object(everyone, bad, group=self._group)
-            bad = next((f"{b} (rank {r})" for r, b in enumerate(everyone) if b is not None), None)
+        return bad
+
+    def _refuse_nonfinite(self, step: int, bad: str | None) -> None:
+        """Raise ``NonFiniteStateError`` (on every rank: ``bad`` is the shared verdict) if a state held NaN/Inf."""
         if bad is not None:
             raise NonFiniteStateError(f"not saving step {step}: {bad} holds NaN or Inf. Earlier checkpoints in "
                                       f"{self.dir} are kept; lower train.lr or check the data")
@@ -267,20 +290,10 @@ class Checkpointer:
         self.last_save_seconds["rename"] = time.perf_counter() - clock
 
     def _prune(self, latest_step: int) -> None:
-        """Keep ``latest`` and the ``keep_last - 1`` newest checkpoints before it; drop crashed temporaries.
-
-        Checkpoints *after* ``latest`` (left over from before a rollback) are never touched.
-        """
+        """``checkpoint_layout.prune`` (never a checkpoint after ``latest``); what it renamed away is deleted on a
+        thread (torchtitan purges so too), joined by the next save, ``wait()`` and ``close()``."""
         self._join_purger()
-        remove_leftovers(self.dir)
-        if self.keep_last == 0:
-            return
-        older = [s for s in self.steps() if s <= latest_step]
-        doomed = []
-        for s in older[: -self.keep_last]:
-            if s != latest_step:  # renamed out of sight now (atomic), deleted on a thread (torchtitan purges so too)
-                doomed.append(self.dir / f"{TMP_PREFIX}purge-{step_dirname(s)}")
-                os.replace(self.dir / step_dirname(s), doomed[-1])
+        doomed = prune(self.dir, self.keep_last, latest_step)
         if doomed:
             self._purger = threading.Thread(target=lambda: [shutil.rmtree(d, ignore_errors=True) for d in doomed],
                                             name="checkpoint-purge", daemon=True)

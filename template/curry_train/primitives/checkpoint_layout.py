@@ -37,6 +37,17 @@ def complete_steps(directory: Path) -> list[int]:
     return sorted(step_of(p) for p in directory.iterdir() if step_of(p) is not None and (p / ".metadata").is_file())
 
 
+def check_writable(directory: Path, name: str) -> None:
+    """Create ``directory`` and write/remove a probe file; ``ValueError`` naming ``name`` if that fails."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{name}={str(directory)!r} is not writable: {e}") from None
+
+
 def read_pointer(directory: Path) -> tuple[int | None, str | None]:
     """The step ``latest`` names (None without a usable pointer) and, for an unusable one, why."""
     pointer = directory / LATEST
@@ -46,6 +57,16 @@ def read_pointer(directory: Path) -> tuple[int | None, str | None]:
     if step_of(name) is not None and (directory / name).is_dir():
         return step_of(name), None
     return None, f"{pointer} names {name[:60]!r}, which is not a checkpoint directory"
+
+
+def latest_complete(directory: Path) -> Path | None:
+    """The directory ``latest`` names; if that is missing or dangling, the newest complete step directory."""
+    step, _ = read_pointer(directory)
+    named = directory / step_dirname(step) if step is not None else None
+    if named is not None and (named / ".metadata").is_file() and (named / "meta.json").is_file():
+        return named
+    steps = complete_steps(directory)
+    return directory / step_dirname(steps[-1]) if steps else None
 
 
 def resume_candidates(directory: Path) -> list[Path]:
@@ -92,3 +113,20 @@ def remove_leftovers(directory: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
         elif p.is_file() and (p.name.startswith(f"{LATEST}.tmp-") or p.name.startswith(".write-test-")):
             p.unlink(missing_ok=True)
+
+
+def prune(directory: Path, keep_last: int, latest_step: int) -> list[Path]:
+    """Keep the checkpoint ``latest`` names and the ``keep_last - 1`` complete ones before it (``keep_last`` 0: all);
+    checkpoints *after* it (an abandoned timeline, from before a rollback) are never touched. The rest are renamed
+    to ``.tmp-purge-step-N`` (out of sight at once, atomically) and returned for the caller to delete. Leftovers of
+    killed saves are removed first."""
+    remove_leftovers(directory)
+    if keep_last == 0:
+        return []
+    older = [s for s in complete_steps(directory) if s <= latest_step]
+    doomed = []
+    for s in older[:-keep_last]:
+        if s != latest_step:
+            doomed.append(directory / f"{TMP_PREFIX}purge-{step_dirname(s)}")
+            os.replace(directory / step_dirname(s), doomed[-1])
+    return doomed
