@@ -206,3 +206,42 @@ def test_the_faults_bench_reproduces_the_guarantees_table(capsys):
     assert rows["NaN loss from step 4 on (patience 3)"]["outcome"] == "stopped, exit 1: step 6"
     assert rows["save a NaN parameter"]["outcome"].startswith("refused: not saving step 1")
     assert "| truncated shard | resumed from step 3" in capsys.readouterr().out
+
+
+def test_integrity_format_2_hashes_blocks_and_format_1_records_still_verify(tmp_path):
+    """Format 2's digest is sha256 over the blocks' sha256s (blocks hashed in parallel); a flipped byte in any block
+    is found; a format-1 record (one sha256 of each whole file, written by earlier versions) still verifies."""
+    import hashlib
+    import json
+    import os
+
+    from curry_train.primitives import checkpoint_files as files
+
+    data = os.urandom(3 * 1000 + 17)
+    (tmp_path / "a.bin").write_bytes(data)
+    (tmp_path / "empty").write_bytes(b"")
+    want = hashlib.sha256(b"".join(hashlib.sha256(data[i:i + 1000]).digest() for i in range(0, len(data), 1000)))
+    assert files.block_digests([tmp_path / "a.bin", tmp_path / "empty"], block=1000) == [
+        want.hexdigest(), hashlib.sha256().hexdigest()]
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / ".metadata").write_bytes(data)
+    (ckpt / "meta.json").write_text("{}")
+    (ckpt / "__0_0.distcp").write_bytes(os.urandom(3 * files.HASH_BLOCK // 2))  # two blocks
+    files.write_description(ckpt)
+    record = json.loads((ckpt / INTEGRITY).read_text())
+    assert record["format"] == 2 and record["block_size"] == files.HASH_BLOCK and verify(ckpt) is None
+    with open(ckpt / "__0_0.distcp", "r+b") as f:  # one byte in the second block
+        f.seek(files.HASH_BLOCK + 5)
+        byte = f.read(1)
+        f.seek(files.HASH_BLOCK + 5)
+        f.write(bytes([byte[0] ^ 1]))
+    assert "__0_0.distcp has sha256" in verify(ckpt) and "same size: bytes changed" in verify(ckpt)
+    old = {"format": 1, "files": {name: {"size": (ckpt / name).stat().st_size, "sha256": files.file_digest(ckpt / name)}
+                                  for name in (".metadata", "meta.json", "__0_0.distcp")}}
+    (ckpt / INTEGRITY).write_text(json.dumps(old))
+    assert verify(ckpt) is None
+    (ckpt / "meta.json").write_text("{ }")
+    assert verify(ckpt).startswith("meta.json has 3 bytes, expected 2")
+    (ckpt / INTEGRITY).write_text(json.dumps({"format": 3, "files": {}}))
+    assert verify(ckpt).startswith(f"{INTEGRITY} is unreadable (format 3")
