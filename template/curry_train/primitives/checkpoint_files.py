@@ -1,6 +1,6 @@
 """A checkpoint's own files: fsynced writes, per-rank RNG states, and the record of what a complete one holds.
 
-``save_fsynced`` / ``fsync_dir``: data and directory entries on disk before anything points at them.
+``save_fsynced`` / ``fsync_path``: data and directory entries on disk before anything points at them.
 ``rng_state`` / ``set_rng_state``: torch (CPU and every CUDA device), numpy if loaded, python ``random``.
 
 ``integrity.json`` in a checkpoint directory lists every other file with its size and sha256 (format 2: the
@@ -65,7 +65,8 @@ def quiet_dcp():
         yield
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file (its data) or a directory (its entries: a rename or a new file in it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -157,14 +158,6 @@ def block_digests(paths, block: int = HASH_BLOCK) -> list[str]:
     return [root.hexdigest() for root in roots]
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def seal(directory: Path, names) -> dict:
     """fsync the files ``names`` (relative to ``directory``) and record them: ``{name: {"size", "sha256"}}``.
 
@@ -176,7 +169,7 @@ def seal(directory: Path, names) -> dict:
     if not paths:
         return {}
     with ThreadPoolExecutor(max_workers=min(len(paths), 16)) as flush:
-        synced = [flush.submit(fsync_file, p) for p in paths]
+        synced = [flush.submit(fsync_path, p) for p in paths]
         digests = block_digests(paths)
         for done in synced:
             done.result()

@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .checkpoint_files import fsync_dir
+from .checkpoint_files import fsync_path
 
 LATEST = "latest"
 STEP_PREFIX = "step-"
@@ -83,7 +83,7 @@ def resume_candidates(directory: Path) -> list[Path]:
 def rename_into_place(tmp: Path, final: Path) -> None:
     """``tmp`` (complete, fsynced) becomes ``final``, replacing an earlier copy of the same step (a re-save after
     a rollback) without a moment in which neither exists."""
-    fsync_dir(tmp)
+    fsync_path(tmp)
     if final.exists():
         old = final.parent / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
         os.replace(final, old)
@@ -91,7 +91,7 @@ def rename_into_place(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    fsync_dir(final.parent)
+    fsync_path(final.parent)
 
 
 def point_latest(final: Path) -> None:
@@ -103,7 +103,7 @@ def point_latest(final: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(pointer_tmp, directory / LATEST)
-    fsync_dir(directory)
+    fsync_path(directory)
 
 
 def remove_leftovers(directory: Path) -> None:
