@@ -6,7 +6,7 @@ import statistics
 import pytest
 
 from curry_train.__main__ import main
-from curry_train.bench.common import interleaved_rounds, median_ratio, run_accumulated_step
+from curry_train.bench.common import interleaved_rounds, median_ratio, quartiles, run_accumulated_step
 from curry_train.bench.ga import bench_ga_parity
 from curry_train.bench.loop import bench_loop
 from curry_train.config import load_config
@@ -56,6 +56,7 @@ def test_interleaved_rounds_alternate_the_order_and_ratios_take_the_median():
     assert calls == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
     assert seconds == {"a": [1.0, 6.0, 7.0], "b": [2.0, 5.0, 8.0], "c": [3.0, 4.0, 9.0]}
     assert median_ratio([1.0, 10.0, 3.0], [1.0, 2.0, 1.0]) == 3.0  # median of 1, 5, 3
+    assert quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 4.0) and quartiles([7.0]) == (7.0, 7.0)
 
 
 def test_run_accumulated_step_returns_the_mean_token_loss():

@@ -93,6 +93,9 @@ def test_measure_large_reports_every_option_and_cleans_up(tmp_path):
     assert r["save_s"] == min(row["save_s"] for row in r["checkpointer"])
     assert 0 < r["async_stall_s"] <= r["async_total_s"]
     assert r["save_of_disk"] == pytest.approx(r["save_MB_per_s"] / r["disk"]["write_MB_per_s"])
+    per_round = [r["bytes"] / s / 1e6 / w for s, w in zip(next(row for row in r["checkpointer"] if row["thread_count"]
+                 == r["thread_count"])["save_s_all"], r["disk"]["write_MB_per_s_all"])]
+    assert r["save_of_disk_per_round"] == pytest.approx(per_round) and len(per_round) == 2
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # checkpoints and the bandwidth file removed
 
 

@@ -241,7 +241,9 @@ def test_sharding_bench_rows_match_memory_report_and_formulas(capsys):
     assert timed["full"]["profile_ms"]["all-gather"] > 0 and timed["no_shard"]["profile_ms"]["all-gather"] == 0
     # 2 blocks: prefetch=1 past the last of one 2-block unit is refused by wrap, so the bench skips that side
     assert "full 2 blocks/unit+last+pf1" not in timed and "skipped at N=2: prefetch=1 exceeds" in printed
-    assert "target: best fp32 full side <= 1.15x DDP at N=2" in printed
+    assert "target: best fp32 full side <= 1.15x DDP at N=2" in printed and "of 2 rounds <= 1.15x" in printed
+    q1, q3 = out["time_target"]["ratio_quartiles"]
+    assert q1 <= out["time_target"]["ratio"] <= q3  # the median ratio lies between its rounds' quartiles
 
 
 # -- step-time levers: prefetch, reshard_last, blocks_per_unit, reduce_dtype ------------------------------------

@@ -243,6 +243,7 @@ def measure_large(params: int, directory, repeats: int = 3, options: dict | None
     for row in sync_rows:
         row["save_MB_per_s"] = size / row["save_s"] / 1e6
         row["save_of_disk"] = row["save_MB_per_s"] / disk["write_MB_per_s"]
+        row["save_of_disk_per_round"] = [size / s / 1e6 / d["write_MB_per_s"] for s, d in zip(row["save_s_all"], disk_runs)]
     best = min(sync_rows, key=lambda row: row["save_s"])
     async_ckpt = Checkpointer(directory / "async", keep_last=1, async_save=True)
     stalls, totals = [], []
@@ -285,7 +286,7 @@ def measure_large(params: int, directory, repeats: int = 3, options: dict | None
     return {"params": n_params(model), "shape": dict(zip(("d_model", "n_layer", "vocab"), synthetic_shape(params))),
             "bytes": size, "disk": disk, "checkpointer": sync_rows, "thread_count": best["thread_count"],
             "save_s": best["save_s"], "save_phases_s": best["phases_s"], "save_MB_per_s": best["save_MB_per_s"],
-            "save_of_disk": best["save_of_disk"],
+            "save_of_disk": best["save_of_disk"], "save_of_disk_per_round": best["save_of_disk_per_round"],
             "async_stall_s": statistics.median(stalls), "async_total_s": statistics.median(totals),
             "load_s": statistics.median(loads), "verify_s": statistics.median(verifies),
             "load_MB_per_s": size / statistics.median(loads) / 1e6, "load_exact": exact, "dcp_options": rows,
@@ -332,5 +333,8 @@ def print_large(r: dict) -> None:
         best = max(durable, key=lambda row: row["save_of_disk"])
         print(f"  best durable raw dcp.save option: {best['option']} at {best['save_of_disk'] * 100:.0f}% of disk write")
     verdict = "PASS" if r["save_of_disk"] >= TARGET_FRACTION else "MISS"
+    rounds = r.get("save_of_disk_per_round", [])
+    per_round = (f"; per round, against that round's disk file: {', '.join(f'{x * 100:.0f}%' for x in rounds)} "
+                 f"({sum(x >= TARGET_FRACTION for x in rounds)} of {len(rounds)} >= {TARGET_FRACTION:.0%})") if rounds else ""
     print(f"  target: Checkpointer.save (sync, durable; best thread_count={r['thread_count']}) >= "
-          f"{TARGET_FRACTION:.0%} of disk write: {r['save_of_disk'] * 100:.0f}% -> {verdict}")
+          f"{TARGET_FRACTION:.0%} of disk write: {r['save_of_disk'] * 100:.0f}% -> {verdict}{per_round}")

@@ -83,6 +83,14 @@ def median_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> fl
     return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
+def quartiles(values: Sequence[float]) -> tuple[float, float]:
+    """First and third quartile (``statistics.quantiles``, inclusive method); one value gives itself twice."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
 def run_accumulated_step(model, optimizer, microbatches, ga: GradientAccumulation, grad_clip: float = 0.0):
     """One optimizer step over ``microbatches`` with gradient accumulation; returns the mean token loss."""
     loss_sum, n_tokens = accumulate_gradients(model, microbatches, ga)
