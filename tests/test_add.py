@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -96,9 +97,12 @@ def test_each_primitive_alone_into_an_empty_repo(tmp_path):
         manifest = vendor.read_manifest(repo)
         assert manifest["primitives"] == [name] and manifest["version"] == __import__("curry_train").__version__
         assert all(vendor.sha256((repo / rel).read_bytes()) == h for rel, h in manifest["files"].items())
-        collected = run_pytest_in(repo, "--collect-only", "tests/curry_train")
-        assert collected.returncode == 0, f"{name}:\n{collected.stdout[-3000:]}\n{collected.stderr[-2000:]}"
-        assert "OUTSIDE []" in collected.stdout
+    with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:  # one fresh interpreter per core
+        collected = dict(zip(PRIMITIVES, pool.map(
+            lambda name: run_pytest_in(tmp_path / name, "--collect-only", "tests/curry_train"), PRIMITIVES)))
+    for name, run in collected.items():
+        assert run.returncode == 0, f"{name}:\n{run.stdout[-3000:]}\n{run.stderr[-2000:]}"
+        assert "OUTSIDE []" in run.stdout, name
 
 
 FOREIGN_MODEL = '''
