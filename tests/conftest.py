@@ -1,4 +1,7 @@
-"""Fixtures shared by the bad-input tests."""
+"""Fixtures shared by several test files: the bad-input guard, and a pool for fresh interpreters."""
+
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -16,3 +19,14 @@ def no_launch(monkeypatch):
     monkeypatch.setattr(curry_train.distributed, "init_from_env", reached)
     monkeypatch.setattr(curry_train.bench, "run_benches", reached)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture(scope="session")
+def interpreter_pool():
+    """Threads that each wait on one fresh interpreter (a subprocess), at most two at a time and one per core: such a
+    process spends most of its time importing torch on one core, so two at once halve the wait on 2 cores."""
+    pool = ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1)))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -84,7 +83,7 @@ def test_standalone_tests_import_only_torch_pytest_and_their_primitive(name):
 # ---- into an empty repository and into a foreign one ----------------------------------------------------------------
 
 @pytest.mark.timeout(600)
-def test_each_primitive_alone_into_an_empty_repo(tmp_path):
+def test_each_primitive_alone_into_an_empty_repo(tmp_path, interpreter_pool):
     """Exactly its closure and its tests; they import (collect) with nothing but the copied files."""
     for name in PRIMITIVES:
         repo = tmp_path / name
@@ -97,9 +96,8 @@ def test_each_primitive_alone_into_an_empty_repo(tmp_path):
         manifest = vendor.read_manifest(repo)
         assert manifest["primitives"] == [name] and manifest["version"] == __import__("curry_train").__version__
         assert all(vendor.sha256((repo / rel).read_bytes()) == h for rel, h in manifest["files"].items())
-    with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:  # one fresh interpreter per core
-        collected = dict(zip(PRIMITIVES, pool.map(
-            lambda name: run_pytest_in(tmp_path / name, "--collect-only", "tests/curry_train"), PRIMITIVES)))
+    collected = dict(zip(PRIMITIVES, interpreter_pool.map(
+        lambda name: run_pytest_in(tmp_path / name, "--collect-only", "tests/curry_train"), PRIMITIVES)))
     for name, run in collected.items():
         assert run.returncode == 0, f"{name}:\n{run.stdout[-3000:]}\n{run.stderr[-2000:]}"
         assert "OUTSIDE []" in run.stdout, name

@@ -2,18 +2,16 @@
 how to get its code.
 
 Each ```python block of ``skills/*/SKILL.md`` is executed as its own script in a fresh interpreter (cwd: a
-temporary directory; two run at a time), so a page can never show code that does not run. Blocks that are not meant to run use
-another fence (```bash, ```text). Blocks must be CPU-only and quick. ```py blocks are shown, not run: they hold
+temporary directory; two run at a time), so a page can never show code that does not run. Blocks that are not
+meant to run use another fence (```bash, ```text). Blocks must be CPU-only and quick. ```py blocks are shown, not run: they hold
 the lines a user adds to their own training loop (``catalog.PRIMITIVES[name].usage``, also printed by
 ``python -m curry_train add``), which name the user's ``model``, ``optimizer`` and batches; the tests check that
 they are verbatim the catalog's and that they compile.
 """
 
-import os
 import re
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -64,18 +62,12 @@ def run_block(code: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def block_runs(request, tmp_path_factory):
-    """The selected blocks, started in test order one per core: each fresh interpreter spends most of its time
-    importing torch, so two at a time halve the wait on a 2-core machine. ``{block id: Future}``."""
-    selected = [item.callspec.id for item in request.session.items
-                if item.originalname == "test_skill_python_block_runs" and item.path == Path(__file__)]
-    code = {block_id: c for block_id, (_, _, c) in zip(BLOCK_IDS, BLOCKS)}
-    pool = ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1)))
-    try:
-        yield {block_id: pool.submit(run_block, code[block_id], tmp_path_factory.mktemp(block_id))
-               for block_id in selected}
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+def block_runs(request, tmp_path_factory, interpreter_pool):
+    """The selected blocks, started in test order on ``interpreter_pool``. ``{block id: Future}``."""
+    return {item.callspec.id: interpreter_pool.submit(run_block, item.callspec.params["code"],
+                                                      tmp_path_factory.mktemp(item.callspec.id))
+            for item in request.session.items
+            if item.originalname == "test_skill_python_block_runs" and item.path == Path(__file__)}
 
 
 @pytest.mark.parametrize("path,index,code", BLOCKS, ids=BLOCK_IDS)
