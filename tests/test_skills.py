@@ -3,10 +3,10 @@ how to get its code.
 
 Each ```python block of ``skills/*/SKILL.md`` is executed as its own script in a fresh interpreter (cwd: a
 temporary directory; two run at a time), so a page can never show code that does not run. Blocks that are not
-meant to run use another fence (```bash, ```text). Blocks must be CPU-only and quick. ```py blocks are shown, not run: they hold
-the lines a user adds to their own training loop (``catalog.PRIMITIVES[name].usage``, also printed by
-``python -m curry_train add``), which name the user's ``model``, ``optimizer`` and batches; the tests check that
-they are verbatim the catalog's and that they compile.
+meant to run use another fence (```bash, ```text). Blocks must be CPU-only and quick. ```py blocks are shown, not
+run: they hold the lines a user adds to their own training loop (``catalog.PRIMITIVES[name].usage``, also printed
+by ``python -m curry_train add``), which name the user's ``model``, ``optimizer`` and batches; the tests check
+that they are verbatim the catalog's and that they compile.
 """
 
 import re
