@@ -1,7 +1,9 @@
 # Two commands on a fresh machine:
 #   make bench   set up .venv (CPU torch 2.13.0 + curry_train) and run every benchmark with --quick (reduced
 #                settings, about a minute on 2 CPU cores) on the embedded model and data: bench-results/<time>/report.md
-#   make test    set up .venv if needed and run the test suite
+#   make test    set up .venv if needed and run the fast suite: every module's unit tests and one multi-process
+#                smoke test per primitive (a few minutes on 2 cores)
+#   make test-all  every test (what CI runs through .ci/run)
 # make bench-full runs the full settings; BENCH="mfu ga model=small" picks benches and overrides for either.
 # Re-running skips the install unless template/pyproject.toml or this Makefile changed.
 
@@ -11,7 +13,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.curry-train-installed
 BENCH  ?=
 
-.PHONY: bench bench-full test train setup clean
+.PHONY: bench bench-full test test-all train setup clean
 
 setup: $(STAMP)
 
@@ -29,6 +31,9 @@ bench-full: $(STAMP)
 	$(PY) -m curry_train bench $(BENCH)
 
 test: $(STAMP)
+	$(PY) -m pytest -m 'not slow'
+
+test-all: $(STAMP)
 	$(PY) -m pytest
 
 train: $(STAMP)
