@@ -90,7 +90,7 @@ def vendored_files(name: str, description: str) -> dict[str, bytes]:
 def _check_not_self(repo: Path) -> None:
     if (repo / PACKAGE).resolve() == PACKAGE_DIR:
         raise ValueError(f"{repo} holds the curry_train that is running: updating it from itself changes nothing. "
-                         "Run a newer curry-train's scaffold --update (the plugin's bin/curry-train) on it")
+                         "Run a newer curry-train's scaffold --update (the plugin's scripts/curry-train) on it")
 
 
 def scaffold(dest: str | Path, name: str | None = None, description: str | None = None, force: bool = False,

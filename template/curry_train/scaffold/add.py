@@ -31,7 +31,7 @@ def find_tests_dir() -> Path:
         if (candidate / "primitives").is_dir():
             return candidate
     raise FileNotFoundError(f"cannot find the curry-train tests beside {PACKAGE_DIR}: this copy of curry_train was "
-                            "installed without them; run the plugin's runner (bin/curry-train) instead")
+                            "installed without them; run the plugin's runner (scripts/curry-train) instead")
 
 
 def listing() -> str:
