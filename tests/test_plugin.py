@@ -389,3 +389,5 @@ def test_add_primitive_command_names_every_primitive_of_the_catalog():
     hint = re.search(r'argument-hint: ".*names: ([^"]*)"', text).group(1).split()
     assert sorted(hint) == sorted([*PRIMITIVES, "all"])
     assert all(f"`{name}`" in text for name in PRIMITIVES)
+    pages = text.split("4. Point to the primitive's skill page", 1)[1]
+    assert all(f"`{name}` {p.skill}" in " ".join(pages.split()) for name, p in PRIMITIVES.items())

@@ -100,5 +100,8 @@ def summary(result: AddResult, names: list[str]) -> str:
         p = PRIMITIVES[name]
         out += ["", f"# {name}: {p.summary}", f"# in your training code ({p.skill} explains the why and the numbers):",
                 p.usage.rstrip("\n")]
-    out += ["", f"tests: python -m pytest {result.tests_dir}"]
+    out += ["", f"tests: python -m pytest {result.tests_dir}",
+            "bench, train and the other tools: `python -m curry_train` needs the whole package (a scaffolded repo); "
+            "here run them through the plugin: /curry-train:bench-run SECTION, or <plugin-folder>/scripts/curry-train "
+            "SUBCOMMAND ..."]
     return "\n".join(out)
