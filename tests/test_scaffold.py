@@ -128,3 +128,22 @@ def test_scaffold_refuses_a_non_empty_folder_and_bad_names(tmp_path, capsys):
         scaffold(tmp_path / "new", name="bad name!")
     assert main(["scaffold", "--update", str(tmp_path / "nowhere")]) == 2
     assert main(["scaffold", "--update", str(tmp_path / "new")]) == 2
+
+
+@pytest.mark.slow
+def test_a_scaffolded_repos_own_make_test_passes(tmp_path):
+    """What a user runs first in a new repository: its `make test`, which builds `.venv` from nothing (torch, the
+    package and its dev extras) and runs the copied fast suite. Nothing of this checkout's environment leaks in."""
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed on this machine: the scaffolded `make test` was NOT run")
+    dest, _, _ = scaffold(tmp_path / "my-llm", git=False)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTEST_ADDOPTS")}
+    base_python = getattr(sys, "_base_executable", sys.executable)
+    proc = subprocess.run([make, "-C", str(dest), "test", f"PYTHON={base_python}"], env=env, capture_output=True,
+                          text=True, timeout=1800)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    summary = [line for line in out.splitlines() if re.search(r"\d+ passed", line)]
+    assert summary and " failed" not in summary[-1] and " error" not in summary[-1], out[-3000:]
+    assert (dest / ".venv" / "bin" / "python").exists()

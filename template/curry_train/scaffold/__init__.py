@@ -28,7 +28,7 @@ from .add import find_tests_dir
 from .catalog import PACKAGE, PACKAGE_DIR
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
-PLUGIN_ONLY_TESTS = {"test_plugin.py", "test_skills.py", "test_scaffold.py", "test_add.py"}
+PLUGIN_ONLY_TESTS = {"test_plugin.py", "test_skills.py", "test_skill_routing.py", "test_scaffold.py", "test_add.py"}
 RENDERED = {  # template -> path in the repository; recorded in the manifest, refreshed by --update
     "pyproject.toml.j2": "pyproject.toml",
     "Makefile.j2": "Makefile",
