@@ -83,6 +83,7 @@ def test_standalone_tests_import_only_torch_pytest_and_their_primitive(name):
 # ---- into an empty repository and into a foreign one ----------------------------------------------------------------
 
 @pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_each_primitive_alone_into_an_empty_repo(tmp_path, interpreter_pool):
     """Exactly its closure and its tests; they import (collect) with nothing but the copied files."""
     for name in PRIMITIVES:
@@ -165,6 +166,7 @@ assert diff < 1e-5
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.slow
 def test_all_into_a_foreign_training_repo_runs_there(tmp_path, capsys):
     """A nanoGPT-style repo gets every primitive; the copied tests pass there with nothing else of ours importable,
     and its own train.py uses two of them with the loop lines `add` prints."""

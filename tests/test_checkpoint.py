@@ -77,6 +77,7 @@ def _max_diff(a, b) -> float:
 
 # -- single process -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_roundtrip_restores_model_optimizer_scheduler_rng_and_strips_wrapper_prefixes(tmp_path):
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
@@ -179,6 +180,7 @@ ckpt.save(2, model)
 """
 
 
+@pytest.mark.slow
 def test_sigkill_inside_save_keeps_latest_on_the_previous_checkpoint(tmp_path):
     env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", KILL_INSIDE_SAVE, str(tmp_path)], env=env, capture_output=True,
@@ -194,6 +196,7 @@ def test_sigkill_inside_save_keeps_latest_on_the_previous_checkpoint(tmp_path):
     assert torch.equal(loaded.tok_emb.weight, expected.tok_emb.weight)
 
 
+@pytest.mark.slow
 def test_async_save_snapshots_state_and_commits_on_wait(tmp_path):
     model, opt, sched = _build(0)
     for s in range(2):
@@ -266,6 +269,7 @@ def _losses(path):
     return {m["step"]: m["loss"] for m in map(json.loads, Path(path).read_text().splitlines())}
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_exact_in_one_process(tmp_path):
     straight = tmp_path / "straight.jsonl"
     _cli([f"train.metrics_file={straight}"], tmp_path)
@@ -352,6 +356,7 @@ def _load_ws2(rank, world, root):
     return out
 
 
+@pytest.mark.slow
 def test_reshard_fsdp2_4_to_2_to_1_is_exact(tmp_path):
     rows4 = launch(_save_ws4, 4, tmp_path, timeout=300)
     assert rows4 == [64] * 4  # 256-row embedding in 4 shards
@@ -394,6 +399,7 @@ def test_young_daly_interval_minimises_the_expected_waste():
         young_daly_interval(0.0, mtbf)
 
 
+@pytest.mark.slow
 def test_checkpoint_bench_measures_size_and_times_on_the_reference_gpt():
     from curry_train.bench.checkpoint import ADAMW_FP32_BYTES_PER_PARAM, bench_checkpoint
     from curry_train.config import load_config

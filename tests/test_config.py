@@ -95,6 +95,7 @@ def test_bad_input_is_one_error_line_before_any_process_group(argv, message, tmp
     assert not torch.distributed.is_initialized()
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line_in_a_new_process():
     import subprocess
     import sys

@@ -65,6 +65,7 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("case", list(DAMAGE))
+@pytest.mark.slow
 def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one(case, original, tmp_path, capsys):
     source, lines = original
     ckpt = tmp_path / "ckpt"
@@ -94,6 +95,7 @@ def test_no_intact_checkpoint_is_one_error_listing_what_was_tried(original, tmp_
     assert err.startswith("error: no usable checkpoint in") and step_dirname(10) in err and step_dirname(5) in err
 
 
+@pytest.mark.slow
 def test_a_stale_latest_pointer_warns_and_leftovers_are_cleaned(original, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(original[0], ckpt)
@@ -122,6 +124,7 @@ def test_a_missing_rng_file_is_a_warning_naming_what_differs(original, tmp_path)
 POISON = ["model._target_=foreign_models.poisoned_gpt", "model.block_size=32"]
 
 
+@pytest.mark.slow
 def test_a_few_non_finite_steps_are_skipped_never_saved_and_the_run_goes_on(tmp_path, capsys):
     code, lines = run(tmp_path, "poison", *POISON, "model.nan_from=5", "model.nan_calls=2", "checkpoint.every=1",
                       "checkpoint.keep_last=0")
@@ -133,6 +136,7 @@ def test_a_few_non_finite_steps_are_skipped_never_saved_and_the_run_goes_on(tmp_
     assert ckpt.steps() == [1, 2, 3, 4, 5, 8, 9, 10]  # after steps 5 and 6 (0-based) nothing was saved
 
 
+@pytest.mark.slow
 def test_persistent_non_finite_steps_end_the_run_and_keep_the_last_finite_checkpoint(tmp_path, capsys):
     code, lines = run(tmp_path, "diverged", *POISON, "model.nan_from=6", "model.nan_calls=100", "checkpoint.every=1",
                       "checkpoint.keep_last=2", "train.nonfinite_patience=3")
@@ -186,6 +190,7 @@ def test_the_guard_setting_is_checked_before_anything_runs(tmp_path, capsys, no_
     assert "train.nonfinite_patience must be a positive integer" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_faults_bench_reproduces_the_guarantees_table(capsys):
     """`bench faults` (the table the dcp skill page shows): every damaged copy resumes from the previous checkpoint and
     ends on the clean run's loss bit for bit; everything damaged is one error; NaN steps are skipped, then stop."""
@@ -208,6 +213,7 @@ def test_the_faults_bench_reproduces_the_guarantees_table(capsys):
     assert "| truncated shard | resumed from step 3" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_integrity_format_2_hashes_blocks_and_format_1_records_still_verify(tmp_path):
     """Format 2's digest is sha256 over the blocks' sha256s (blocks hashed in parallel); a flipped byte in any block
     is found; a format-1 record (one sha256 of each whole file, written by earlier versions) still verifies."""

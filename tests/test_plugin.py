@@ -52,6 +52,7 @@ def test_command_frontmatter(path):
     assert isinstance(fm.get("description"), str) and fm["description"]
 
 
+@pytest.mark.slow
 def test_claude_plugin_validate_strict(tmp_path):
     npx = shutil.which("npx")
     if npx is None:
@@ -203,6 +204,7 @@ def test_runner_which_from_an_empty_folder(tmp_path):
     assert w["plugin"] == str(ROOT)
 
 
+@pytest.mark.slow
 def test_runner_uses_the_projects_own_copy_for_bench_train_config_only(tmp_path):
     tmp_path = tmp_path.resolve()
     pkg = tmp_path / "curry_train"
@@ -227,6 +229,7 @@ def test_runner_uses_the_projects_own_copy_for_bench_train_config_only(tmp_path)
     assert w["curry_train (bench)"] == w["curry_train (config)"] == str(ROOT / "template" / "curry_train")
 
 
+@pytest.mark.slow
 def test_runner_passes_exit_codes_and_error_lines_through(tmp_path):
     proc = run_runner(["config", "train.no_such_key=1"], tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error:"), proc.stderr
@@ -242,6 +245,7 @@ def python_wrapper(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_runner_python_order(tmp_path):
     tmp_path = tmp_path.resolve()
     project = python_wrapper(tmp_path / ".venv" / "bin" / "python")
@@ -295,6 +299,7 @@ def test_runner_reads_awkward_dependency_arrays(tmp_path):
     assert proc.stdout.splitlines() == ["torch==2.13.0", *expected] and len(expected) == 3
 
 
+@pytest.mark.slow
 def test_runner_data_folder_and_symlinks(tmp_path):
     tmp_path = tmp_path.resolve()
     home = tmp_path / "home"
@@ -330,6 +335,7 @@ def tree(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
 
+@pytest.mark.slow
 def test_cli_install_then_scaffold_and_add(tmp_path):
     tmp_path = tmp_path.resolve()
     npx = shutil.which("npx")

@@ -29,6 +29,7 @@ def test_plugin_pyproject_ships_the_configs_and_templates():
     assert_package_data_ships_every_data_file(PACKAGE_DIR.parent / "pyproject.toml", PACKAGE_DIR)
 
 
+@pytest.mark.slow
 def test_scaffold_creates_a_working_repo(tmp_path):
     dest, report, git_note = scaffold(tmp_path / "my-llm", description="My LLM.")
     for path in ("curry_train/model.py", "curry_train/primitives/grad_accum.py", "curry_train/conf/config.yaml",
@@ -98,6 +99,7 @@ def test_scaffold_update_refreshes_unedited_files_and_never_touches_the_users(tm
     assert (repo / "models/my_model.py").read_text() == edits["models/my_model.py"]
 
 
+@pytest.mark.slow
 def test_a_scaffolded_repo_scaffolds_another_but_cannot_update_itself(tmp_path):
     first, _, _ = scaffold(tmp_path / "first", git=False)
     env = {**os.environ, "PYTHONPATH": str(first)}

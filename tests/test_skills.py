@@ -71,6 +71,7 @@ def block_runs(request, tmp_path_factory, interpreter_pool):
 
 
 @pytest.mark.parametrize("path,index,code", BLOCKS, ids=BLOCK_IDS)
+@pytest.mark.slow
 def test_skill_python_block_runs(path, index, code, block_runs, request):
     proc = block_runs[request.node.callspec.id].result()
     assert proc.returncode == 0, f"{path.parent.name} block {index} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
