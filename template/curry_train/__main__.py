@@ -44,16 +44,37 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
 
     from .loop import LossSpikeError, NonFiniteTrainingError
+    from .primitives.checkpoint_trust import CheckpointDiskFullError
+    from .stopping import Interrupted, Preempted
 
     try:
         return _main(argv)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, HydraException) as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]  # one line, even from a library
-        print(f"error: {'; '.join(lines) or type(e).__name__}", file=sys.stderr)
+        _say(f"error: {'; '.join(lines) or type(e).__name__}")
         return 2
     except (NonFiniteTrainingError, LossSpikeError) as e:  # the run diverged: not the input's fault, but no traceback either
-        print(f"error: {e}", file=sys.stderr)
+        _say(f"error: {e}")
         return 1
+    except CheckpointDiskFullError as e:
+        _say(f"error: {e}; the run stopped (checkpoint.on_disk_full=continue trains on without checkpoints)")
+        return 1
+    except (Interrupted, Preempted) as e:
+        _say(str(e))
+        if isinstance(e, Preempted):  # every rank stopped at the same step: leave the group cleanly
+            from . import distributed
+
+            if distributed.world_size() > 1:
+                distributed.exit_cleanly(e.exit_code)
+        return e.exit_code
+
+
+def _say(line: str) -> None:
+    """One line on stderr, from rank 0 only under torchrun (every rank meets the same config error)."""
+    import os
+
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(line, file=sys.stderr, flush=True)
 
 
 def bench_params(cfg, names: list[str], quick: bool = False) -> dict[str, dict]:

@@ -237,6 +237,9 @@ def _check_checkpoint(c) -> None:
     non_negative_int("checkpoint.keep_last", c.keep_last, "(0 keeps every checkpoint)")
     boolean("checkpoint.async_save", c.async_save)
     positive_int("checkpoint.thread_count", c.thread_count, "(DCP writer threads per rank)")
+    boolean("checkpoint.allow_unverified", c.allow_unverified)
+    choice("checkpoint.on_disk_full", c.on_disk_full, ("stop", "continue"))
+    boolean("checkpoint.save_on_signal", c.save_on_signal)
     if c.dir is not None and not str(c.dir):
         raise ValueError("checkpoint.dir must be a folder path or null, got ''")
     if c.dir is None and every > 0:

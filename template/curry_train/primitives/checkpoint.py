@@ -176,7 +176,10 @@ class Checkpointer:
         if self._lock.held:
             return []
         self._lock.acquire()
-        return remove_stale_temporaries(self.dir, self.run)
+        removed = remove_stale_temporaries(self.dir, self.run)
+        if removed:  # they may be what filled the disk: the holder's name fits now
+            self._lock.note_holder()
+        return removed
 
     def release(self) -> None:
         """Give up ownership without waiting for a pending save (``close`` waits first)."""

@@ -167,15 +167,22 @@ class DirectoryLock:
         self.directory, self.key, self.held = Path(directory), key, False
 
     def acquire(self) -> "DirectoryLock":
-        """Take the lock (creating the folder); ``DirectoryInUseError`` naming the holder if a live process has it."""
+        """Take the lock (creating the folder); ``DirectoryInUseError`` naming the holder if a live process has it,
+        ``ValueError`` naming the key if the folder or the lock file cannot be created."""
         if self.held:
             return self
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"{self.key}={str(self.directory)!r} cannot be created: {e}") from None
         where = str(self.directory.resolve())
         if where not in _HELD:
             lock_path = self.directory / LOCK_NAME
             while True:
-                f = open(lock_path, "a+")
+                try:
+                    f = open(lock_path, "a+")
+                except OSError as e:
+                    raise ValueError(f"{self.key}={str(self.directory)!r} is not writable: {e}") from None
                 try:
                     fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError as e:
@@ -188,14 +195,25 @@ class DirectoryLock:
                 if _same_file(f, lock_path):
                     break
                 f.close()  # the holder removed the file as we opened it: lock the one there now
+            _HELD[where] = [f, 0]
+            self._where = where
+            self.note_holder()
+        _HELD[where][1] += 1
+        self.held, self._where = True, where
+        return self
+
+    def note_holder(self) -> bool:
+        """Write this process's pid, host and start time into the lock file; False if the disk is full (the lock
+        holds all the same; ``Checkpointer.acquire`` tries again after removing stale temporaries)."""
+        f = _HELD[self._where][0]
+        try:
             f.seek(0)
             f.truncate()
             f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}) + "\n")
             f.flush()
-            _HELD[where] = [f, 0]
-        _HELD[where][1] += 1
-        self.held, self._where = True, where
-        return self
+            return True
+        except OSError:
+            return False
 
     def release(self) -> None:
         """Give the hold back; the last holder in this process unlocks the file (the file itself stays)."""
@@ -212,7 +230,10 @@ class DirectoryLock:
             if _same_file(entry[0], lock_path):
                 lock_path.unlink(missing_ok=True)  # ours; removed while still locked (see ``acquire``'s retry)
             fcntl.flock(entry[0].fileno(), fcntl.LOCK_UN)
-            entry[0].close()
+            try:
+                entry[0].close()
+            except OSError:  # a holder line that a full disk kept in the buffer
+                pass
 
 
 # -- disk full -----------------------------------------------------------------------------------------------------
