@@ -61,6 +61,7 @@ class Payload:
         return open, (self.ran, "w")  # unpickling creates the file: what os.system would do, harmlessly
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["scheduler.pt", "rng-rank0.pt", ".metadata"])
 @pytest.mark.parametrize("record", ["rewritten to match", "deleted, allow_unverified=true"])
 def test_a_code_running_pickle_in_a_checkpoint_never_runs(straight, tmp_path, capsys, name, record):
@@ -82,6 +83,7 @@ def test_a_code_running_pickle_in_a_checkpoint_never_runs(straight, tmp_path, ca
     assert code == 0 and f"resumed from {ckpt / step_dirname(6)} at step 6" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_its_record_is_refused_naming_the_key(straight, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(straight[0], ckpt)
@@ -142,6 +144,7 @@ def _fill_disk_after(monkeypatch, saves_that_work: int):
     monkeypatch.setattr(FileSystemWriter, "write_data", write)
 
 
+@pytest.mark.slow
 def test_disk_full_stops_in_one_line_keeping_every_committed_checkpoint(tmp_path, capsys, monkeypatch):
     _fill_disk_after(monkeypatch, 2)
     code, lines = run(tmp_path, "full", "checkpoint.keep_last=0")
@@ -154,6 +157,7 @@ def test_disk_full_stops_in_one_line_keeping_every_committed_checkpoint(tmp_path
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", step_dirname(2), step_dirname(4)]
 
 
+@pytest.mark.slow
 def test_disk_full_with_on_disk_full_continue_trains_on_without_checkpoints(tmp_path, capsys, monkeypatch):
     _fill_disk_after(monkeypatch, 1)
     code, lines = run(tmp_path, "go-on", "checkpoint.on_disk_full=continue")
@@ -194,6 +198,7 @@ def test_a_real_full_tmpfs_is_one_line_and_the_rerun_frees_its_own_leftovers(tmp
         subprocess.run(["umount", str(disk)], capture_output=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["mid-step", "mid-save"])
 def test_ctrl_c_is_one_line_exit_130_and_resumes_to_the_uninterrupted_loss(straight, tmp_path, capsys, monkeypatch,
                                                                            where):
@@ -226,6 +231,7 @@ def test_ctrl_c_is_one_line_exit_130_and_resumes_to_the_uninterrupted_loss(strai
     assert rest[-1]["loss"] == straight[1][-1]["loss"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["mid-step", "mid-save"])
 def test_sigterm_saves_commits_exits_143_and_resumes_to_the_uninterrupted_loss(straight, tmp_path, capsys,
                                                                                monkeypatch, where):
