@@ -26,9 +26,9 @@ newest older one that verifies; none left is ``CheckpointDamagedError``, one lin
 A state holding NaN/Inf is never committed (``NonFiniteStateError``; a sync save checks it while its files are
 fsynced and removes them, an async save before staging).
 
-Atomicity: every rank writes into the temporary ``step-N`` (rank 0 writes ``.metadata`` only after every rank reported its
-writes done) and fsyncs its files (``checkpoint_files.seal``); rank 0 then writes ``integrity.json``, renames the
-directory to ``step-N`` and only then moves ``latest`` (``checkpoint_layout``). A crash at any point leaves the
+Atomicity: every rank writes into the temporary ``step-N`` (rank 0 writes ``.metadata`` only after every rank
+reported its writes done) and fsyncs its files (``checkpoint_files.seal``); rank 0 then writes ``integrity.json``,
+renames the directory to ``step-N`` and only then moves ``latest`` (``checkpoint_layout``). A crash at any point leaves the
 previous ``latest`` and its directory untouched. Pruning (``keep_last``, ``checkpoint_layout.prune``) runs after
 ``latest`` moved, never removes the directory it names, and deletes on a background thread.
 
@@ -43,16 +43,13 @@ background thread over a dedicated gloo group so it never interleaves with train
 pending save is committed (rename + ``latest``) by ``poll()`` once done, and always waited on before the
 next save and by ``wait()``/``close()`` at exit.
 
-Speed (``bench checkpoint`` measures each): a save first drops the previous checkpoint's clean pages from the page
-cache (``checkpoint_files.drop_page_cache``); a sync save switches off the CRC32 ``torch.save`` computes per record
-(the sha256 covers every byte; async saves keep it: the switch is process-wide) and lets each rank fsync its files
-while it hashes them (``seal``) instead of DCP fsyncing each file before the hashing starts.
+Speed (``bench checkpoint``): a save drops the previous checkpoint's pages from the page cache; a sync save turns
+off ``torch.save``'s per-record CRC32 (the sha256 covers every byte) and fsyncs each file while hashing it (``seal``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 import time
@@ -66,13 +63,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ._config import config_getter
-from .checkpoint_files import INTEGRITY, RecordingWriter, drop_page_cache, rng_state, save_fsynced, seal
+from .checkpoint_files import RecordingWriter, drop_page_cache, seal, write_own_files
 from .checkpoint_files import first_nonfinite, quiet_dcp, verify, without_record_crc32, write_description
 from .checkpoint_layout import (  # noqa: F401  (LATEST, step_dirname, step_of: part of this module's API)
     LATEST, check_writable, complete_steps, latest_complete, point_latest, prune, read_pointer,
     rename_into_place, resume_candidates, step_dirname, step_of,
 )
-from .checkpoint_load import load_one
+from .checkpoint_load import CheckpointDamagedError, CheckpointWarning, load_first_usable, load_one
 from .checkpoint_state import (  # noqa: F401  (CheckpointMismatchError, training_state: part of this module's API)
     CheckpointMismatchError, training_state,
 )
@@ -81,21 +78,14 @@ from .checkpoint_trust import (  # noqa: F401  (the errors: part of this module'
     remove_stale_temporaries, temp_name,
 )
 from . import checkpoint_failure as save_failure
+from .checkpoint_failure import attempt as _attempt, first_bad as _first_bad, timed as _timed
 
 
-DCP_FAILURES = (Exception, CheckpointException)  # DCP's CheckpointException is a BaseException
-
-
-class CheckpointDamagedError(ValueError):
-    """No checkpoint that was asked for (or none of those in ``dir``) passes verification; names each and why."""
+DCP_FAILURES = (Exception, CheckpointException)  # DCP's CheckpointException is a BaseException (not Exception)
 
 
 class NonFiniteStateError(ValueError):
     """The state to save holds NaN or Inf: it is never written (a checkpoint must be a state worth resuming)."""
-
-
-class CheckpointWarning(UserWarning):
-    """A damaged checkpoint was skipped, a ``latest`` pointer was stale, or an RNG state was missing."""
 
 
 def _warn(message: str) -> None:
@@ -113,17 +103,6 @@ def _rank() -> int:
 
 def _world_size() -> int:
     return dist.get_world_size() if _distributed() else 1
-
-
-def _first_bad(verdicts: list) -> str | None:
-    """The first rank's ``_nonfinite`` answer (named with its rank when there are several), else None."""
-    named = [(f"{b} (rank {r})" if len(verdicts) > 1 else b) for r, b in enumerate(verdicts) if b is not None]
-    return named[0] if named else None
-
-
-def _timed(fn, *args):
-    clock = time.perf_counter()
-    return fn(*args), time.perf_counter() - clock
 
 
 class Checkpointer:
@@ -246,7 +225,7 @@ class Checkpointer:
         self._agree(_attempt(self._start, tmp)[1] if rank == 0 else None, step, tmp, state)
         meta = {"step": step, "world_size": world, "extra": extra, "has_optimizer": optimizer is not None,
                 "has_scheduler": scheduler is not None, "saved_at": time.time()}
-        self._agree(_attempt(self._write_own_files, tmp, meta, scheduler)[1], step, tmp, state)
+        self._agree(_attempt(write_own_files, tmp, meta, scheduler, rank)[1], step, tmp, state)
         # Sync saves fsync their files themselves (``seal``: each file's fsync and sha256 at once); async saves let
         # DCP's writer threads do it, off the training thread.
         writer = RecordingWriter(str(tmp), sync_files=self.async_save, thread_count=self.thread_count)
@@ -274,17 +253,6 @@ class Checkpointer:
         self.acquire()
         shutil.rmtree(tmp, ignore_errors=True)  # this run's own failed earlier attempt at this step
         tmp.mkdir(parents=True)
-
-    def _write_own_files(self, tmp: Path, meta: dict, scheduler) -> None:
-        """Every rank its RNG states; rank 0 the scheduler's state and ``meta.json`` (all fsynced)."""
-        save_fsynced(rng_state(), tmp / f"rng-rank{_rank()}.pt")
-        if _rank() == 0:
-            if scheduler is not None:
-                save_fsynced(scheduler.state_dict(), tmp / "scheduler.pt")
-            with open(tmp / "meta.json", "w") as f:
-                json.dump(meta, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
 
     def _agree(self, error, step: int, tmp: Path, state: dict) -> None:
         """Collective: return if no rank's ``error`` is set; else remove ``tmp`` and raise on every rank (one line:
@@ -445,38 +413,13 @@ class Checkpointer:
                 _warn(f"{problem}; looking at the step directories instead")
         if not tried:
             return None
-        skipped = []
-        for candidate in tried:
-            reason = self.verify(candidate)
-            if reason is None:
-                if not (candidate / INTEGRITY).is_file():
-                    _warn(f"checkpoint {candidate} has no {INTEGRITY}: loading it UNVERIFIED "
-                          "(checkpoint.allow_unverified=true); a damaged file goes unnoticed")
-                try:
-                    meta, note = load_one(candidate, model, optimizer, scheduler, restore_rng,
-                                          self._group if self._group_ready else None, _rank(), _world_size(),
-                                          _distributed())
-                    if note is not None:
-                        warnings.warn(note, CheckpointWarning, stacklevel=2)
-                except CheckpointMismatchError:
-                    raise
-                except DCP_FAILURES as e:  # unreadable although it verified, or a file that would run code
-                    reason = f"loading failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
-            if reason is not None:
-                skipped.append((candidate.name, reason))
-                if path is None:  # an explicit path is one error below, not a warning too
-                    later = " trying an older one" if candidate != tried[-1] else ""
-                    _warn(f"checkpoint {candidate} is damaged: {reason}.{later}")
-                continue
-            meta["skipped"] = skipped
-            return meta
-        raise CheckpointDamagedError(f"no usable checkpoint in {self.dir}: " +
-                                     "; ".join(f"{name}: {reason}" for name, reason in skipped))
+        return load_first_usable(tried, self.verify,
+                                 lambda c: self._load_one(c, model, optimizer, scheduler, restore_rng),
+                                 lambda message: _warn(message), self.dir, explicit=path is not None)
 
-
-def _attempt(fn, *args):
-    """``(fn(*args), None)``, or ``(None, the exception)``."""
-    try:
-        return fn(*args), None
-    except Exception as e:
-        return None, e
+    def _load_one(self, candidate: Path, model, optimizer, scheduler, restore_rng: bool) -> dict:
+        meta, note = load_one(candidate, model, optimizer, scheduler, restore_rng,
+                              self._group if self._group_ready else None, _rank(), _world_size(), _distributed())
+        if note is not None:
+            warnings.warn(note, CheckpointWarning, stacklevel=4)
+        return meta

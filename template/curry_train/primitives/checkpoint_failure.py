@@ -9,6 +9,7 @@ partial directory was removed and which committed checkpoints are kept.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -67,3 +68,22 @@ def error(step: int, directory: Path, infos: list, free: int | None, kept: list[
     r, (kind, line, _, _) = failed[0]
     return RuntimeError(f"saving step {step} failed on rank {r}: {kind}: {line}; the partial {step_dirname(step)} "
                         f"was removed, committed checkpoints kept: {kept_names}")
+
+
+def attempt(fn, *args):
+    """``(fn(*args), None)``, or ``(None, the exception)``."""
+    try:
+        return fn(*args), None
+    except Exception as e:
+        return None, e
+
+
+def first_bad(verdicts: list) -> str | None:
+    """The first rank's ``_nonfinite`` answer (named with its rank when there are several), else None."""
+    named = [(f"{b} (rank {r})" if len(verdicts) > 1 else b) for r, b in enumerate(verdicts) if b is not None]
+    return named[0] if named else None
+
+
+def timed(fn, *args):
+    clock = time.perf_counter()
+    return fn(*args), time.perf_counter() - clock

@@ -87,6 +87,19 @@ def save_fsynced(obj, path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def write_own_files(tmp: Path, meta: dict, scheduler, rank: int) -> None:
+    """A save's files beside DCP's: every rank its RNG states; rank 0 the scheduler's state and ``meta.json``
+    (each fsynced)."""
+    save_fsynced(rng_state(), tmp / f"rng-rank{rank}.pt")
+    if rank == 0:
+        if scheduler is not None:
+            save_fsynced(scheduler.state_dict(), tmp / "scheduler.pt")
+        with open(tmp / "meta.json", "w") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def rng_state() -> dict:
     """This process's RNG states: torch CPU, every CUDA device, numpy (if loaded) and python ``random``; tensors,
     numbers and strings only (``torch.load(weights_only=True)`` reads them back)."""
@@ -105,8 +118,8 @@ def set_rng_state(state: dict) -> None:
     """Restore what ``rng_state`` returned."""
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
-    random.setstate((version, tuple(int(x) for x in internal.tolist()) if torch.is_tensor(internal) else tuple(internal),
-                     gauss))
+    internal = internal.tolist() if torch.is_tensor(internal) else internal
+    random.setstate((version, tuple(int(x) for x in internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     np = sys.modules.get("numpy")

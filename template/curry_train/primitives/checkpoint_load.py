@@ -12,12 +12,54 @@ import json
 from pathlib import Path
 
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
 from .checkpoint_experts import as_local
-from .checkpoint_files import quiet_dcp, set_rng_state
-from .checkpoint_state import STATE_DICT_OPTIONS, CheckpointMismatchError, _zero1_inner, check_compatible, training_state
+from .checkpoint_files import INTEGRITY, quiet_dcp, set_rng_state
+from .checkpoint_state import (
+    STATE_DICT_OPTIONS, CheckpointMismatchError, _zero1_inner, check_compatible, training_state,
+)
 from .checkpoint_trust import SafeReader, load_tensors
+
+
+class CheckpointDamagedError(ValueError):
+    """No checkpoint that was asked for (or none of those in ``dir``) passes verification; names each and why."""
+
+
+class CheckpointWarning(UserWarning):
+    """A damaged checkpoint was skipped, a ``latest`` pointer was stale, an RNG state was missing, or a checkpoint
+    without ``integrity.json`` was loaded unverified."""
+
+
+def load_first_usable(tried: list[Path], verify, load, warn, directory: Path, explicit: bool) -> dict:
+    """The ``meta`` of the first of ``tried`` that ``verify`` passes (``None``) and ``load`` reads, with ``skipped``
+    (``[(name, reason)]``) added; each one skipped is ``warn``ed (unless ``explicit``: one path asked for); none left
+    is ``CheckpointDamagedError`` listing every one. ``CheckpointMismatchError`` (another model) is raised at once."""
+    skipped = []
+    for candidate in tried:
+        reason = verify(candidate)
+        if reason is None:
+            if not (candidate / INTEGRITY).is_file():
+                warn(f"checkpoint {candidate} has no {INTEGRITY}: loading it UNVERIFIED "
+                     "(checkpoint.allow_unverified=true); a damaged file goes unnoticed")
+            try:
+                meta = load(candidate)
+            except CheckpointMismatchError:
+                raise
+            except (Exception, CheckpointException) as e:  # unreadable although it verified, or it would run code
+                text = str(e).strip()
+                reason = f"loading failed: {type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
+        if reason is not None:
+            skipped.append((candidate.name, reason))
+            if not explicit:  # an explicit path is one error below, not a warning too
+                later = " trying an older one" if candidate != tried[-1] else ""
+                warn(f"checkpoint {candidate} is damaged: {reason}.{later}")
+            continue
+        meta["skipped"] = skipped
+        return meta
+    raise CheckpointDamagedError(f"no usable checkpoint in {directory}: " +
+                                 "; ".join(f"{name}: {reason}" for name, reason in skipped))
 
 
 def load_one(path: Path, model, optimizer, scheduler, restore_rng: bool, group, rank: int, world: int,

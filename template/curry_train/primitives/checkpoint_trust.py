@@ -11,9 +11,9 @@ one owner, and fail on a full disk in one line.
   (a user's ``.tmp-data/``, another tool's files, leftovers of curry_train versions before the marker) is kept.
 * ``DirectoryLock``: one owner per checkpoint folder, an advisory ``flock`` on ``<dir>/.curry-train.lock`` held by
   the process that writes (rank 0) until ``release`` or exit. The kernel drops it when the holder dies, however it
-  dies (SIGKILL included), so a lock is never stale; a clean release also removes the file. The file holds the holder's pid, host and start time, which a
-  refused second run prints (``DirectoryInUseError``). Re-entrant within one process (every ``Checkpointer`` on the
-  same folder shares the hold). On a network filesystem it is as good as the filesystem's ``flock`` (NFS v4: yes).
+  dies (SIGKILL included), so a lock is never stale; a clean release also removes the file. The file holds the
+  holder's pid, host and start time, which a refused second run prints (``DirectoryInUseError``). Re-entrant within
+  one process (every ``Checkpointer`` on the same folder shares the hold). On a network filesystem it is as good as the filesystem's ``flock`` (NFS v4: yes).
 * ``is_disk_full(exc)``: ENOSPC/EDQUOT anywhere in an exception's causes, DCP's per-rank failures included.
 """
 
@@ -174,7 +174,7 @@ class DirectoryLock:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise ValueError(f"{self.key}={str(self.directory)!r} cannot be created: {e}") from None
+            raise ValueError(f"{self.key}={str(self.directory)!r} is not writable: {e}") from None
         where = str(self.directory.resolve())
         if where not in _HELD:
             lock_path = self.directory / LOCK_NAME
