@@ -375,7 +375,8 @@ def test_reshard_fsdp2_4_to_2_to_1_is_exact(tmp_path):
     assert [r["shared"] for r in two] == [["step-00000005"]] * 2 and [r["loaded_step"] for r in two] == [5, 5]
     for r in two:
         assert r["nan"].startswith("not saving step 2: model.tok_emb.weight (rank 1) holds NaN or Inf")
-        assert r["nan_left"] == [".curry-train.lock", "latest", "step-00000001"]  # guarded still owns the folder
+        # no temporary left (rank 0's lock file goes when its guarded is collected, maybe before rank 1 looks)
+        assert [n for n in r["nan_left"] if n != ".curry-train.lock"] == ["latest", "step-00000001"]
 
     # world size 1, no process group, plain GPT (no FSDP): keys carry no wrapper prefixes
     plain, opt, sched = _build(42)

@@ -265,3 +265,14 @@ def test_save_on_signal_false_leaves_sigterm_alone(tmp_path, monkeypatch):
     monkeypatch.setattr(signal, "signal", lambda sig, handler: seen.append(sig))
     code, _ = run(tmp_path, "plain", "checkpoint.save_on_signal=false", steps=2)
     assert code == 0 and signal.SIGTERM not in seen
+
+
+@pytest.mark.slow
+def test_a_warmup_longer_than_the_run_is_warned_with_the_lr_it_reaches(tmp_path, capsys):
+    code, lines = run(tmp_path, "warm", "train.warmup_steps=6", "checkpoint.every=0", steps=2)
+    out = capsys.readouterr().out
+    assert code == 0 and "warning: train.warmup_steps=6 is more than train.steps=2: the LR never reaches " \
+                         "train.lr=0.003; it peaks at 0.0015 (50% of it) on the last step" in out
+    assert lines[-1]["lr"] == pytest.approx(0.0015)
+    code, _ = run(tmp_path, "reached", "train.warmup_steps=3", "checkpoint.every=0", steps=2)
+    assert code == 0 and "warning: train.warmup_steps" not in capsys.readouterr().out

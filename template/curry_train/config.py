@@ -214,6 +214,17 @@ def _check_train(t, model: ModelInfo) -> None:
     # train.recompute / recompute_every_n: check_parallelize_config
 
 
+def warmup_warning(t) -> str | None:
+    """A warning line when ``train.warmup_steps`` > ``train.steps + 1``: the LR then never reaches ``train.lr``; it
+    names the peak it does reach (on the last step: ``lr * (steps + 1) / warmup_steps``, ``loop.warmup_cosine``)."""
+    peak = (t.steps + 1) / t.warmup_steps if t.warmup_steps else 1.0  # the multiplier of the last step
+    if peak >= 1.0:
+        return None
+    return (f"warning: train.warmup_steps={t.warmup_steps} is more than train.steps={t.steps}: the LR never reaches "
+            f"train.lr={t.lr}; it peaks at {t.lr * peak:.3g} ({peak:.0%} of it) on the last step. Lower "
+            "train.warmup_steps to reach it")
+
+
 def _check_data(d, t) -> None:
     positive_int("data.max_bytes", d.max_bytes)
     fraction("data.val_fraction", d.val_fraction, include_high=False)

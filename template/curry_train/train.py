@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from . import distributed, stopping, train_state
 from .context_batches import cp_microbatch
-from .config import pipeline_settings, validate
+from .config import pipeline_settings, validate, warmup_warning
 from .data import build_batches, seed_everything
 from .loop import SpikeRollback, build_optimizer, build_scheduler, run_training_steps, token_loss_sum
 from .parallelize import ExpertParallel, parallelize
@@ -76,6 +76,8 @@ def _train(cfg, world_size, ckpt, fault_step, corrupt_steps, signal_at, sigterm,
               f"(dp {dp_size}{tp}) | {ga} | device {device}")
         if world_size > 1:
             print(ps)
+        if warmup_warning(cfg.train):
+            print(warmup_warning(cfg.train), flush=True)
 
     t = cfg.train
     schedule = prepare = None
