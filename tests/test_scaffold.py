@@ -128,3 +128,13 @@ def test_scaffold_refuses_a_non_empty_folder_and_bad_names(tmp_path, capsys):
         scaffold(tmp_path / "new", name="bad name!")
     assert main(["scaffold", "--update", str(tmp_path / "nowhere")]) == 2
     assert main(["scaffold", "--update", str(tmp_path / "new")]) == 2
+
+
+@pytest.mark.parametrize("description", ['a "quoted" word', "C:\\new\\table", "two\nlines and a \x7f and a \t tab"])
+def test_the_pyproject_toml_escapes_the_description_and_parses_back(description):
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    from curry_train.scaffold import _context, _render
+
+    text = _render({"pyproject.toml.j2": "pyproject.toml"}, _context("my-llm", description))["pyproject.toml"]
+    project = tomllib.loads(text.decode())["project"]
+    assert project["description"] == description and project["name"] == "my-llm"
