@@ -271,6 +271,11 @@ def _check_spike(s, c) -> None:
 def _check_bench(b) -> None:
     if not str(b.out_dir):
         raise ValueError("bench.out_dir must be a folder path, got ''")
+    taken = next((p for p in (Path(str(b.out_dir)).expanduser(), *Path(str(b.out_dir)).expanduser().parents)
+                  if p.exists() and not p.is_dir()), None)
+    if taken is not None:
+        raise ValueError(f"bench.out_dir={str(b.out_dir)!r}: {str(taken)!r} is a file, not a folder; give a folder "
+                         "path (each bench run writes OUT_DIR/<timestamp>/)")
     non_negative_int("bench.burn_in", b.burn_in)
     positive_int("bench.repeats", b.repeats)
     positive_int("bench.steps_per_repeat", b.steps_per_repeat)
