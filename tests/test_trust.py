@@ -276,3 +276,16 @@ def test_a_warmup_longer_than_the_run_is_warned_with_the_lr_it_reaches(tmp_path,
     assert lines[-1]["lr"] == pytest.approx(0.0015)
     code, _ = run(tmp_path, "reached", "train.warmup_steps=3", "checkpoint.every=0", steps=2)
     assert code == 0 and "warning: train.warmup_steps" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_config_errors_are_printed_by_rank_0_only_and_check_validates_without_launching(capsys, monkeypatch,
+                                                                                       no_launch):
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "train.lr=-1"]) == 2 and capsys.readouterr().err == ""  # torchrun's other ranks: silent
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", "train.lr=-1"]) == 2 and capsys.readouterr().err.startswith("error: train.lr must be")
+    assert main(["config", "--check", "--world-size", "2", *TINY]) == 0
+    assert capsys.readouterr().out == "config ok for world size 2\n"
+    assert main(["config", "--check", "--world-size", "3", "parallel.dp=2", *TINY]) == 2
+    assert capsys.readouterr().err.startswith("error: parallel")
