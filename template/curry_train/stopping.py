@@ -54,7 +54,8 @@ class SigtermWatch:
         """Collective under a process group: True on every rank if any rank got SIGTERM."""
         flag = self.signalled
         if dist.is_available() and dist.is_initialized():
-            t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+            device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+            t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flag = bool(t.item())
         return flag
