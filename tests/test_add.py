@@ -279,3 +279,13 @@ def test_a_failure_mid_copy_leaves_no_half_written_file(tmp_path, monkeypatch):
     add(["checkpoint", "grad_accum"], tmp_path)  # the re-run completes the job
     assert (tmp_path / "curry_train/primitives/grad_accum.py").read_bytes() == \
         (PACKAGE_DIR / "primitives/grad_accum.py").read_bytes()
+
+
+def test_tests_given_as_an_absolute_path_lands_inside_dest_or_is_refused(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    result = add(["grad_accum"], repo, tests=str(repo / "qa" / "ct"))  # absolute, inside DEST: taken relative
+    assert result.tests_dir == "qa/ct" and any((repo / "qa" / "ct").iterdir())
+    assert not (repo / str(repo).lstrip("/")).exists()  # not DEST/<the absolute path>
+    with pytest.raises(ValueError, match=r"--tests .* is outside --dest"):
+        add(["grad_accum"], repo, tests=str(tmp_path / "elsewhere"))

@@ -132,7 +132,18 @@ def test_scaffold_refuses_a_non_empty_folder_and_bad_names(tmp_path, capsys):
     assert main(["scaffold", "--update", str(tmp_path / "new")]) == 2
 
 
+@pytest.mark.parametrize("description", ['a "quoted" word', "C:\\new\\table", "two\nlines and a \x7f and a \t tab"])
+def test_the_pyproject_toml_escapes_the_description_and_parses_back(description):
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    from curry_train.scaffold import _context, _render
+
+    text = _render({"pyproject.toml.j2": "pyproject.toml"}, _context("my-llm", description))["pyproject.toml"]
+    project = tomllib.loads(text.decode())["project"]
+    assert project["description"] == description and project["name"] == "my-llm"
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_a_scaffolded_repos_own_make_test_passes(tmp_path):
     """What a user runs first in a new repository: its `make test`, which builds `.venv` from nothing (torch, the
     package and its dev extras) and runs the copied fast suite. Nothing of this checkout's environment leaks in."""

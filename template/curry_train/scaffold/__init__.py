@@ -71,9 +71,17 @@ def _test_files() -> dict[str, bytes]:
             if p.name not in PLUGIN_ONLY_TESTS and _shipped(p)}
 
 
+def toml_string(value: str) -> str:
+    """``value`` as a quoted TOML basic string (quotes, backslashes and control characters escaped)."""
+    import json
+
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def _render(templates: dict[str, str], context: dict) -> dict[str, bytes]:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES_DIR), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True)
+    env.filters["toml"] = toml_string
     return {target: env.get_template(t).render(**context).encode() for t, target in templates.items()}
 
 

@@ -80,8 +80,13 @@ def add(names: list[str], dest: str | Path = ".", tests: str | None = None, forc
     installed = list((manifest or {}).get("primitives", []))
     names = [n for n in PRIMITIVES if n in installed or n in names]  # earlier adds stay: their files are not removed
     tests_rel = tests or (manifest or {}).get("tests_dir") or DEFAULT_TESTS
+    if Path(tests_rel).expanduser().is_absolute():  # an absolute path inside DEST is taken relative to it
+        absolute = Path(tests_rel).expanduser().resolve()
+        if absolute != repo and repo not in absolute.parents:
+            raise ValueError(f"--tests {tests}: {absolute} is outside --dest {repo}; give a folder inside it")
+        tests_rel = absolute.relative_to(repo).as_posix()
     tests_rel = Path(tests_rel).as_posix().strip("/")
-    if Path(tests_rel).is_absolute() or ".." in Path(tests_rel).parts:
+    if not tests_rel or tests_rel == "." or ".." in Path(tests_rel).parts:
         raise ValueError(f"--tests {tests}: give a folder inside the repository (relative to --dest)")
     files = collect(names, tests_rel)
     report = vendor.plan(repo, files, old, force, __version__)
