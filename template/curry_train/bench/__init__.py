@@ -72,7 +72,8 @@ QUICK = {
         "moe": {"steps": 10},
         "cp": {"seq_lens": (256, 512)},
         "tp": {"tp_sizes": (2,)},
-        "checkpoint": {"large_params": 25_000_000},
+        "checkpoint": {"large_params": 25_000_000, "large_rounds": 3, "large_repeats": 1,
+                       "dcp_options": ("default", "thread_count=2", "record_crc32=False", "sync_files=False")},
     },
 }
 

@@ -47,7 +47,7 @@ from ..primitives.checkpoint import Checkpointer, step_dirname
 from ..primitives.checkpoint_files import verify
 from ..primitives.model_io import forward_loss_sum
 from ..user_model import VOCAB, build_model, model_name, n_params as count_params
-from .checkpoint_large import LARGE_PARAMS, check_resources, measure_large, print_large
+from .checkpoint_large import DCP_OPTIONS, LARGE_PARAMS, LARGE_ROUNDS, check_resources, measure_large, print_large
 from .common import user_loss
 
 ADAMW_FP32_BYTES_PER_PARAM = 12  # weights + exp_avg + exp_avg_sq, fp32
@@ -147,12 +147,44 @@ def _print_young_daly(rows: list[dict], save_s: float, restart_seconds: float) -
         print(f"    MTBF {row['mtbf_h']:5.1f} h -> save every {row['interval_s']:8.1f} s, waste {row['waste'] * 100:.3f} %")
 
 
+def reduced_note(params: int, rounds: int, names: tuple, params_configured: bool = False,
+                 repeats: int | None = None) -> str:
+    """One line naming what this run measured below the full run's settings (``LARGE_PARAMS`` parameters unless
+    ``bench.checkpoint_params`` names a size, ``LARGE_ROUNDS`` rounds, every ``DCP_OPTIONS`` entry; ``repeats``: set
+    only when given explicitly, instead of from ``bench.repeats``), or ""."""
+    parts = []
+    if params < LARGE_PARAMS and not params_configured:
+        parts.append(f"a {params / 1e6:g}M-parameter state (the full run: {LARGE_PARAMS / 1e6:g}M)")
+    if rounds < LARGE_ROUNDS:
+        parts.append(f"{rounds} side-by-side rounds (the full run: {LARGE_ROUNDS})")
+    if repeats is not None:
+        parts.append(f"{repeats} async save(s), load(s) and raw save(s) per option (the full run: "
+                     f"min(3, bench.repeats // 3), at least 2)")
+    left_out = [n for n in DCP_OPTIONS if n not in names]
+    if left_out:
+        parts.append(f"{len(names)} of the {len(DCP_OPTIONS)} FileSystemWriter options (not measured: "
+                     f"{', '.join(left_out)})")
+    if not parts:
+        return ""
+    return (f"  reduced run: {'; '.join(parts)}; fewer bytes weigh the fixed costs (files, fsyncs) more, so the "
+            f"target's verdict is the full run's: python -m curry_train bench checkpoint (without --quick)")
+
+
 def bench_checkpoint(cfg, mtbf_hours=(1.0, 24.0), restart_seconds: float = 60.0,
-                     large_params: int = LARGE_PARAMS) -> dict:
+                     large_params: int = LARGE_PARAMS, large_rounds: int = LARGE_ROUNDS,
+                     large_repeats: int | None = None, dcp_options: tuple | None = None) -> dict:
     """The configured model's checkpoint, then the large synthetic state of ``bench.checkpoint_params`` (null:
-    ``large_params``) parameters (``checkpoint_large``); memory and disk are checked before anything runs."""
+    ``large_params``) parameters (``checkpoint_large``); memory and disk are checked before anything runs.
+    ``large_rounds``: side-by-side rounds of the disk file and ``Checkpointer.save``; ``large_repeats`` (None: from
+    ``bench.repeats``) of the async saves, loads and raw DCP options; ``dcp_options``: the ``DCP_OPTIONS`` names
+    measured (None: all). Any of them below the full run's prints one line saying what this run left out."""
     configured = cfg.bench.checkpoint_params
     params = int(configured if configured is not None else large_params)
+    repeats = large_repeats if large_repeats is not None else min(3, max(2, int(cfg.bench.repeats) // 3))
+    names = tuple(DCP_OPTIONS) if dcp_options is None else tuple(dcp_options)
+    unknown = [n for n in names if n not in DCP_OPTIONS]
+    if unknown:
+        raise ValueError(f"bench checkpoint: unknown dcp_options {unknown}; choose from {', '.join(DCP_OPTIONS)}")
     with tempfile.TemporaryDirectory(prefix="curry_train_ckpt_bench_") as tmp:
         check_resources(params, tmp)
         r = measure(cfg, repeats=max(3, int(cfg.bench.repeats) // 2), directory=tmp)
@@ -170,8 +202,13 @@ def bench_checkpoint(cfg, mtbf_hours=(1.0, 24.0), restart_seconds: float = 60.0,
         sizes = {n: checkpoint_bytes(n) for n in (124_000_000, 1_300_000_000, 7_000_000_000)}
         print(f"  size at {ADAMW_FP32_BYTES_PER_PARAM} B/param:  "
               + ", ".join(f"{n / 1e9:g}B params -> {b / 1e9:.1f} GB" for n, b in sizes.items()))
-        large = measure_large(params, tmp, repeats=min(3, max(2, int(cfg.bench.repeats) // 3)))
+        large = measure_large(params, tmp, repeats=repeats, rounds=large_rounds,
+                              options={n: DCP_OPTIONS[n] for n in names})
     print_large(large)
+    reduced = reduced_note(params, large_rounds, names, configured is not None, large_repeats)
+    if reduced:
+        print(reduced)
+    large["reduced"] = reduced or None
     large["young_daly"] = _young_daly_rows(large["save_s"], mtbf_hours, restart_seconds)
     _print_young_daly(large["young_daly"], large["save_s"], restart_seconds)
     return {**r, "young_daly": rows, "restart_s": restart_seconds, "sizes_fp32_adamw": sizes, "large": large}

@@ -36,6 +36,7 @@ from ..primitives.checkpoint import Checkpointer, training_state
 from ..primitives.checkpoint_files import drop_page_cache, without_record_crc32
 
 LARGE_PARAMS = 100_000_000
+LARGE_ROUNDS = 5  # side-by-side rounds of the disk file and Checkpointer.save
 BYTES_PER_PARAM = 12  # fp32 weights + AdamW exp_avg + exp_avg_sq
 MEMORY_COPIES = 4  # state + fresh copy to load into + async staging copy + gradients/AdamW temporaries
 DISK_COPIES = 5  # sync and async Checkpointer dirs, each old + new during a save, one raw DCP variant
@@ -206,7 +207,7 @@ def raw_dcp(state: dict, path: Path, options: dict) -> tuple[float, float, int, 
 
 
 def measure_large(params: int, directory, repeats: int = 3, options: dict | None = None,
-                  thread_counts: tuple = (1, 2), rounds: int = 5) -> dict:
+                  thread_counts: tuple = (1, 2), rounds: int = LARGE_ROUNDS) -> dict:
     """Everything in the module docstring, in ``directory`` (removed pieces as it goes); seconds, bytes, MB/s.
     ``Checkpointer.save`` runs at each of ``thread_counts`` (``checkpoint.thread_count``) in ``rounds`` rounds, each
     round also writing the disk's own file (``disk_bandwidth``), so the target's two sides share the machine's state

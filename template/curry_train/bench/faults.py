@@ -133,11 +133,24 @@ def _poisoned(base, bad_steps: set[int], counter: list[int]):
     return loss_fn
 
 
-def bench_faults(cfg, steps: int = 12, every: int = 5) -> dict:
-    """Run every fault case; returns ``{"rows": [...], "clean_final_loss": ...}``."""
+def bench_faults(cfg, steps: int = 12, every: int = 5, threads: int | None = 1) -> dict:
+    """Run every fault case; returns ``{"rows": [...], "clean_final_loss": ...}``. ``threads``: torch's intra-op
+    threads while it runs (None: unchanged). Not a timing, so one thread: the clean run and every resume run alike
+    (the bitwise comparison holds at any count), and the tiny model's many small ops never wait for a second thread
+    that a busy machine has descheduled (on 2 cores with other jobs, 2 threads made this bench 5-10x slower)."""
     if steps <= 2 * every:
         raise ValueError(f"bench faults needs steps > 2 * every (two checkpoints and steps after them), got "
                          f"steps={steps}, every={every}")
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _bench_faults(cfg, steps, every)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _bench_faults(cfg, steps: int, every: int) -> dict:
     loss_fn = user_loss(cfg)
     work = Path(tempfile.mkdtemp(prefix="curry-faults-"))
     rows = []
