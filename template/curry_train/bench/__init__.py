@@ -61,7 +61,8 @@ BENCH_HELP = {
           "collectives counted by CommDebugMode vs the formula, step time",
 }
 # `--quick` (what `make bench` runs): config overrides, applied before the user's (which win), and keyword arguments
-# per bench. Fewer rounds and steps, small batches, N = 2 only, three pipeline kinds on a 4-block model.
+# per bench. Fewer rounds and steps, small batches, N = 2 only, three pipeline kinds on a 4-block model; checkpoint's
+# large state at 25M parameters, 3 rounds, 1 repeat, 4 of 8 FileSystemWriter options (its report says so).
 QUICK = {
     "overrides": ["bench.burn_in=1", "bench.repeats=2", "bench.steps_per_repeat=1", "bench.world_sizes=[2]",
                   "train.batch_size=8", "train.seq_len=64", "bench.pipeline_batch_size=16"],
