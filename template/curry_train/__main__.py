@@ -46,6 +46,9 @@ name train.loss._target_=pkg.module.fn, fn(model, (x, y)) -> (loss_sum, n_valid)
 RUN_HELP = {  # the run's own commands (run_cli.py), each with its own --help
     "tokenizer": "train a byte-level BPE tokenizer on data.path (offline), saved in the Hugging Face format",
     "prepare": "tokenize text / JSON lines / Parquet in worker processes into memmapped token shards + val shard",
+    "sample": "print text the newest checkpoint writes from --prompt (temperature, top-k, seed)",
+    "export": "a checkpoint as a Hugging Face model folder (GPT2LMHeadModel safetensors + config + tokenizer)",
+    "plot": "train and validation loss curves of a metrics file (train.metrics_file) as a PNG",
 }
 
 
@@ -114,8 +117,11 @@ WORKFLOW = {  # subcommands with their own argument parsing: name -> (module, fu
     "ablate": ("workflow.ablate_cli", "ablate_main"),
     "tokenizer": ("run_cli", "tokenizer_main"),
     "prepare": ("run_cli", "prepare_main"),
+    "sample": ("run_cli", "sample_main"),
+    "export": ("run_cli", "export_main"),
+    "plot": ("run_cli", "plot_main"),
 }
-COMMANDS = "{train,bench,config,add,scaffold,preflight,lr-range,plan,ablate,tokenizer,prepare}"
+COMMANDS = "{train,bench,config,add,scaffold,preflight,lr-range,plan,ablate,tokenizer,prepare,sample,export,plot}"
 
 
 def _main(argv: list[str] | None) -> int:

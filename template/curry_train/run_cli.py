@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -79,4 +80,59 @@ def prepare_main(argv: list[str]) -> int:
           f"({(n['train'] + n['val']) / took:,.0f} tokens/s, {args.workers} worker(s)) -> {args.out}")
     print(f"next: python -m curry_train train data.prepared={args.out} data.tokenizer={d.tokenizer} "
           f"model.vocab_size={index['tokenizer']['vocab_size']} train.eval_every=50")
+    return 0
+
+
+def _checkpoint_dir(overrides: list[str]) -> tuple[str | None, list[str]]:
+    """``checkpoint.dir=DIR`` out of the overrides; the rest apply to the run's saved config."""
+    dirs = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "checkpoint.dir"]
+    return (dirs[-1] if dirs else None), [o for o in overrides if o.split("=", 1)[0] != "checkpoint.dir"]
+
+
+def sample_main(argv: list[str]) -> int:
+    from .sample import sample
+
+    p = _parser("sample", "print what the newest intact checkpoint of checkpoint.dir=DIR writes after --prompt "
+                          "(other overrides apply to the run's saved config, e.g. data.tokenizer=...)")
+    p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the K most likely ids (0 = all)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_intermixed_args(argv)
+    directory, rest = _checkpoint_dir(_split(args, p))
+    text, meta = sample(directory, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, rest)
+    print(f"# {meta['path']} (step {meta['step']}), temperature {args.temperature}, top-k {args.top_k}, "
+          f"seed {args.seed}")
+    print(text)
+    return 0
+
+
+def export_main(argv: list[str]) -> int:
+    from .export_hf import export
+
+    p = _parser("export", "write the newest intact checkpoint of checkpoint.dir=DIR as a Hugging Face model "
+                          "folder: GPT2LMHeadModel (model.safetensors + config.json) and the run's tokenizer")
+    p.add_argument("--out", required=True, help="a new (or empty) folder")
+    args = p.parse_intermixed_args(argv)
+    directory, rest = _checkpoint_dir(_split(args, p))
+    out, meta = export(directory, args.out, rest)
+    print(f"exported {meta['path']} (step {meta['step']}) -> {out}: "
+          f"{', '.join(sorted(f.name for f in out.iterdir()))}")
+    print(f"load it: transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}); AutoTokenizer likewise; "
+          f"or train from it: python -m curry_train train model.init_from={out}")
+    return 0
+
+
+def plot_main(argv: list[str]) -> int:
+    from .run_logging import plot_metrics
+
+    p = argparse.ArgumentParser(prog="python -m curry_train plot",
+                                description="train and validation loss curves of a train.metrics_file as a PNG")
+    p.add_argument("metrics", help="the JSON-lines file train.metrics_file wrote")
+    p.add_argument("--out", help="PNG path (default: METRICS with .png)")
+    args = p.parse_args(argv)
+    out = args.out or str(Path(args.metrics).with_suffix(".png"))
+    n_train, n_val = plot_metrics(args.metrics, out)
+    print(f"{out}: {n_train} train and {n_val} validation points")
     return 0

@@ -22,6 +22,7 @@ from .context_batches import cp_microbatch
 from .config import pipeline_settings, validate
 from .data import build_batches, seed_everything, token_streams
 from .evaluate import Evaluator
+from .export_hf import init_from
 from .loop import SpikeRollback, build_optimizer, build_scheduler, run_training_steps, token_loss_sum
 from .parallelize import ExpertParallel, parallelize
 from .primitives import GradientAccumulation, ParallelState, PipelineSchedule
@@ -46,7 +47,7 @@ def train(cfg) -> list[dict]:
     device = distributed.resolve_device(cfg.device)
 
     seed_everything(cfg.seed)  # same initial weights on every rank
-    model = build_model(cfg).to(device)  # the reference GPT, or model._target_ (user_model.py)
+    model = init_from(build_model(cfg), cfg).to(device)  # the GPT or model._target_; model.init_from's weights
     # parallel.ep > 1: each rank keeps its slice of every MoE layer's (same-seed) expert bank; DDP ignores the slices
     expert_parallel = ExpertParallel(model, ps) if ps.ep > 1 else None
     streams = token_streams(cfg)  # train, val: data.prepared's memmapped shards or data.path through data.tokenizer
