@@ -129,3 +129,17 @@ def test_bad_inputs_are_one_line(tmp_path, capsys, no_launch):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, (argv, err)
+
+
+@pytest.mark.slow
+def test_bench_data_prints_both_ratios(capsys):
+    from curry_train.bench.data import bench_data
+    from curry_train.config import load_config
+
+    cfg = load_config(["data.max_bytes=300000", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+                       "train.batch_size=4", "train.seq_len=32", "bench.repeats=2", "bench.steps_per_repeat=1"])
+    result = bench_data(cfg, vocab_size=512, loader_batches=5)
+    out = capsys.readouterr().out
+    assert "loader ratio" in out and "prepare ratio" in out
+    assert result["loader_ratio"] > 1 and result["prepare_ratio"] > 0
+    assert result["token_count_ratio"] == pytest.approx(1.0, abs=0.01)  # the same text, cut into work units
