@@ -109,7 +109,8 @@ def export(checkpoint_dir, out_dir, overrides: list[str] | None = None) -> tuple
     """Write the run's newest intact checkpoint to ``out_dir`` as a Hugging Face model folder; returns
     ``(out_dir, checkpoint meta)``."""
     from .model import GPT
-    from .sample import load_run, block_size
+    from .sample import block_size, load_run
+    from .user_model import user_target
 
     cfg, model, tokenizer, meta = load_run(checkpoint_dir, overrides)
     out = Path(str(out_dir)).expanduser()
@@ -129,7 +130,7 @@ def export(checkpoint_dir, out_dir, overrides: list[str] | None = None) -> tuple
     elif hasattr(model, "save_pretrained"):
         model.save_pretrained(str(out))
     else:
-        raise ValueError(f"model._target_={cfg.model.get('_target_')}: {type(model).__name__} has no save_pretrained "
+        raise ValueError(f"model._target_={user_target(cfg.model)}: {type(model).__name__} has no save_pretrained "
                          "and is not the reference GPT: nothing here knows its Hugging Face form")
     _save_tokenizer(tokenizer, out, block_size(model))
     return out, meta
