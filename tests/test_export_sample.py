@@ -57,6 +57,7 @@ def test_byte_tokenizer_json_is_the_bytes_tokenizer():
     assert tok.decode(list(text.encode())) == text
 
 
+@pytest.mark.slow
 def test_sample_is_seeded_greedy_is_the_argmax_and_the_cli_prints_it(tmp_path, capsys):
     directory, model = saved_run(tmp_path)
     cfg, loaded, tokenizer, meta = load_run(directory)

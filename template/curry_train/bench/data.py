@@ -88,4 +88,5 @@ def bench_data(cfg, vocab_size: int = 4096, workers: int | None = None, loader_b
     print(f"  prepare ratio   : {prepare_ratio:8.2f}    (target >= 0.7: {'PASS' if prepare_ratio >= 0.7 else 'MISS'})")
     return {"loader_s_per_batch": per_batch, "train_s_per_step": per_step, "loader_ratio": loader_ratio,
             "prepare_tokens_per_s": n_prep / prepare_s, "encode_batch_tokens_per_s": n_lib / library_s,
-            "prepare_ratio": prepare_ratio, "token_count_ratio": n_prep / n_lib, "targets": {"loader": 50, "prepare": 0.7}}
+            "prepare_ratio": prepare_ratio, "token_count_ratio": n_prep / n_lib,
+            "targets": {"loader": 50, "prepare": 0.7}}
