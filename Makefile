@@ -4,6 +4,7 @@
 #   make test    set up .venv if needed and run the fast suite: every module's unit tests and one multi-process
 #                smoke test per primitive (a few minutes on 2 cores)
 #   make test-all  every test (what CI runs through .ci/run)
+#   make check-latest  the Claude Code tests against today's @latest release as well as the pinned one
 # make bench-full runs the full settings; BENCH="mfu ga model=small" picks benches and overrides for either.
 # Re-running skips the install unless template/pyproject.toml or this Makefile changed.
 
@@ -13,7 +14,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.curry-train-installed
 BENCH  ?=
 
-.PHONY: bench bench-full test test-all train setup clean
+.PHONY: bench bench-full test test-all check-latest train setup clean
 
 setup: $(STAMP)
 
@@ -35,6 +36,9 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest
+
+check-latest: $(STAMP)
+	PY=$(PY) .ci/check-latest
 
 train: $(STAMP)
 	$(PY) -m curry_train train

@@ -83,6 +83,7 @@ def test_standalone_tests_import_only_torch_pytest_and_their_primitive(name):
 # ---- into an empty repository and into a foreign one ----------------------------------------------------------------
 
 @pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_each_primitive_alone_into_an_empty_repo(tmp_path, interpreter_pool):
     """Exactly its closure and its tests; they import (collect) with nothing but the copied files."""
     for name in PRIMITIVES:
@@ -165,6 +166,7 @@ assert diff < 1e-5
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.slow
 def test_all_into_a_foreign_training_repo_runs_there(tmp_path, capsys):
     """A nanoGPT-style repo gets every primitive; the copied tests pass there with nothing else of ours importable,
     and its own train.py uses two of them with the loop lines `add` prints."""
@@ -277,3 +279,13 @@ def test_a_failure_mid_copy_leaves_no_half_written_file(tmp_path, monkeypatch):
     add(["checkpoint", "grad_accum"], tmp_path)  # the re-run completes the job
     assert (tmp_path / "curry_train/primitives/grad_accum.py").read_bytes() == \
         (PACKAGE_DIR / "primitives/grad_accum.py").read_bytes()
+
+
+def test_tests_given_as_an_absolute_path_lands_inside_dest_or_is_refused(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    result = add(["grad_accum"], repo, tests=str(repo / "qa" / "ct"))  # absolute, inside DEST: taken relative
+    assert result.tests_dir == "qa/ct" and any((repo / "qa" / "ct").iterdir())
+    assert not (repo / str(repo).lstrip("/")).exists()  # not DEST/<the absolute path>
+    with pytest.raises(ValueError, match=r"--tests .* is outside --dest"):
+        add(["grad_accum"], repo, tests=str(tmp_path / "elsewhere"))

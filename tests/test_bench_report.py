@@ -31,6 +31,7 @@ def _check_png(path):
     assert pixels.shape[:2] == (height, width) and float(pixels.std()) > 0.01  # something was drawn
 
 
+@pytest.mark.slow
 def test_quick_bench_writes_a_new_report_folder_per_run(tmp_path, capsys):
     out = tmp_path / "results"
     argv = ["bench", "--quick", "mfu", "ga", "recompute", *SMALL, f"bench.out_dir={out}"]

@@ -17,6 +17,7 @@ from curry_train.primitives import GradientAccumulation
 FAST = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "train.seq_len=32", "train.batch_size=8"]
 
 
+@pytest.mark.slow
 def test_ga_parity_bench_separates_the_two_normalisations():
     result = bench_ga_parity(load_config(FAST))
     rows = {(r["batch"], r["normalization"]): r for r in result["rows"]}
@@ -32,6 +33,7 @@ def test_ga_parity_bench_separates_the_two_normalisations():
     assert all(r["loss_diff"] < 1e-5 for r in rows.values())  # the summed-token loss does not depend on K
 
 
+@pytest.mark.slow
 def test_loop_bench_ratio_is_plain_time_over_curry_train_time():
     b = {"bench.repeats": 3, "bench.steps_per_repeat": 1, "bench.burn_in": 1}
     result = bench_loop(load_config([*FAST, *(f"{k}={v}" for k, v in b.items())]))
@@ -71,6 +73,7 @@ def test_run_accumulated_step_returns_the_mean_token_loss():
     assert 4.0 < loss < 7.0  # ~ln(256) for an untrained byte model
 
 
+@pytest.mark.slow
 def test_bench_cli_writes_json(tmp_path, capsys):
     rc = main(["bench", "ga", *FAST, f"bench.out_dir={tmp_path}"])
     assert rc == 0

@@ -57,6 +57,7 @@ def test_synthetic_state_is_shaped_like_a_transformer_with_adamw_moments():
             large.synthetic_shape(bad)
 
 
+@pytest.mark.slow
 def test_every_dcp_option_and_the_checkpointer_round_trip_bit_exactly(tmp_path):
     model, opt = large.synthetic_training_state(SMALL, seed=0)
     want = training_state(model, opt)
@@ -81,6 +82,7 @@ def test_every_dcp_option_and_the_checkpointer_round_trip_bit_exactly(tmp_path):
         assert large._equal_state(training_state(fresh, fresh_opt), want)
 
 
+@pytest.mark.slow
 def test_measure_large_reports_every_option_and_cleans_up(tmp_path):
     r = large.measure_large(SMALL, tmp_path, repeats=1, rounds=2)
     assert r["load_exact"] is True and r["params"] >= SMALL
@@ -146,6 +148,7 @@ def test_the_fused_nonfinite_check_names_the_first_bad_tensor_and_ignores_overfl
     assert first_nonfinite(training_state(model, opt)) == "model.blocks.1.fc"
 
 
+@pytest.mark.slow
 def test_checkpoint_thread_count_is_applied_and_checked(tmp_path, capsys, no_launch):
     model, opt = large.synthetic_training_state(SMALL, seed=0)
     want = training_state(model, opt)

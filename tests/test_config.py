@@ -95,6 +95,7 @@ def test_bad_input_is_one_error_line_before_any_process_group(argv, message, tmp
     assert not torch.distributed.is_initialized()
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line_in_a_new_process():
     import subprocess
     import sys
@@ -274,3 +275,12 @@ def test_checkers_return_the_value_and_prefixed_names_the_group():
     with pytest.raises(ValueError, match=r"^train.steps must be a positive integer, got 0$"):
         with _checks.prefixed("train."):
             _checks.positive_int("steps", 0)
+
+
+def test_a_bench_out_dir_that_is_a_file_names_the_key(tmp_path, capsys, no_launch):
+    (tmp_path / "results").write_text("not a folder")
+    for out in (tmp_path / "results", tmp_path / "results" / "sub"):
+        assert main(["bench", "ga", f"bench.out_dir={out}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: bench.out_dir='{out}': '{tmp_path / 'results'}' is a file, not a folder")
+        assert err.count("\n") == 1

@@ -57,6 +57,7 @@ def references():
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_cp2_trains_like_one_process(references):
     rank0, rank1 = launch(_world2, 2, timeout=280)
     assert rank0 == rank1  # every rank reports the same global loss and norm
@@ -67,6 +68,7 @@ def test_cp2_trains_like_one_process(references):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_dp2_x_cp2_fsdp2_trains_like_one_process(references):
     ranks = launch(_world4, 4, timeout=280)
     for key in ("dp2 cp2 full", "dp2 cp2 ddp"):

@@ -96,6 +96,7 @@ def ranks(request):
     return request.param, launch(_train_cases, request.param, timeout=300)
 
 
+@pytest.mark.slow
 def test_every_mode_matches_single_process(ranks, reference):
     ws, results = ranks
     for case in CASES:
@@ -177,6 +178,7 @@ def _fqns_and_order_errors(rank, ws):
     return sorted(msd), sorted(plain_msd), names, sorted(osd["state"]), order_error
 
 
+@pytest.mark.slow
 def test_recompute_fsdp2_and_dcp_names_are_clean():
     msd, plain, names, opt_keys, order_error = launch(_fqns_and_order_errors, 2, timeout=300)[0]
     assert msd == plain
@@ -216,6 +218,7 @@ def test_bad_input_before_any_process_group():
     assert d.model is m and type(d.optimizer) is torch.optim.AdamW
 
 
+@pytest.mark.slow
 def test_sharding_bench_rows_match_memory_report_and_formulas(capsys):
     from curry_train.bench.sharding import SHARDING_MODES, bench_sharding
     from curry_train.config import load_config
@@ -320,6 +323,7 @@ def lever_ranks():
     return launch(_lever_cases, 2, timeout=300)
 
 
+@pytest.mark.slow
 def test_levers_are_applied_to_the_blocks_they_name(lever_ranks):
     s = [lever_ranks[0][i]["structure"] for i in range(len(LEVER_CASES))]
     assert s[0] == {"unit_of": [0, 1, 2, 3], "reshards": [True] * 4, "fwd": [[]] * 4, "bwd": [[]] * 4,

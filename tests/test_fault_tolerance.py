@@ -49,6 +49,7 @@ def _torchrun(tmp_path, name, extra_args, env_extra=None, timeout=180, nproc=2):
     return lines, out
 
 
+@pytest.mark.slow
 def test_killed_rank_restarts_and_resumes_to_the_uninterrupted_loss(tmp_path):
     straight, _ = _torchrun(tmp_path, "straight", [])
     assert [m["step"] for m in straight] == list(range(12)) and {m["attempt"] for m in straight} == {0}
@@ -97,6 +98,7 @@ def _resume_in_one_process(tmp_path, source_step_dir, name, steps=8):
 
 
 @pytest.mark.parametrize("sharding,async_save", [("full", "true"), ("zero1", "false")])
+@pytest.mark.slow
 def test_sharded_checkpoints_under_torchrun_load_in_one_process(tmp_path, sharding, async_save):
     """World size 2 with FSDP2 (``parallel.sharding=full``, async saves) or ZeRO-1 (``zero1``: the inner optimizer
     of ``ZeroRedundancyOptimizer`` is checkpointed per FQN): the committed step-4 checkpoint continues in one
@@ -111,6 +113,7 @@ def test_sharded_checkpoints_under_torchrun_load_in_one_process(tmp_path, shardi
     assert max(abs(losses[s] - reference[s]) for s in losses) <= 1e-6
 
 
+@pytest.mark.slow
 def test_dp_x_pp_checkpoint_resumes_exactly_and_loads_in_one_process(tmp_path):
     """``torchrun --nproc-per-node 4 ... parallel.dp=2 parallel.pp=2``: each pp stage saves its own parameters
     (flattened optimizer state, so every stage's hyperparameters survive); a 4-rank restart from step 4 and a

@@ -64,6 +64,7 @@ CASES = [("llama", "dict"), ("llama", "pair"), ("gpt2", "dict"), ("gpt2", "pair"
 
 
 @pytest.mark.parametrize("name,form", CASES, ids=[f"{n}-{f}" for n, f in CASES])
+@pytest.mark.slow
 def test_recompute_parity_and_activation_memory(name, form):
     factory, batch = foreign_models.FACTORIES[name], _lm_batch(form)
     reference = _grads(factory(n_layer=4), batch)
@@ -176,6 +177,7 @@ def _fsdp2_on_foreign_models(rank, ws):
     return out
 
 
+@pytest.mark.slow
 def test_fsdp2_full_shards_each_hf_decoder_layer():
     results = launch(_fsdp2_on_foreign_models, 2, timeout=300)
     for r in results:

@@ -84,6 +84,7 @@ def _full_batch_grad(model, x, y):
     return grad_vector(model)
 
 
+@pytest.mark.slow
 def test_token_normalisation_is_invariant_to_an_uneven_split():
     """A padded global batch split 3+1 rows (and 1+1+6) gives the full-batch mean-token-loss gradient."""
     torch.manual_seed(0)
@@ -132,6 +133,7 @@ def _ddp_worker(rank, world_size, k):
     return {"allreduces": per_microbatch, "grad": grad_vector(model)}
 
 
+@pytest.mark.slow
 def test_ddp_world_size_2_k4_syncs_once_and_matches_single_process():
     results = launch(_ddp_worker, 2, 4, timeout=300)
     torch.manual_seed(0)

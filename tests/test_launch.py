@@ -21,6 +21,7 @@ def test_launch_returns_every_rank_result():
     assert launch(_allreduce_rank, 2, timeout=60) == [1.0, 1.0]
 
 
+@pytest.mark.slow
 def test_launch_reports_the_failing_rank_traceback():
     with pytest.raises(LaunchError, match="boom on rank 1"):
         launch(_fail_on_rank1, 2, timeout=60)

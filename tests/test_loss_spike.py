@@ -210,6 +210,7 @@ def _run(tmp_path, name, monkeypatch, corrupt=None):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_a_corrupted_window_spikes_rolls_back_bit_exactly_and_finishes_near_the_clean_run(tmp_path, monkeypatch,
                                                                                           capsys):
     clean, clean_states = _run(tmp_path, "clean", monkeypatch)

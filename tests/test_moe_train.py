@@ -33,6 +33,7 @@ def test_moe_gpt_layout_and_active_flops():
         6 * 2 * (per_layer_active - sum(p.numel() for p in dense.blocks[0].mlp.parameters()))
 
 
+@pytest.mark.slow
 def test_moe_trains_and_resumes_exactly(tmp_path):
     ckpt = [f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.every=5", "checkpoint.keep_last=0"]
     steps = [json.loads(line)["loss"] for line in _run(tmp_path, "straight", 10, ckpt).read_text().splitlines()]
@@ -70,6 +71,7 @@ def _ddp(rank, ws):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_moe_under_ddp_matches_one_process():
     reference = [m["loss"] for m in train(load_config(PARITY))]
     rank0, rank1 = launch(_ddp, 2, timeout=280)
@@ -114,6 +116,7 @@ def _ep(rank, ws, extra):
 # dp 4, ep 2, so ranks 0 and 2 hold the same experts and sum their expert grads (and write the same checkpoint rows)
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world_size,extra", [(2, ["train.gradient_accumulation_steps=2"]), (4, [])])
+@pytest.mark.slow
 def test_expert_parallel_matches_one_process(world_size, extra, tmp_path):
     reference, full = _train_keeping_experts(EP_PARITY + extra)
     saving = [f"checkpoint.dir={tmp_path}", "checkpoint.every=4"] if world_size == 4 else []
@@ -171,6 +174,7 @@ def _ep_save_and_resume(rank, ws, ckpt):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_expert_parallel_checkpoints_hold_every_expert_and_resume(tmp_path):
     """An ep=2 checkpoint stores each bank (and its AdamW moments) whole, as [E, ...]: resuming at ep=2 repeats the
     losses bit for bit, one process at ep=1 reads the concatenation of the ranks' slices and resumes to 1e-5."""

@@ -78,6 +78,7 @@ def _mesh_groups(rank, world, kwargs):
     return out
 
 
+@pytest.mark.slow
 def test_device_mesh_groups_match_the_grid_at_world_size_4():
     results = launch(_mesh_groups, 4, {"dp": 2, "pp": 2}, timeout=300)
     grid = ParallelState(dp=2, pp=2, world_size=4)

@@ -46,6 +46,7 @@ def _compiled_sharded(rank, ws):
     return _two_steps(model, optimizer, rank, ws), type(model.blocks[0]).__name__
 
 
+@pytest.mark.slow
 def test_compile_recompute_fsdp2_smoke():
     from curry_train.distributed import launch
 
@@ -66,6 +67,7 @@ def test_single_process_recompute_every_n():
     assert dist_opt.shard_optimizer(opt) is opt
 
 
+@pytest.mark.slow
 def test_pipeline_stages_get_recompute_and_compile_and_keep_the_gpt_names():
     """Each stage of a split GPT goes through parallelize like the whole model (blocks in its ModuleDict found,
     every n-th of the stage recomputed, compiled in place, no data-parallel wrapper); a stage without blocks is
@@ -88,6 +90,7 @@ def test_pipeline_stages_get_recompute_and_compile_and_keep_the_gpt_names():
         local(torch.zeros(1, 4, dtype=torch.long))
 
 
+@pytest.mark.slow
 def test_single_process_bad_input():
     with pytest.raises(ValueError, match="torchrun"):
         parallelize(_model(load_config(SMALL)), load_config(SMALL + ["parallel.sharding=zero1"]))
@@ -97,6 +100,7 @@ def test_single_process_bad_input():
         parallelize(_model(load_config(SMALL)), load_config(SMALL + ["train.recompute=full", "train.recompute_every_n=0"]))
 
 
+@pytest.mark.slow
 def test_check_config_finds_errors_without_a_model_or_process_group():
     from curry_train.config import check_parallelize_config as check_config
 
@@ -128,6 +132,7 @@ def _train_sharded(rank, ws):
     return out
 
 
+@pytest.mark.slow
 def test_train_uses_every_sharding_with_ga_and_recompute():
     """`python -m curry_train train parallel.sharding=...` path (train() under 2 ranks): same losses in every mode."""
     from curry_train.distributed import launch

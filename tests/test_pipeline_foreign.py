@@ -83,6 +83,7 @@ def _batches(steps: int, rows: int = 8):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.slow
 def test_chained_stages_are_the_model_and_keep_its_names(name):
     model = MODELS[name](n_layer=4)
     assert layout_of(model) == LAYOUTS[name]
@@ -175,6 +176,7 @@ def _single_process(name):
     return losses, grads, model.state_dict()
 
 
+@pytest.mark.slow
 def test_two_stage_pipeline_and_the_driver_train_foreign_models_like_one_process():
     """Losses of 3 AdamW steps and the first step's gradients equal single-process training to TOL; the weights
     after 3 steps to PARAM_TOL (Adam's m / sqrt(v) turns a 1e-8 gradient difference on a near-zero gradient into

@@ -76,12 +76,14 @@ def _check_parity(results, kinds, n_layer, rows, tie=True):
         assert seen == set(ref_grads), f"{kind}: gradients missing for {sorted(set(ref_grads) - seen)}"
 
 
+@pytest.mark.slow
 def test_every_kind_matches_unpipelined_gpt_world_size_2():
     kinds = [*KINDS, "gpipe-torch"]
     results = launch(_parity_ranks, 2, kinds, 4, 4, 8, timeout=300)
     _check_parity(results, kinds, 4, 8)
 
 
+@pytest.mark.slow
 def test_gpipe_1f1b_interleaved_match_unpipelined_gpt_world_size_4():
     kinds = ["gpipe", "gpipe-torch", "1f1b", "interleaved"]
     results = launch(_parity_ranks, 4, kinds, 8, 8, 16, timeout=300)
@@ -132,6 +134,7 @@ def _gpipe_call_order() -> list[str]:
     return calls
 
 
+@pytest.mark.slow
 def test_bad_input_raises_on_every_rank_before_any_send_and_extras():
     results = launch(_errors_and_extras, 2, timeout=300)
     for rank, r in enumerate(results):

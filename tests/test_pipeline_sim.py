@@ -46,6 +46,7 @@ def test_zero_bubble_kinds_are_below_1f1b_and_interleaved(kind, p, m):
     assert analytic_bubble(kind, p, m) is None
 
 
+@pytest.mark.slow
 def test_every_allowed_case_runs_without_deadlock_and_covers_every_action():
     checked = 0
     for kind in KINDS:
@@ -112,6 +113,7 @@ def test_plot_timeline_writes_a_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
+@pytest.mark.slow
 def test_pipeline_bench_on_a_tiny_model(tmp_path, capsys):
     from curry_train.bench.pipeline import TARGET, bench_pipeline
 

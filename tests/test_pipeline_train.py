@@ -30,6 +30,7 @@ def _train_pipelined(rank, world_size, runs):
             for name, overrides in runs.items()}
 
 
+@pytest.mark.slow
 def test_pp2_training_losses_and_grad_norms_match_single_process():
     ranks = launch(_train_pipelined, 2, RUNS, timeout=300)
     for name, overrides in RUNS.items():
@@ -57,6 +58,7 @@ def _train_dp_pp(rank, world_size, overrides):
     return [h["loss"] for h in train(load_config([*overrides, "parallel.pp=2"]))]
 
 
+@pytest.mark.slow
 def test_dp2_x_pp2_training_losses_match_single_process():
     """World size 4 = 2 data-parallel replicas of a 2-stage pipeline (groups from ParallelState)."""
     overrides = [*SMALL, "parallel.pp_schedule=1f1b", "parallel.n_microbatches=2", "data.variable_length=true",
@@ -84,6 +86,7 @@ def _train_pp_with_spies(rank, world_size, overrides):
     return calls, [h["grad_norm"] for h in history]
 
 
+@pytest.mark.slow
 def test_pipeline_and_plain_runs_take_one_step_function_and_one_grad_norm(monkeypatch):
     """The pp=2 run calls the plain run's accumulate_gradients and clip_grad_norm (with its schedule and pp group),
     and logs the single process's grad norm to 1e-5."""

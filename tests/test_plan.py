@@ -36,6 +36,7 @@ def test_the_zero_paper_example_is_reproduced(capsys):
     assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.block_size) == (shape.n_layer, shape.d_model, 4096)
 
 
+@pytest.mark.slow
 def test_json_and_every_estimate_consistent(capsys):
     assert main(["plan", "--layers", "32", "--hidden", "4096", "--heads", "32", "--gpus", "16", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -100,6 +101,7 @@ def rank_memory():
 
 
 @pytest.mark.parametrize("ws", [2, 4])
+@pytest.mark.slow
 def test_predicted_model_states_equal_memory_report_on_every_rank(rank_memory, ws):
     """plan's per-rank parameter, gradient and optimizer bytes (fp32 Adam: 4 + 4 + 8, what curry_train holds) for the
     model's real Shape, against what every rank holds after a step: within 1%, every sharding mode."""
@@ -121,6 +123,7 @@ def test_predicted_model_states_equal_memory_report_on_every_rank(rank_memory, w
 
 
 @pytest.mark.parametrize("mode", ["none", "selective", "full"])
+@pytest.mark.slow
 def test_predicted_activations_are_within_15_percent_of_the_measured(mode):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=4, n_embd=128, n_head=4, block_size=128))
@@ -237,6 +240,7 @@ def test_bad_new_input_is_one_line(capsys, argv, message):
     assert message in err and err.startswith("error:") and err.count("\n") == 1, err
 
 
+@pytest.mark.slow
 def test_recompute_bench_prediction_for_every_other_block():
     """`bench recompute`'s predicted column: plan's formula for `full` on every 2nd block, against the measurement."""
     from curry_train.bench.recompute import predicted_activation_bytes
@@ -252,6 +256,7 @@ def test_recompute_bench_prediction_for_every_other_block():
 
 
 @pytest.mark.parametrize("model", [[], ["model=moe"]], ids=["tiny", "moe"])
+@pytest.mark.slow
 def test_layouts_marked_runnable_are_exactly_those_train_accepts(model):
     """Every layout /plan marks runnable by `curry_train train` passes `config.validate` with its own torchrun
     overrides at world size 4, and every one it marks unsupported is refused there (the reason in both)."""

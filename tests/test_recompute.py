@@ -42,6 +42,7 @@ def memory():
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.slow
 def test_gradients_equal_no_recompute(mode):
     x, y = _batch()
     g_ref, l_ref = _grads(_model(), x, y)
@@ -58,6 +59,7 @@ def test_dropout_masks_replayed_with_preserve_rng_state():
     assert (g - g_ref).abs().max().item() <= 1e-6
 
 
+@pytest.mark.slow
 def test_saved_activations_full_le_quarter_and_selective_in_between(memory):
     none, full, sel = (memory[m]["activation_bytes"] for m in (None, "full", "selective"))
     assert full <= 0.25 * none, memory
@@ -138,6 +140,7 @@ def test_bad_input_is_one_clear_error():
     assert not any(isinstance(b, Recompute) for b in m.blocks)
 
 
+@pytest.mark.slow
 def test_recompute_bench_reports_what_activation_memory_measures(capsys):
     from curry_train.bench.recompute import bench_recompute
     from curry_train.config import load_config

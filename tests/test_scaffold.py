@@ -29,6 +29,7 @@ def test_plugin_pyproject_ships_the_configs_and_templates():
     assert_package_data_ships_every_data_file(PACKAGE_DIR.parent / "pyproject.toml", PACKAGE_DIR)
 
 
+@pytest.mark.slow
 def test_scaffold_creates_a_working_repo(tmp_path):
     dest, report, git_note = scaffold(tmp_path / "my-llm", description="My LLM.")
     for path in ("curry_train/model.py", "curry_train/primitives/grad_accum.py", "curry_train/conf/config.yaml",
@@ -98,6 +99,7 @@ def test_scaffold_update_refreshes_unedited_files_and_never_touches_the_users(tm
     assert (repo / "models/my_model.py").read_text() == edits["models/my_model.py"]
 
 
+@pytest.mark.slow
 def test_a_scaffolded_repo_scaffolds_another_but_cannot_update_itself(tmp_path):
     first, _, _ = scaffold(tmp_path / "first", git=False)
     env = {**os.environ, "PYTHONPATH": str(first)}
@@ -128,3 +130,33 @@ def test_scaffold_refuses_a_non_empty_folder_and_bad_names(tmp_path, capsys):
         scaffold(tmp_path / "new", name="bad name!")
     assert main(["scaffold", "--update", str(tmp_path / "nowhere")]) == 2
     assert main(["scaffold", "--update", str(tmp_path / "new")]) == 2
+
+
+@pytest.mark.parametrize("description", ['a "quoted" word', "C:\\new\\table", "two\nlines and a \x7f and a \t tab"])
+def test_the_pyproject_toml_escapes_the_description_and_parses_back(description):
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    from curry_train.scaffold import _context, _render
+
+    text = _render({"pyproject.toml.j2": "pyproject.toml"}, _context("my-llm", description))["pyproject.toml"]
+    project = tomllib.loads(text.decode())["project"]
+    assert project["description"] == description and project["name"] == "my-llm"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_scaffolded_repos_own_make_test_passes(tmp_path):
+    """What a user runs first in a new repository: its `make test`, which builds `.venv` from nothing (torch, the
+    package and its dev extras) and runs the copied fast suite. Nothing of this checkout's environment leaks in."""
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed on this machine: the scaffolded `make test` was NOT run")
+    dest, _, _ = scaffold(tmp_path / "my-llm", git=False)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTEST_ADDOPTS")}
+    base_python = getattr(sys, "_base_executable", sys.executable)
+    proc = subprocess.run([make, "-C", str(dest), "test", f"PYTHON={base_python}"], env=env, capture_output=True,
+                          text=True, timeout=1800)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    summary = [line for line in out.splitlines() if re.search(r"\d+ passed", line)]
+    assert summary and " failed" not in summary[-1] and " error" not in summary[-1], out[-3000:]
+    assert (dest / ".venv" / "bin" / "python").exists()

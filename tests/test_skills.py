@@ -71,6 +71,7 @@ def block_runs(request, tmp_path_factory, interpreter_pool):
 
 
 @pytest.mark.parametrize("path,index,code", BLOCKS, ids=BLOCK_IDS)
+@pytest.mark.slow
 def test_skill_python_block_runs(path, index, code, block_runs, request):
     proc = block_runs[request.node.callspec.id].result()
     assert proc.returncode == 0, f"{path.parent.name} block {index} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
@@ -97,6 +98,7 @@ def test_primitive_page_shows_how_to_get_the_code(name):
     section = body.split("## Get the code\n", 1)[1].split("\n## ", 1)[0]
     assert f"/curry-train:add-primitive {name}" in section and "/curry-train:scaffold" in section
     assert "curry_train/MANIFEST.json" in section and "tests/curry_train/" in section
+    assert "Where the commands on this page run" in section and "scripts/curry-train SUBCOMMAND" in section
     assert any(primitive.usage in block for block in py_blocks(section)), \
         f"{primitive.skill}: catalog.PRIMITIVES[{name!r}].usage is not verbatim in a ```py block of 'Get the code'"
     compile(primitive.usage, f"{primitive.skill}: usage of {name}", "exec")

@@ -136,6 +136,7 @@ def references():
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_tp2_parity_training_and_checkpoint_resharding(tmp_path, references):
     ranks = launch(_world2, 2, str(tmp_path / "ckpt"), timeout=280)
     _report(ranks[0], references, {"gpt tp": "gpt", "llama tp sp lp": "llama", "titan tp sp recompute": "titan"})
@@ -164,6 +165,7 @@ def test_tp2_parity_training_and_checkpoint_resharding(tmp_path, references):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_tp4_parity_and_dp2_x_tp2_fsdp2(references):
     ranks = launch(_world4, 4, timeout=280)
     _report(ranks[0], references, {key: "gpt" for key in ranks[0]["train"]})
@@ -187,6 +189,7 @@ def _assert_sp_divides_norm_bytes(ranks, tp):
 
 
 @pytest.mark.timeout(200)
+@pytest.mark.slow
 def test_cli_torchrun_tp2_sequence_parallel_trains_like_one_process(tmp_path, references):
     """`torchrun --nproc-per-node 2 -m curry_train train parallel.tp=2 parallel.sequence_parallel=true`."""
     metrics = tmp_path / "metrics.jsonl"

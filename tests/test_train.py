@@ -23,6 +23,7 @@ def test_embedded_corpus_is_the_stdlib_source():
     assert b"def " in bytes(tokens[:200_000].tolist())
 
 
+@pytest.mark.slow
 def test_30_step_training_loss_falls():
     history = train(load_config(["train.steps=30", "train.warmup_steps=5", *SMALL]))
     assert len(history) == 30
@@ -77,6 +78,7 @@ def test_bad_input_is_rejected_before_any_process_group(override, world_size, me
         validate(load_config([override]), world_size)
 
 
+@pytest.mark.slow
 def test_cli_help_and_bad_input_exit_nonzero():
     out = subprocess.run([sys.executable, "-m", "curry_train", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "train" in out.stdout and "bench" in out.stdout
@@ -105,6 +107,7 @@ def _dp_train(rank, world_size, overrides):
     return [h["loss"] for h in train(load_config(overrides))]
 
 
+@pytest.mark.slow
 def test_ddp_world_size_2_losses_match_single_process():
     single = [h["loss"] for h in train(load_config(DP_RUN))]
     ranks = launch(_dp_train, 2, DP_RUN, timeout=300)

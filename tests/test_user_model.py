@@ -87,6 +87,7 @@ def test_overrides_select_the_custom_preset_and_free_keys():
     assert load_config().model.name == "tiny" and load_config().train.loss is None  # the GPT stays the default
 
 
+@pytest.mark.slow
 def test_train_a_hugging_face_llama_from_the_cli(tmp_path, capsys):
     metrics = tmp_path / "m.jsonl"
     assert main(["train", "model._target_=foreign_models.tiny_llama", "train.steps=20", "train.warmup_steps=4",
@@ -98,6 +99,7 @@ def test_train_a_hugging_face_llama_from_the_cli(tmp_path, capsys):
     assert "model: foreign_models.tiny_llama, " in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_train_with_the_users_loss(tmp_path):
     metrics = tmp_path / "m.jsonl"
     assert main(["train", "model._target_=test_user_model.nano_gpt", "train.loss._target_=test_user_model.nano_loss",
@@ -117,6 +119,7 @@ def test_bench_ga_and_loop_on_a_torchtitan_like_model(tmp_path):
     assert set(loop["tokens_per_s"]) == {"curry_train", "plain"} and loop["ratio"] > 0
 
 
+@pytest.mark.slow
 def test_bench_with_the_users_loss_and_a_pipeline_it_cannot_run(tmp_path, capsys):
     """recompute measures through ``train.loss``; pipeline says in one line why it skips, and the run goes on."""
     assert main(["bench", "pipeline", "recompute", "model._target_=test_user_model.nano_gpt",
@@ -137,6 +140,7 @@ def _train_losses(rank, world_size, overrides):
     return [h["loss"] for h in train(load_config(overrides))]
 
 
+@pytest.mark.slow
 def test_fsdp_full_on_two_ranks_trains_gpt2_as_one_process_does():
     run = ["model._target_=foreign_models.tiny_gpt2", "train.steps=3", "train.warmup_steps=1", *TINY]
     single = _train_losses(0, 1, run)

@@ -48,3 +48,14 @@ def test_two_arms_two_seeds_markdown_and_json(capsys):
     text = capsys.readouterr().out
     assert "| arm |" in text and "| hot | train.lr=3e-2 |" in text and "min_loss mean" in text
     assert "ablate: hot seed 1: min_loss" in text  # one progress line per run
+
+
+def test_a_bad_key_in_a_later_arm_is_found_before_any_run(capsys, monkeypatch):
+    import importlib
+
+    ablate = importlib.import_module("curry_train.workflow.ablate")
+
+    monkeypatch.setattr(ablate, "train_run", lambda *a, **k: pytest.fail("an arm ran before every arm was checked"))
+    assert main(["ablate", "--arm", "a=", "--arm", "b=train.lr=-1", "--steps", "2", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: arm 'b': train.lr must be") and err.count("\n") == 1, err

@@ -110,6 +110,7 @@ def test_accuracy_exact_match():
     assert 0 <= acc < 0.5 and untrained.training
 
 
+@pytest.mark.slow
 def test_tiny_gpt_learns_copy_well_above_chance():
     torch.set_num_threads(1)
     torch.manual_seed(0)

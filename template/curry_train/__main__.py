@@ -20,6 +20,7 @@ EPILOG = """examples:
   python -m curry_train train model._target_=my_pkg.build train.loss._target_=my_pkg.loss   # ... and your loss
   python -m curry_train bench loop ga model._target_=my_pkg.build           # the benches on your model
   python -m curry_train config train.lr=1e-3                   # print the composed config
+  python -m curry_train config --check --world-size 4 parallel.dp=4   # validate before torchrun, no launch
   python -m curry_train preflight model=small                  # sanity checks before a long run (exit 1 on a fail)
   python -m curry_train lr-range --plot lr.png                 # LR range test: the suggested LR and its plot
   python -m curry_train ablate --arm base= --arm wide=model.n_embd=128 --seeds 3 --steps 50   # is the idea real?
@@ -59,16 +60,37 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
 
     from .loop import LossSpikeError, NonFiniteTrainingError
+    from .primitives.checkpoint_trust import CheckpointDiskFullError
+    from .stopping import Interrupted, Preempted
 
     try:
         return _main(argv)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, HydraException) as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]  # one line, even from a library
-        print(f"error: {'; '.join(lines) or type(e).__name__}", file=sys.stderr)
+        _say(f"error: {'; '.join(lines) or type(e).__name__}")
         return 2
     except (NonFiniteTrainingError, LossSpikeError) as e:  # the run diverged: not the input's fault, but no traceback either
-        print(f"error: {e}", file=sys.stderr)
+        _say(f"error: {e}")
         return 1
+    except CheckpointDiskFullError as e:
+        _say(f"error: {e}; the run stopped (checkpoint.on_disk_full=continue trains on without checkpoints)")
+        return 1
+    except (Interrupted, Preempted) as e:
+        _say(str(e))
+        if isinstance(e, Preempted):  # every rank stopped at the same step: leave the group cleanly
+            from . import distributed
+
+            if distributed.world_size() > 1:
+                distributed.exit_cleanly(e.exit_code)
+        return e.exit_code
+
+
+def _say(line: str) -> None:
+    """One line on stderr, from rank 0 only under torchrun (every rank meets the same config error)."""
+    import os
+
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(line, file=sys.stderr, flush=True)
 
 
 def bench_params(cfg, names: list[str], quick: bool = False) -> dict[str, dict]:
@@ -163,7 +185,12 @@ def _main(argv: list[str] | None) -> int:
                               "every bench in under a minute on 2 CPU cores")
     p_bench.add_argument("args", nargs="*", metavar="NAME|OVERRIDE",
                          help=f"bench names (default: all of {', '.join(BENCHES)}) and Hydra overrides")
-    p_config = sub.add_parser("config", help="print the composed config: every key, its value and what it allows")
+    p_config = sub.add_parser("config", help="print the composed config: every key, its value and what it allows; "
+                                             "--check validates it as train would, without training")
+    p_config.add_argument("--check", action="store_true",
+                          help="validate as `train` does (one error line, exit 2) instead of printing; run it before "
+                               "torchrun so a config error is not first seen once per rank")
+    p_config.add_argument("--world-size", type=int, default=1, help="with --check: the torchrun world size (default 1)")
     p_config.add_argument("overrides", nargs="*")
     from .scaffold.add import DEFAULT_TESTS, listing
 
@@ -213,7 +240,11 @@ def _main(argv: list[str] | None) -> int:
         return 0
     cfg = load_config(args.overrides)
     if args.command == "config":
-        print(to_yaml(cfg, docs=True), end="")
+        if args.check:
+            validate(cfg, world_size=args.world_size)
+            print(f"config ok for world size {args.world_size}")
+        else:
+            print(to_yaml(cfg, docs=True), end="")
         return 0
     from . import distributed
     from .train import train

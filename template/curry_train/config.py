@@ -234,6 +234,17 @@ def _check_tokenizer(cfg):
     return tokenizer
 
 
+def warmup_warning(t) -> str | None:
+    """A warning line when ``train.warmup_steps`` > ``train.steps + 1``: the LR then never reaches ``train.lr``; it
+    names the peak it does reach (on the last step: ``lr * (steps + 1) / warmup_steps``, ``loop.warmup_cosine``)."""
+    peak = (t.steps + 1) / t.warmup_steps if t.warmup_steps else 1.0  # the multiplier of the last step
+    if peak >= 1.0:
+        return None
+    return (f"warning: train.warmup_steps={t.warmup_steps} is more than train.steps={t.steps}: the LR never reaches "
+            f"train.lr={t.lr}; it peaks at {t.lr * peak:.3g} ({peak:.0%} of it) on the last step. Lower "
+            "train.warmup_steps to reach it")
+
+
 def _check_data(d, t) -> None:
     if not isinstance(d.text_key, str) or not d.text_key:
         raise ValueError(f"data.text_key must be a non-empty string (the JSON-lines field / Parquet column), got "
@@ -275,6 +286,9 @@ def _check_checkpoint(c) -> None:
     non_negative_int("checkpoint.keep_last", c.keep_last, "(0 keeps every checkpoint)")
     boolean("checkpoint.async_save", c.async_save)
     positive_int("checkpoint.thread_count", c.thread_count, "(DCP writer threads per rank)")
+    boolean("checkpoint.allow_unverified", c.allow_unverified)
+    choice("checkpoint.on_disk_full", c.on_disk_full, ("stop", "continue"))
+    boolean("checkpoint.save_on_signal", c.save_on_signal)
     if c.dir is not None and not str(c.dir):
         raise ValueError("checkpoint.dir must be a folder path or null, got ''")
     if c.dir is None and every > 0:
@@ -295,6 +309,11 @@ def _check_spike(s, c) -> None:
 def _check_bench(b) -> None:
     if not str(b.out_dir):
         raise ValueError("bench.out_dir must be a folder path, got ''")
+    taken = next((p for p in (Path(str(b.out_dir)).expanduser(), *Path(str(b.out_dir)).expanduser().parents)
+                  if p.exists() and not p.is_dir()), None)
+    if taken is not None:
+        raise ValueError(f"bench.out_dir={str(b.out_dir)!r}: {str(taken)!r} is a file, not a folder; give a folder "
+                         "path (each bench run writes OUT_DIR/<timestamp>/)")
     non_negative_int("bench.burn_in", b.burn_in)
     positive_int("bench.repeats", b.repeats)
     positive_int("bench.steps_per_repeat", b.steps_per_repeat)

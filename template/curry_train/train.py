@@ -13,13 +13,15 @@ of a tp group read the same rows (batches are split by ``dp_rank``) and losses a
 (``parallelize.ExpertParallel``: left out of DDP, its grads reduced over the ranks holding the same experts).
 With ``train.spike.enabled`` a sustained loss spike (``primitives.loss_spike``) rolls the run back to the last good
 checkpoint and skips the spiking steps' data (``loop.SpikeRollback``).
+Ctrl-C, SIGTERM and a full disk stop the run in one line each (``stopping``); rank 0 owns ``checkpoint.dir`` from
+``train_state.prepare_checkpointing`` until ``train`` returns or raises.
 """
 
 from __future__ import annotations
 
-from . import distributed, train_state
+from . import distributed, stopping, train_state
 from .context_batches import cp_microbatch
-from .config import pipeline_settings, validate
+from .config import pipeline_settings, validate, warmup_warning
 from .data import build_batches, seed_everything, token_streams
 from .evaluate import Evaluator
 from .export_hf import init_from
@@ -37,9 +39,24 @@ def train(cfg) -> list[dict]:
     """Run training as configured; returns the per-step metrics (on every rank)."""
     world_size = distributed.env_world_size()
     validate(cfg, world_size)  # before any process group exists
-    ckpt = train_state.prepare_checkpointing(cfg)  # checkpoint.* checked, dir writable: still before init
     fault_step = train_state.fault_step_from_env()
     corrupt_steps = train_state.corrupt_steps_from_env()  # test hook: a data window that makes the loss spike
+    signal_at = stopping.signal_from_env()  # test hook: the run signals itself after a step
+    ckpt = train_state.prepare_checkpointing(cfg)  # checkpoint.* checked, folder owned, writable: still before init
+    sigterm = stopping.SigtermWatch(ckpt is not None and cfg.checkpoint.save_on_signal)
+    progress = [None]
+    try:
+        return _train(cfg, world_size, ckpt, fault_step, corrupt_steps, signal_at, sigterm, progress)
+    except KeyboardInterrupt:
+        done = progress[0].done if progress[0] is not None else 0
+        raise stopping.Interrupted(stopping.interrupted_line(done, ckpt)) from None
+    finally:
+        sigterm.restore()
+        if ckpt is not None:
+            ckpt.release()
+
+
+def _train(cfg, world_size, ckpt, fault_step, corrupt_steps, signal_at, sigterm, progress) -> list[dict]:
     distributed.init_from_env()
     rank = distributed.rank()
     ps = ParallelState.from_config(cfg.parallel)
@@ -63,6 +80,8 @@ def train(cfg) -> list[dict]:
               f"(dp {dp_size}{tp}) | {ga} | device {device}")
         if world_size > 1:
             print(ps)
+        if warmup_warning(cfg.train):
+            print(warmup_warning(cfg.train), flush=True)
 
     t = cfg.train
     schedule = prepare = None
@@ -95,12 +114,13 @@ def train(cfg) -> list[dict]:
                           loss_parallel=cfg.parallel.loss_parallel, schedule=schedule) if t.eval_every else None
     tensorboard = TensorBoardLog(t.tensorboard_dir, getattr(model, "flops_per_token", lambda: None)()) \
         if t.tensorboard_dir and rank == 0 else None
+    progress[0] = train_state.step_hook(cfg, ckpt, model, optimizer, scheduler, fault_step, watchdog,
+                                        resumed_from=start_step, sigterm=sigterm, signal_at=signal_at)
     history = run_training_steps(
         model, optimizer, scheduler, batches, ga, t.steps, start_step=start_step,
         dp_rank=ps.dp_rank, dp_size=dp_size, dp_group=dp_group, device=device, grad_clip=t.grad_clip,
         log_every=t.log_every if rank == 0 else 0, progress=t.progress and rank == 0, schedule=schedule,
-        on_step=with_tensorboard(train_state.step_hook(cfg, ckpt, model, optimizer, scheduler, fault_step, watchdog),
-                                 tensorboard),
+        on_step=with_tensorboard(progress[0], tensorboard),
         loss_fn=loss_fn, evaluate=evaluator,
         nonfinite_patience=t.nonfinite_patience, loss_parallel=cfg.parallel.loss_parallel, prepare=prepare,
         expert_parallel=expert_parallel, spike=spike,

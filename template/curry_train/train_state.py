@@ -1,8 +1,9 @@
 """Training-run plumbing around the loop: resume, periodic checkpoints, metrics file, fault injection.
 
-* ``prepare_checkpointing(cfg)``: validates ``checkpoint.*`` and checks that ``checkpoint.dir`` is writable; needs
-  no process group, so a bad config fails before any rank starts. Returns a ``Checkpointer``, or None without a
-  ``checkpoint.dir``.
+* ``prepare_checkpointing(cfg)``: validates ``checkpoint.*``; rank 0 takes the folder's lock (a second run on it is
+  one line naming the holder), removes the marked temporaries of runs that are over (a killed save that filled the
+  disk included), then every rank checks that ``checkpoint.dir`` is writable. Needs no process group, so a bad
+  config fails before any rank starts. Returns a ``Checkpointer``, or None without a ``checkpoint.dir``.
 * ``fault_step_from_env()``: the step of ``CURRY_TRAIN_FAULT_AT_STEP`` (None when unset); a bad value is a
   ``ValueError`` before training.
 * ``corrupt_steps_from_env()`` / ``CorruptedBatches``: ``CURRY_TRAIN_CORRUPT_STEPS=a-b`` corrupts the data of steps
@@ -26,11 +27,16 @@
    marker file ``<checkpoint.dir>/fault-injected-at-step-k`` exists (written before the kill);
 2. metrics: rank 0 appends ``{"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "attempt"}`` as one
    JSON line to ``train.metrics_file`` (``attempt`` = torchelastic restart count, so a restarted run's
-   repeated steps are visible; the last line per step is the one that counts);
+   repeated steps are visible; a resumed run's rows carry ``"resumed_from": N``: they replace the earlier rows of
+   steps >= N; the last line per step is the one that counts);
 3. checkpoint: every ``checkpoint.every`` steps and after the last step, ``ckpt.save(step + 1, ...)`` with
    ``extra = {"data_position": step + 1, "config": ...}``; the data position *is* the step (``data.Batches``).
    A step the non-finite guard skipped is not saved (only states after an applied, finite update are), nor one
    taken while a loss spike is in progress (``train.spike.enabled``; the watchdog's state goes into ``extra``).
+   A full disk (``CheckpointDiskFullError``) ends the run, or with ``checkpoint.on_disk_full=continue`` is
+   printed once and the run goes on without saving;
+4. SIGTERM (``stopping.SigtermWatch``, ``checkpoint.save_on_signal``): the step is saved (if the cadence did not
+   just save it), committed, and ``stopping.Preempted`` ends the run.
 """
 
 from __future__ import annotations
@@ -43,7 +49,8 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .primitives.checkpoint import Checkpointer
+from .primitives.checkpoint import Checkpointer, CheckpointDiskFullError
+from .stopping import Preempted
 
 FAULT_ENV = "CURRY_TRAIN_FAULT_AT_STEP"
 CORRUPT_ENV = "CURRY_TRAIN_CORRUPT_STEPS"
@@ -60,7 +67,13 @@ def prepare_checkpointing(cfg) -> Checkpointer | None:
             raise ValueError(f"checkpoint.every={every} needs checkpoint.dir (where to write the checkpoints)")
         return None
     ckpt = Checkpointer.from_config(c)
-    ckpt.check_writable()
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        ckpt.acquire()  # one owner; a dead run's temporaries go before the probe (they may be what fills the disk)
+    try:
+        ckpt.check_writable()
+    except ValueError:
+        ckpt.release()
+        raise
     return ckpt
 
 
@@ -213,33 +226,61 @@ def _inject_fault(cfg, step: int) -> None:
 
 
 def step_hook(cfg, ckpt: Checkpointer | None, model, optimizer, scheduler, fault_step: int | None = None,
-              watchdog=None):
+              watchdog=None, resumed_from: int = 0, sigterm=None, signal_at: tuple[int, int] | None = None):
     """The ``on_step(step, metrics)`` callback for ``run_training_steps`` (see the module docstring). With a
     ``watchdog`` (``LossSpikeWatchdog``) its state goes into each checkpoint's ``extra["loss_spike"]``, and no
-    checkpoint is taken while a spike is in progress (``metrics["spike"]``): a rollback must never land in one."""
+    checkpoint is taken while a spike is in progress (``metrics["spike"]``): a rollback must never land in one.
+    ``sigterm``: a ``stopping.SigtermWatch``; ``signal_at``: ``stopping.signal_from_env()`` (test hook).
+    ``on_step.done`` is the number of steps finished so far."""
     rank = distributed.rank()
     every, total = cfg.checkpoint.every, cfg.train.steps
     metrics_file = cfg.train.metrics_file
     if metrics_file and rank == 0:
         Path(str(metrics_file)).expanduser().parent.mkdir(parents=True, exist_ok=True)
     attempt = restart_count()
+    mark = {"resumed_from": resumed_from} if resumed_from else {}
+    saving = [ckpt is not None]  # False once a full disk was met with checkpoint.on_disk_full=continue
+
+    def save(done: int) -> bool:
+        extra = data_extra(cfg, done)
+        if watchdog is not None:
+            extra["loss_spike"] = watchdog.state_dict()
+        try:
+            ckpt.save(done, model, optimizer, scheduler, extra=extra)
+            return True
+        except CheckpointDiskFullError as e:
+            if cfg.checkpoint.on_disk_full != "continue":
+                raise
+            saving[0] = False
+            if rank == 0:
+                print(f"warning: {e}; checkpoint.on_disk_full=continue: training on WITHOUT checkpoints", flush=True)
+            return False
 
     def on_step(step: int, metrics: dict) -> None:
+        done = on_step.done = step + 1
         if fault_step is not None and step == fault_step and rank == 1:
             _inject_fault(cfg, step)
         if metrics_file and rank == 0:
             with open(Path(str(metrics_file)).expanduser(), "a") as f:
-                f.write(json.dumps({**metrics, "attempt": attempt}) + "\n")
-        if ckpt is not None:
+                f.write(json.dumps({**metrics, "attempt": attempt, **mark}) + "\n")
+        if signal_at is not None and step == signal_at[0]:
+            os.kill(os.getpid(), signal_at[1])
+        savable = not metrics.get("skipped") and not metrics.get("spike")
+        saved = False
+        if saving[0]:
             ckpt.poll()
-            done = step + 1
-            if every > 0 and (done % every == 0 or done == total) and not metrics.get("skipped") \
-                    and not metrics.get("spike"):
-                extra = data_extra(cfg, done)
-                if watchdog is not None:
-                    extra["loss_spike"] = watchdog.state_dict()
-                ckpt.save(done, model, optimizer, scheduler, extra=extra)
+            if every > 0 and (done % every == 0 or done == total) and savable:
+                saved = save(done)
+        if sigterm is not None and sigterm.agreed():
+            if saving[0] and savable and not saved:
+                saved = save(done)
+            if ckpt is not None:
+                ckpt.close()
+            last = ckpt.latest_path() if ckpt is not None else None
+            what = f"saved and committed {last}" if saved else f"last checkpoint {last or 'none'}"
+            raise Preempted(f"stopped by SIGTERM after {done} steps: {what}; run the same command again to resume")
 
+    on_step.done = resumed_from
     return on_step
 
 

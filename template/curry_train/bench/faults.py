@@ -7,11 +7,16 @@ case, a copy of its checkpoint folder is damaged, a fresh model + AdamW + schedu
 end. "same final loss" compares that run's last loss with the clean run's: equal (to the bit) when the resume
 rolled back to an intact checkpoint and replayed the same steps. The non-finite cases poison the loss of chosen
 steps (``run_training_steps``' guard skips their update; ``Checkpointer.save`` never writes a NaN/Inf state).
+The trust cases replace a file of the newest checkpoint with a pickle that would create a file when unpickled (and
+rewrite ``integrity.json`` to match, as anyone who can write the folder can): "nothing ran" means that file does
+not exist after the resume. A second owner, a full disk: ``_trust_rows``.
 """
 
 from __future__ import annotations
 
+import errno
 import math
+import pickle
 import shutil
 import tempfile
 import warnings
@@ -22,7 +27,8 @@ import torch
 from ..data import build_batches, seed_everything
 from ..loop import NonFiniteTrainingError, build_optimizer, build_scheduler, run_training_steps
 from ..primitives.checkpoint import Checkpointer, CheckpointWarning, NonFiniteStateError, step_dirname
-from ..primitives.checkpoint_files import INTEGRITY
+from ..primitives.checkpoint_files import INTEGRITY, write_description
+from ..primitives.checkpoint_trust import CheckpointDiskFullError, DirectoryInUseError, temp_name, temp_run
 from ..primitives.grad_accum import GradientAccumulation
 from ..primitives.model_io import forward_loss_sum
 from ..user_model import build_model
@@ -44,6 +50,36 @@ def _shard(step_dir: Path) -> Path:
     return max(step_dir.glob("*.distcp"), key=lambda p: p.stat().st_size)
 
 
+class _Payload:
+    """Unpickled, it creates the file ``ran`` (what a tampered checkpoint file would do with ``os.system``)."""
+
+    def __init__(self, ran: Path):
+        self.ran = str(ran)
+
+    def __reduce__(self):
+        return open, (self.ran, "w")
+
+
+def _tamper(path: Path) -> None:
+    """Replace ``path`` with a pickle that runs code, and re-record the folder so it still verifies."""
+    ran = path.parent.parent / "payload-ran"
+    if path.suffix == ".pt":
+        torch.save(_Payload(ran), path)
+    else:
+        path.write_bytes(pickle.dumps(_Payload(ran)))
+    (path.parent / INTEGRITY).unlink()
+    write_description(path.parent)
+
+
+def _leftovers(case_dir: Path) -> None:
+    """A killed run's marked temporaries, and the user's own ``.tmp-*`` file and folder (never ours to delete)."""
+    (case_dir / temp_name("dead42", "latest")).write_text("x")
+    (case_dir / temp_name("dead42", "step-00099999")).mkdir()
+    (case_dir / ".tmp-mydata").mkdir()
+    (case_dir / ".tmp-mydata" / "important.txt").write_text("the user's")
+    (case_dir / "latest.tmp-notes").write_text("the user's")
+
+
 # name -> (what is damaged, how): applied to the newest checkpoint (or to every one for "everything damaged")
 DAMAGE = {
     "truncated shard": (_shard, _truncate),
@@ -53,8 +89,12 @@ DAMAGE = {
     "missing meta.json": (lambda d: d / "meta.json", Path.unlink),
     "garbage meta.json": (lambda d: d / "meta.json", lambda p: p.write_text("{not json")),
     "stale latest pointer": (lambda d: d.parent / "latest", lambda p: p.write_text("step-00099999\n")),
-    "leftover temporaries of a killed save": (lambda d: d.parent / "latest.tmp-4242",
-                                              lambda p: (p.write_text("x"), (p.parent / ".tmp-step-00099999").mkdir())),
+    "leftover temporaries of a killed save": (lambda d: d.parent, _leftovers),
+    "integrity.json deleted": (lambda d: d / INTEGRITY, Path.unlink),
+    "a file integrity.json does not list": (lambda d: d / "notes.txt", lambda p: p.write_text("?")),
+    "code-running pickle as scheduler.pt": (lambda d: d / "scheduler.pt", _tamper),
+    "code-running pickle as rng-rank0.pt": (lambda d: d / "rng-rank0.pt", _tamper),
+    "code-running pickle as .metadata": (lambda d: d / ".metadata", _tamper),
     "everything damaged": (None, None),
 }
 
@@ -117,6 +157,7 @@ def bench_faults(cfg, steps: int = 12, every: int = 5) -> dict:
                 damage(target(step_dir))
             rows.append(_resume_row(cfg, case, case_dir, steps, every, loss_fn, final))
         rows += _nonfinite_rows(cfg, work, steps, every, loss_fn)
+        rows += _trust_rows(cfg, work, clean_dir, steps)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _print(rows, final)
@@ -137,8 +178,14 @@ def _resume_row(cfg, case: str, case_dir: Path, steps: int, every: int, loss_fn,
     said = next((str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)), "")
     start = meta["step"] if meta else 0
     history = run.train(start, ckpt, every, loss_fn)
-    leftovers = sorted(p.name for p in case_dir.iterdir() if p.name.startswith((".tmp-", "latest.tmp-")))
+    ckpt.close()
+    leftovers = sorted(p.name for p in case_dir.iterdir() if temp_run(p.name) is not None)
     outcome = f"resumed from step {start}" + (f"; leftovers {leftovers}" if leftovers else "; no leftovers")
+    if (case_dir / ".tmp-mydata").exists():
+        kept = (case_dir / ".tmp-mydata" / "important.txt").exists() and (case_dir / "latest.tmp-notes").exists()
+        outcome += "; user's .tmp-* kept" if kept else "; user's .tmp-* DELETED"
+    if "pickle" in case:
+        outcome += "; payload RAN" if (case_dir / "payload-ran").exists() else "; nothing ran"
     return {"case": case, "outcome": outcome, "warning": said.split(str(case_dir) + "/")[-1][:110],
             "same_final_loss": history[-1]["loss"] == clean_final, "integrity_file": INTEGRITY}
 
@@ -170,6 +217,59 @@ def _nonfinite_rows(cfg, work: Path, steps: int, every: int, loss_fn) -> list[di
         outcome = f"refused: {str(e).split('. ')[0]}"
     rows.append({"case": "save a NaN parameter", "outcome": outcome[:110],
                  "warning": f"files written: {len(list((work / 'nan-state').glob('step-*')))}", "same_final_loss": None})
+    return rows
+
+
+def _trust_rows(cfg, work: Path, clean_dir: Path, steps: int) -> list[dict]:
+    """A second owner of a folder in use, and a save that hits a full disk (``OSError(ENOSPC)`` injected into DCP's
+    write of the data files, after they are partly written)."""
+    import fcntl
+    import json
+    import os
+
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from ..primitives.checkpoint_trust import LOCK_NAME
+
+    rows = []
+    busy = work / "busy"
+    shutil.copytree(clean_dir, busy)
+    with open(busy / LOCK_NAME, "a+") as other:  # another open file: to flock, that is another owner
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.write(json.dumps({"pid": 4242, "host": "node-7", "since": 0}))
+        other.flush()
+        try:
+            Checkpointer(busy).acquire()
+            outcome = "accepted (a bug)"
+        except DirectoryInUseError as e:
+            outcome = "refused: " + str(e).replace(str(busy), "DIR").split(" since ")[0]
+    rows.append({"case": "second run on a folder in use", "outcome": outcome[:110], "warning": "",
+                 "same_final_loss": None})
+
+    full = work / "full"
+    shutil.copytree(clean_dir, full)
+    run = _Run(cfg, steps)
+    ckpt = Checkpointer(full, keep_last=0)
+    ckpt.load(run.model, run.optimizer, run.scheduler)
+    original = FileSystemWriter.write_data
+
+    def write_then_fill(self, plan, planner):
+        original(self, plan, planner).wait()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    FileSystemWriter.write_data = write_then_fill
+    try:
+        ckpt.save(steps, run.model, run.optimizer, run.scheduler)
+        outcome = "saved (a bug)"
+    except CheckpointDiskFullError as e:
+        outcome = "stopped: " + str(e).split(";")[0].replace(str(full), "DIR")
+    finally:
+        FileSystemWriter.write_data = original
+        ckpt.close()
+    partial = [p.name for p in full.iterdir() if temp_run(p.name) is not None]
+    rows.append({"case": "disk full while saving", "outcome": outcome[:110],
+                 "warning": f"partial left: {partial or 'none'}; checkpoints kept: {ckpt.steps()}",
+                 "same_final_loss": None})
     return rows
 
 

@@ -33,8 +33,11 @@ PLOTS = {"recompute": plots.plot_recompute, "sharding": plots.plot_sharding, "mf
 
 def new_run_dir(out_dir) -> Path:
     """A new, empty ``out_dir/<timestamp>[-k]`` folder (created here; ``mkdir`` without ``exist_ok`` is the lock)."""
-    root = Path(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    root = Path(out_dir).expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"bench.out_dir={str(out_dir)!r} cannot be created: {e}") from None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for k in range(1, 10_000):
         path = root / (stamp if k == 1 else f"{stamp}-{k}")

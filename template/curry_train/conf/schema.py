@@ -204,6 +204,15 @@ class CheckpointConfig:
     thread_count: int = 1
     """DCP writer threads per rank (FileSystemWriter thread_count), >= 1; each writes its own file. 2 doubled
     the raw dcp.save MB/s of a 100M-param state on a quiet 2-core box (`bench checkpoint`)."""
+    allow_unverified: bool = False
+    """Load a checkpoint that has no integrity.json (one written before curry_train recorded it), unchecked and
+    warned; false refuses it (a resume then falls back to an older checkpoint that verifies)."""
+    on_disk_full: str = "stop"
+    """A save that finds the disk full (its partial folder removed, committed checkpoints kept): stop (exit 1) |
+    continue (train on without checkpoints)."""
+    save_on_signal: bool = True
+    """On SIGTERM (a preemption notice: SLURM, Kubernetes), finish the step, save, commit, exit 143; false: SIGTERM
+    ends the run at once (the last committed checkpoint is kept). Needs dir; ignored without it."""
 
 
 @dataclass

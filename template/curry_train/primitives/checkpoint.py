@@ -6,21 +6,29 @@ Layout of ``dir``::
         .metadata, __0_0.distcp, ...   DCP: model + optimizer, every rank writes its own shards
         meta.json           step, world size, ``extra`` (e.g. the data position), written by rank 0
         scheduler.pt        LR scheduler state, rank 0
-        rng-rank0.pt ...    torch / cuda / numpy / python RNG states, one file per rank
+        rng-rank0.pt ...    torch / cuda / numpy / python RNG states as tensors, one file per rank
         integrity.json      every other file's size and sha256 (``checkpoint_files``), written last
     latest                  text file naming the newest complete step directory
-    .tmp-step-00000020/     a save in progress (or one that crashed: ignored, removed by the next save)
+    .curry-train.lock       the owner's lock (``checkpoint_trust.DirectoryLock``: pid, host, since)
+    .curry-train~RUN~step-00000020/   a save in progress by run RUN (or one that crashed: removed by the next run)
 
-Integrity: ``load`` verifies a checkpoint against its ``integrity.json`` before reading it; on resume a damaged
-one (truncated, flipped bytes, garbage or missing metadata) is skipped with a ``CheckpointWarning`` naming the
-file, for the newest older one that verifies; none left is ``CheckpointDamagedError``, one line listing each.
+Trust (``checkpoint_trust``): nothing read from a checkpoint runs code (``.metadata`` through an unpickler that
+builds DCP's metadata classes only, the ``.pt`` files through ``torch.load(weights_only=True)``). Rank 0 holds the
+folder's lock from its first save (``acquire``, or ``train_state.prepare_checkpointing``) to ``close``/``release``;
+a second live run is ``DirectoryInUseError`` naming the holder. Only the lock holder deletes, and only the marked
+temporaries of runs that are over. A save that runs out of disk space removes its partial directory, keeps every
+committed checkpoint and raises ``CheckpointDiskFullError`` (one line: folder, bytes needed, bytes free).
+
+Integrity: ``load`` verifies a checkpoint against its ``integrity.json`` before reading it (a checkpoint without
+one only with ``allow_unverified=True``, warned); on resume a damaged one (truncated, flipped bytes, garbage or
+missing metadata, a file the record does not list) is skipped with a ``CheckpointWarning`` naming the file, for the
+newest older one that verifies; none left is ``CheckpointDamagedError``, one line listing each.
 A state holding NaN/Inf is never committed (``NonFiniteStateError``; a sync save checks it while its files are
-fsynced and removes them, an async save before staging). Leftovers of a killed save (``.tmp-*``
-directories, ``latest.tmp-*``) are removed by the next save.
+fsynced and removes them, an async save before staging).
 
-Atomicity: every rank writes into ``.tmp-step-N`` (rank 0 writes ``.metadata`` only after every rank reported its
-writes done) and fsyncs its files (``checkpoint_files.seal``); rank 0 then writes ``integrity.json``, renames the
-directory to ``step-N`` and only then moves ``latest`` (``checkpoint_layout``). A crash at any point leaves the
+Atomicity: every rank writes into the temporary ``step-N`` (rank 0 writes ``.metadata`` only after every rank
+reported its writes done) and fsyncs its files (``checkpoint_files.seal``); rank 0 then writes ``integrity.json``,
+renames the directory to ``step-N`` and only then moves ``latest`` (``checkpoint_layout``). A crash at any point leaves the
 previous ``latest`` and its directory untouched. Pruning (``keep_last``, ``checkpoint_layout.prune``) runs after
 ``latest`` moved, never removes the directory it names, and deletes on a background thread.
 
@@ -35,52 +43,49 @@ background thread over a dedicated gloo group so it never interleaves with train
 pending save is committed (rename + ``latest``) by ``poll()`` once done, and always waited on before the
 next save and by ``wait()``/``close()`` at exit.
 
-Speed (``bench checkpoint`` measures each): a save first drops the previous checkpoint's clean pages from the page
-cache (``checkpoint_files.drop_page_cache``); a sync save switches off the CRC32 ``torch.save`` computes per record
-(the sha256 covers every byte; async saves keep it: the switch is process-wide) and lets each rank fsync its files
-while it hashes them (``seal``) instead of DCP fsyncing each file before the hashing starts.
+Speed (``bench checkpoint``): a save drops the previous checkpoint's pages from the page cache; a sync save turns
+off ``torch.save``'s per-record CRC32 (the sha256 covers every byte) and fsyncs each file while hashing it (``seal``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 import time
 import warnings
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ._config import config_getter
-from .checkpoint_files import RecordingWriter, drop_page_cache, rng_state, save_fsynced, seal, set_rng_state
+from .checkpoint_files import RecordingWriter, drop_page_cache, seal, write_own_files
 from .checkpoint_files import first_nonfinite, quiet_dcp, verify, without_record_crc32, write_description
-from .checkpoint_experts import as_local
 from .checkpoint_layout import (  # noqa: F401  (LATEST, step_dirname, step_of: part of this module's API)
-    LATEST, TMP_PREFIX, check_writable, complete_steps, latest_complete, point_latest, prune, read_pointer,
+    LATEST, check_writable, complete_steps, latest_complete, point_latest, prune, read_pointer,
     rename_into_place, resume_candidates, step_dirname, step_of,
 )
+from .checkpoint_load import CheckpointDamagedError, CheckpointWarning, load_first_usable, load_one
 from .checkpoint_state import (  # noqa: F401  (CheckpointMismatchError, training_state: part of this module's API)
-    STATE_DICT_OPTIONS, CheckpointMismatchError, _zero1_inner, check_compatible, training_state,
+    CheckpointMismatchError, training_state,
 )
+from .checkpoint_trust import (  # noqa: F401  (the errors: part of this module's API)
+    CheckpointDiskFullError, DirectoryInUseError, DirectoryLock, UntrustedPickleError, new_run_id,
+    remove_stale_temporaries, temp_name,
+)
+from . import checkpoint_failure as save_failure
+from .checkpoint_failure import attempt as _attempt, first_bad as _first_bad, timed as _timed
 
 
-class CheckpointDamagedError(ValueError):
-    """No checkpoint that was asked for (or none of those in ``dir``) passes verification; names each and why."""
+DCP_FAILURES = (Exception, CheckpointException)  # DCP's CheckpointException is a BaseException (not Exception)
 
 
 class NonFiniteStateError(ValueError):
     """The state to save holds NaN or Inf: it is never written (a checkpoint must be a state worth resuming)."""
-
-
-class CheckpointWarning(UserWarning):
-    """A damaged checkpoint was skipped, a ``latest`` pointer was stale, or an RNG state was missing."""
 
 
 def _warn(message: str) -> None:
@@ -100,21 +105,11 @@ def _world_size() -> int:
     return dist.get_world_size() if _distributed() else 1
 
 
-def _first_bad(verdicts: list) -> str | None:
-    """The first rank's ``_nonfinite`` answer (named with its rank when there are several), else None."""
-    named = [(f"{b} (rank {r})" if len(verdicts) > 1 else b) for r, b in enumerate(verdicts) if b is not None]
-    return named[0] if named else None
-
-
-def _timed(fn, *args):
-    clock = time.perf_counter()
-    return fn(*args), time.perf_counter() - clock
-
-
 class Checkpointer:
     """Save / load / prune checkpoints under one directory. Every rank calls every method (they are collective)."""
 
-    def __init__(self, dir, keep_last: int = 2, async_save: bool = False, process_group=None, thread_count: int = 1):
+    def __init__(self, dir, keep_last: int = 2, async_save: bool = False, process_group=None, thread_count: int = 1,
+                 allow_unverified: bool = False):
         if dir is None or str(dir) == "":
             raise ValueError("checkpoint.dir must be a directory path")
         if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
@@ -128,6 +123,12 @@ class Checkpointer:
             raise ValueError(f"checkpoint.thread_count must be an integer >= 1 (DCP writer threads per rank; each "
                              f"writes its own file), got {thread_count!r}")
         self.thread_count = thread_count
+        if not isinstance(allow_unverified, bool):
+            raise ValueError(f"checkpoint.allow_unverified must be true or false, got {allow_unverified!r}")
+        self.allow_unverified = allow_unverified
+        self.run, self._run_shared = new_run_id(), False  # rank 0's id names every temporary (shared at 1st save)
+        self._lock = DirectoryLock(self.dir)
+        weakref.finalize(self, self._lock.release)
         self._group = process_group
         self._group_ready = process_group is not None
         self._pending = None  # (future, step, tmp_dir, final_dir) of an async save not yet committed
@@ -141,15 +142,31 @@ class Checkpointer:
     @classmethod
     def from_config(cls, cfg, process_group=None) -> "Checkpointer":
         """From ``cfg.checkpoint`` (mapping or attribute object): ``dir``, ``keep_last``, ``async_save``,
-        ``thread_count``."""
+        ``thread_count``, ``allow_unverified``."""
         get = config_getter(cfg)
         return cls(get("dir"), keep_last=get("keep_last", 2), async_save=get("async_save", False),
-                   process_group=process_group, thread_count=get("thread_count", 1))
+                   process_group=process_group, thread_count=get("thread_count", 1),
+                   allow_unverified=get("allow_unverified", False))
 
-    # -- paths ---------------------------------------------------------------------------------------
+    # -- paths and ownership -------------------------------------------------------------------------
+    def acquire(self) -> list[str]:
+        """Rank 0 (not collective): become the folder's one owner (``DirectoryInUseError`` naming the holder if a live
+        run is), then delete the marked temporaries of runs that are over; returns their names."""
+        if self._lock.held:
+            return []
+        self._lock.acquire()
+        removed = remove_stale_temporaries(self.dir, self.run)
+        if removed:  # they may be what filled the disk: the holder's name fits now
+            self._lock.note_holder()
+        return removed
+
+    def release(self) -> None:
+        """Give up ownership without waiting for a pending save (``close`` waits first)."""
+        self._lock.release()
+
     def check_writable(self) -> None:
         """Create ``dir`` and write/remove a probe file; ``ValueError`` naming ``checkpoint.dir`` if that fails."""
-        check_writable(self.dir, "checkpoint.dir")
+        check_writable(self.dir, "checkpoint.dir", self.run)
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints in ``dir`` (directories that were renamed into place), ascending."""
@@ -191,6 +208,8 @@ class Checkpointer:
         self.wait()
         group = self._ensure_group()
         rank, world = _rank(), _world_size()
+        if not self._run_shared:
+            self.run, self._run_shared = self._from_rank0(self.run), True
         clock = time.perf_counter()
         state = training_state(model, optimizer)
         self.last_save_seconds = {"state": time.perf_counter() - clock}
@@ -202,37 +221,53 @@ class Checkpointer:
         previous = self.latest_path()
         if previous is not None:  # its pages stay cached but are not needed: freed, the new files can reuse them
             drop_page_cache(previous)
-        tmp, final = self.dir / f"{TMP_PREFIX}{step_dirname(step)}", self.dir / step_dirname(step)
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
-            tmp.mkdir(parents=True)
-        self._barrier()
-        save_fsynced(rng_state(), tmp / f"rng-rank{rank}.pt")
-        if rank == 0:
-            if scheduler is not None:
-                save_fsynced(scheduler.state_dict(), tmp / "scheduler.pt")
-            meta = {"step": step, "world_size": world, "extra": extra, "has_optimizer": optimizer is not None,
-                    "has_scheduler": scheduler is not None, "saved_at": time.time()}
-            with open(tmp / "meta.json", "w") as f:
-                json.dump(meta, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
+        tmp, final = self.dir / temp_name(self.run, step_dirname(step)), self.dir / step_dirname(step)
+        self._agree(_attempt(self._start, tmp)[1] if rank == 0 else None, step, tmp, state)
+        meta = {"step": step, "world_size": world, "extra": extra, "has_optimizer": optimizer is not None,
+                "has_scheduler": scheduler is not None, "saved_at": time.time()}
+        self._agree(_attempt(write_own_files, tmp, meta, scheduler, rank)[1], step, tmp, state)
         # Sync saves fsync their files themselves (``seal``: each file's fsync and sha256 at once); async saves let
         # DCP's writer threads do it, off the training thread.
         writer = RecordingWriter(str(tmp), sync_files=self.async_save, thread_count=self.thread_count)
         self.last_save_seconds["files"] = time.perf_counter() - clock
         clock = time.perf_counter()
+        try:  # DCP shares every rank's write failure: all ranks raise, and all meet in ``_agree``
+            if self.async_save:
+                with quiet_dcp():
+                    future = dcp.async_save(state, storage_writer=writer, process_group=group,
+                                            no_dist=not _distributed())
+            else:
+                with quiet_dcp(), without_record_crc32():
+                    dcp.save(state, storage_writer=writer, process_group=group, no_dist=not _distributed())
+        except DCP_FAILURES as e:
+            self._agree(e, step, tmp, state)
+        self.last_save_seconds["dcp_write"] = time.perf_counter() - clock
         if self.async_save:
-            with quiet_dcp():
-                future = dcp.async_save(state, storage_writer=writer, process_group=group, no_dist=not _distributed())
-            self.last_save_seconds["dcp_write"] = time.perf_counter() - clock
-            self._pending = (future, step, tmp, final)
+            self._pending = (future, step, tmp, final, state)
         else:
-            with quiet_dcp(), without_record_crc32():
-                dcp.save(state, storage_writer=writer, process_group=group, no_dist=not _distributed())
-            self.last_save_seconds["dcp_write"] = time.perf_counter() - clock
             self._seal_and_commit(step, tmp, final, [*writer.written, f"rng-rank{rank}.pt"], state, scheduler)
         return final
+
+    def _start(self, tmp: Path) -> None:
+        """Rank 0: own the folder (first save) and create the temporary directory."""
+        self.acquire()
+        shutil.rmtree(tmp, ignore_errors=True)  # this run's own failed earlier attempt at this step
+        tmp.mkdir(parents=True)
+
+    def _agree(self, error, step: int, tmp: Path, state: dict) -> None:
+        """Collective: return if no rank's ``error`` is set; else remove ``tmp`` and raise on every rank (one line:
+        ``CheckpointDiskFullError`` when a disk filled up, the failing rank's own error there, a ``RuntimeError``
+        naming it elsewhere). Every committed checkpoint is kept."""
+        infos = self._gather(save_failure.info(error, state))
+        if all(i is None for i in infos):
+            return
+        self._fail(step, tmp, infos, error)
+
+    def _fail(self, step: int, tmp: Path, infos: list, error) -> None:
+        free = save_failure.free_bytes(self.dir)  # before the partial directory goes: was the disk full?
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise save_failure.error(step, self.dir, infos, free, self.steps(), error, _rank())
 
     def _seal_and_commit(self, step: int, tmp: Path, final: Path, own_files: list, state: dict, scheduler) -> None:
         """Sync save, after DCP wrote: every rank ``seal``s its own files (fsync + sha256) while a thread checks
@@ -241,19 +276,25 @@ class Checkpointer:
         clock = time.perf_counter()
         with ThreadPoolExecutor(max_workers=1) as checking:
             check = checking.submit(_timed, self._nonfinite, state, scheduler)
-            records = seal(tmp, own_files)
+            records, error = _attempt(seal, tmp, own_files)  # fsync can be where a full disk shows
             bad, self.last_save_seconds["nonfinite_check"] = check.result()
-        everyone = self._gather((bad, records))
+        everyone = self._gather((bad, records, save_failure.info(error, state)))
         self.last_save_seconds["seal"] = time.perf_counter() - clock
-        bad = _first_bad([b for b, _ in everyone])
+        if any(info is not None for _, _, info in everyone):
+            self._barrier()
+            self._fail(step, tmp, [info for _, _, info in everyone], error)
+        bad = _first_bad([b for b, _, _ in everyone])
         if bad is not None:
             if _rank() == 0:
                 shutil.rmtree(tmp, ignore_errors=True)  # written, never committed
             self._barrier()
             self._refuse_nonfinite(step, bad)
+        error = None
         if _rank() == 0:
-            self._commit(tmp, final, {name: r for _, records in everyone for name, r in records.items()})
-        self._barrier()
+            _, error = _attempt(self._commit, tmp, final, {n: r for _, rs, _ in everyone for n, r in rs.items()})
+        info = self._from_rank0(save_failure.info(error, state) if _rank() == 0 else None)
+        if info is not None:
+            self._fail(step, tmp, [info], error)
 
     def _gather(self, value) -> list:
         """``value`` from every rank, in rank order (``[value]`` without a process group)."""
@@ -284,8 +325,8 @@ class Checkpointer:
         write_description(tmp, records)
         self.last_save_seconds["seal"] = self.last_save_seconds.get("seal", 0.0) + time.perf_counter() - clock
         clock = time.perf_counter()
-        rename_into_place(tmp, final)
-        point_latest(final)
+        rename_into_place(tmp, final, self.run)
+        point_latest(final, self.run)
         self._prune(step_of(final))
         self.last_save_seconds["rename"] = time.perf_counter() - clock
 
@@ -293,7 +334,7 @@ class Checkpointer:
         """``checkpoint_layout.prune`` (never a checkpoint after ``latest``); what it renamed away is deleted on a
         thread (torchtitan purges so too), joined by the next save, ``wait()`` and ``close()``."""
         self._join_purger()
-        doomed = prune(self.dir, self.keep_last, latest_step)
+        doomed = prune(self.dir, self.keep_last, latest_step, self.run)
         if doomed:
             self._purger = threading.Thread(target=lambda: [shutil.rmtree(d, ignore_errors=True) for d in doomed],
                                             name="checkpoint-purge", daemon=True)
@@ -316,17 +357,23 @@ class Checkpointer:
         self._join_purger()
         if self._pending is None:
             return None
-        future, step, tmp, final = self._pending
+        future, step, tmp, final, state = self._pending
         self._pending = None
-        future.result()  # re-raises a failed background save: latest was not moved
-        if _rank() == 0:
-            # Rank 0's DCP future completes only after every rank reported its writes done (finish()).
-            self._commit(tmp, final)
+        try:  # not collective (``poll`` calls it when this rank's future is done): each rank reports its own failure
+            future.result()  # re-raises a failed background save: latest was not moved
+            if _rank() == 0:
+                # Rank 0's DCP future completes only after every rank reported its writes done (finish()).
+                self._commit(tmp, final)
+        except DCP_FAILURES as e:
+            self._fail(step, tmp, [save_failure.info(e, state)], e)
         return final
 
     def close(self) -> None:
-        """Wait for the last async save (call at exit: an unwaited save is lost)."""
-        self.wait()
+        """Wait for the last async save (call at exit: an unwaited save is lost), then give up ownership."""
+        try:
+            self.wait()
+        finally:
+            self.release()
 
     # -- load ----------------------------------------------------------------------------------------
     def _from_rank0(self, value):
@@ -344,7 +391,7 @@ class Checkpointer:
 
     def verify(self, path) -> str | None:
         """``checkpoint_files.verify`` run by rank 0, its verdict shared with every rank (``None`` = intact)."""
-        return self._from_rank0(verify(Path(path)) if _rank() == 0 else None)
+        return self._from_rank0(verify(Path(path), self.allow_unverified) if _rank() == 0 else None)
 
     def load(self, model, optimizer=None, scheduler=None, path=None, restore_rng: bool = True) -> dict | None:
         """Load ``path`` (default: the newest checkpoint that verifies) into model/optimizer/scheduler; returns its
@@ -366,64 +413,13 @@ class Checkpointer:
                 _warn(f"{problem}; looking at the step directories instead")
         if not tried:
             return None
-        skipped = []
-        for candidate in tried:
-            reason = self.verify(candidate)
-            if reason is None:
-                try:
-                    meta = self._load_one(candidate, model, optimizer, scheduler, restore_rng)
-                except CheckpointMismatchError:
-                    raise
-                except Exception as e:  # unreadable although it verified (an older checkpoint without integrity.json)
-                    reason = f"loading failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
-            if reason is not None:
-                skipped.append((candidate.name, reason))
-                if path is None:  # an explicit path is one error below, not a warning too
-                    later = " trying an older one" if candidate != tried[-1] else ""
-                    _warn(f"checkpoint {candidate} is damaged: {reason}.{later}")
-                continue
-            meta["skipped"] = skipped
-            return meta
-        raise CheckpointDamagedError(f"no usable checkpoint in {self.dir}: " +
-                                     "; ".join(f"{name}: {reason}" for name, reason in skipped))
+        return load_first_usable(tried, self.verify,
+                                 lambda c: self._load_one(c, model, optimizer, scheduler, restore_rng),
+                                 lambda message: _warn(message), self.dir, explicit=path is not None)
 
-    def _load_one(self, path: Path, model, optimizer, scheduler, restore_rng: bool) -> dict:
-        reader = FileSystemReader(str(path))
-        state = training_state(model, optimizer)
-        check_compatible(reader.read_metadata(), state["model"], path)
-        meta = json.loads((path / "meta.json").read_text())
-        if optimizer is not None and not meta.get("has_optimizer", True):
-            raise CheckpointMismatchError(f"checkpoint {path} holds no optimizer state; load it with optimizer=None")
-        if scheduler is not None and not (path / "scheduler.pt").is_file():
-            raise CheckpointMismatchError(f"checkpoint {path} holds no LR scheduler state; load it with scheduler=None")
-        with quiet_dcp():
-            dcp.load(state, storage_reader=reader, process_group=self._group if self._group_ready else None,
-                     no_dist=not _distributed())
-        state = as_local(state, model)  # expert-parallel banks: back to this rank's slices
-        if optimizer is None:
-            set_model_state_dict(model, state["model"], options=STATE_DICT_OPTIONS)
-        else:
-            inner = _zero1_inner(optimizer)
-            set_state_dict(model, inner or optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                           options=STATE_DICT_OPTIONS)
-            if inner is not None:
-                type(optimizer)._sync_param_groups(inner.param_groups, optimizer.param_groups)
-        if scheduler is not None:
-            scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        meta["path"] = str(path)
-        meta["rng_restored"] = False
-        rng_file = path / f"rng-rank{_rank()}.pt"
-        if not restore_rng:
-            meta["rng_note"] = "not requested"
-        elif meta["world_size"] != _world_size():
-            meta["rng_note"] = (f"saved at world size {meta['world_size']}, loading at {_world_size()}: per-rank RNG "
-                                f"states skipped (model, optimizer, scheduler and step are resharded exactly)")
-        elif rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
-            meta["rng_restored"] = True
-        else:
-            meta["rng_note"] = (f"{rng_file.name} is missing: this rank's RNG state is not restored, so dropout masks "
-                                "and other random draws differ from the original run (model, optimizer and step are "
-                                "exact)")
-            warnings.warn(f"checkpoint {path}: {meta['rng_note']}", CheckpointWarning, stacklevel=3)
+    def _load_one(self, candidate: Path, model, optimizer, scheduler, restore_rng: bool) -> dict:
+        meta, note = load_one(candidate, model, optimizer, scheduler, restore_rng,
+                              self._group if self._group_ready else None, _rank(), _world_size(), _distributed())
+        if note is not None:
+            warnings.warn(note, CheckpointWarning, stacklevel=4)
         return meta

@@ -1,7 +1,8 @@
 """A checkpoint's own files: fsynced writes, per-rank RNG states, and the record of what a complete one holds.
 
 ``save_fsynced`` / ``fsync_path``: data and directory entries on disk before anything points at them.
-``rng_state`` / ``set_rng_state``: torch (CPU and every CUDA device), numpy if loaded, python ``random``.
+``rng_state`` / ``set_rng_state``: torch (CPU and every CUDA device), numpy if loaded, python ``random``, as
+tensors, numbers and strings only, so the file loads with ``torch.load(weights_only=True)``.
 
 ``integrity.json`` in a checkpoint directory lists every other file with its size and sha256 (format 2: the
 sha256 of its 64 MiB blocks' sha256s, ``block_digests``, so one large file hashes on every core; format 1, one
@@ -14,8 +15,13 @@ its complete self.
 file, a size or checksum that differs (expected vs found), unreadable JSON. Hashing reads every byte once
 (about as long as reading the checkpoint back; the checkpoint bench reports it).
 
-Checkpoints written before this file existed have no ``integrity.json``: they are checked for their required
-files only (``.metadata``, ``meta.json``), and a load that still fails on them is reported the same way.
+``integrity.json`` is required: a checkpoint without it fails ``verify`` (one line naming its files), unless the
+caller passes ``allow_unverified=True`` (``checkpoint.allow_unverified``: checkpoints of curry_train versions before
+the record; then only ``.metadata`` and ``meta.json`` are checked). A file in the folder that the record does not
+list fails ``verify`` too, named: a checkpoint the package wrote holds no other file.
+The record guards against accidents (a truncated copy, flipped bits, a half-synced folder, a stray file), not
+against someone who can write the folder: they can rewrite ``integrity.json`` as well. What keeps such a file from
+running code is that nothing here unpickles (``checkpoint_trust``).
 
 ``without_record_crc32()`` / ``quiet_dcp()``: context managers around a DCP call (``torch.save``'s per-record CRC32
 off; DCP's no-process-group warning silenced). ``drop_page_cache(path)``: a file's or folder's clean pages out of the
@@ -81,25 +87,45 @@ def save_fsynced(obj, path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def write_own_files(tmp: Path, meta: dict, scheduler, rank: int) -> None:
+    """A save's files beside DCP's: every rank its RNG states; rank 0 the scheduler's state and ``meta.json``
+    (each fsynced)."""
+    save_fsynced(rng_state(), tmp / f"rng-rank{rank}.pt")
+    if rank == 0:
+        if scheduler is not None:
+            save_fsynced(scheduler.state_dict(), tmp / "scheduler.pt")
+        with open(tmp / "meta.json", "w") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def rng_state() -> dict:
-    """This process's RNG states: torch CPU, every CUDA device, numpy (if loaded) and python ``random``."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """This process's RNG states: torch CPU, every CUDA device, numpy (if loaded) and python ``random``; tensors,
+    numbers and strings only (``torch.load(weights_only=True)`` reads them back)."""
+    version, internal, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(), "python": [version, torch.tensor(internal, dtype=torch.int64), gauss]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     np = sys.modules.get("numpy")  # primitives import only torch; numpy's state matters only if it is in use
     if np is not None:
-        state["numpy"] = np.random.get_state()
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [str(name), torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` returned."""
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    version, internal, gauss = state["python"]
+    internal = internal.tolist() if torch.is_tensor(internal) else internal
+    random.setstate((version, tuple(int(x) for x in internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     np = sys.modules.get("numpy")
     if "numpy" in state and np is not None:
-        np.random.set_state(state["numpy"])
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.asarray(keys.tolist(), dtype=np.uint32), pos, has_gauss, cached))
 
 
 class RecordingWriter(FileSystemWriter):
@@ -195,8 +221,16 @@ def write_description(directory: Path, files: dict | None = None) -> None:
         os.fsync(f.fileno())
 
 
-def verify(directory: Path) -> str | None:
-    """``None`` if ``directory`` is an intact checkpoint, else the first problem found, as one line."""
+def listing(directory: Path, limit: int = 8) -> str:
+    """The files under ``directory``, comma-separated (the first ``limit``, then how many more)."""
+    names = [p.relative_to(directory).as_posix() for p in sorted(Path(directory).rglob("*")) if p.is_file()]
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return (", ".join(names[:limit]) + more) or "none"
+
+
+def verify(directory: Path, allow_unverified: bool = False) -> str | None:
+    """``None`` if ``directory`` is an intact checkpoint, else the first problem found, as one line. Without
+    ``integrity.json`` that is a problem unless ``allow_unverified`` (then only the required files are checked)."""
     for name in REQUIRED:
         if not (directory / name).is_file():
             return f"{name} is missing"
@@ -206,7 +240,10 @@ def verify(directory: Path) -> str | None:
         return f"meta.json is not valid JSON ({e})"
     record = directory / INTEGRITY
     if not record.is_file():
-        return None  # an older checkpoint: nothing more to compare against
+        if allow_unverified:
+            return None
+        return (f"{INTEGRITY} is missing, so none of its files can be checked (files: {listing(directory)}); "
+                "checkpoint.allow_unverified=true loads it unchecked (a checkpoint of curry_train before the record)")
     try:
         described = json.loads(record.read_text())
         files, form = described["files"], described.get("format", 1)
@@ -215,6 +252,9 @@ def verify(directory: Path) -> str | None:
             raise ValueError(f"format {form!r} with records of size and sha256 expected")
     except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
         return f"{INTEGRITY} is unreadable ({e})"
+    stray = unrecorded(directory, files)
+    if stray:
+        return f"{len(stray)} file(s) not listed in {INTEGRITY}: {', '.join(stray[:8])}"
     for name, want in files.items():
         path = directory / name
         if not path.is_file():

@@ -1,9 +1,10 @@
 """The directory ``Checkpointer`` keeps: names, the ``latest`` pointer, and the atomic moves between them.
 
-``step-00000010/`` is a complete checkpoint (``.metadata`` inside), ``.tmp-*`` is a save in progress, a crashed
-one, or a pruned checkpoint being deleted, ``latest`` names the newest committed step directory. Every change is a
-rename of something already fsynced, followed by an fsync of the directory holding it: a crash at any point leaves
-either the old state or the new one.
+``step-00000010/`` is a complete checkpoint (``.metadata`` inside), ``latest`` names the newest committed step
+directory, ``.curry-train~<run>~*`` (``checkpoint_trust.temp_name``) is a save in progress, a crashed one, a pruned
+checkpoint being deleted or a ``latest`` being written, by run ``<run>``. Every change is a rename of something
+already fsynced, followed by an fsync of the directory holding it: a crash at any point leaves either the old state
+or the new one. Nothing here deletes a name it did not make (``remove_stale_temporaries``).
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import shutil
 from pathlib import Path
 
 from .checkpoint_files import fsync_path
+from .checkpoint_trust import remove_stale_temporaries, temp_name
 
 LATEST = "latest"
 STEP_PREFIX = "step-"
-TMP_PREFIX = ".tmp-"
 
 
 def step_dirname(step: int) -> str:
@@ -37,11 +38,11 @@ def complete_steps(directory: Path) -> list[int]:
     return sorted(step_of(p) for p in directory.iterdir() if step_of(p) is not None and (p / ".metadata").is_file())
 
 
-def check_writable(directory: Path, name: str) -> None:
+def check_writable(directory: Path, name: str, run: str) -> None:
     """Create ``directory`` and write/remove a probe file; ``ValueError`` naming ``name`` if that fails."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test-{os.getpid()}"
+        probe = directory / temp_name(run, "write-test")
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
@@ -80,12 +81,12 @@ def resume_candidates(directory: Path) -> list[Path]:
     return [directory / step_dirname(s) for s in found if latest is None or s <= latest]
 
 
-def rename_into_place(tmp: Path, final: Path) -> None:
+def rename_into_place(tmp: Path, final: Path, run: str) -> None:
     """``tmp`` (complete, fsynced) becomes ``final``, replacing an earlier copy of the same step (a re-save after
     a rollback) without a moment in which neither exists."""
     fsync_path(tmp)
     if final.exists():
-        old = final.parent / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
+        old = final.parent / temp_name(run, f"old-{final.name}")
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -94,10 +95,10 @@ def rename_into_place(tmp: Path, final: Path) -> None:
     fsync_path(final.parent)
 
 
-def point_latest(final: Path) -> None:
-    """Make ``latest`` name ``final`` (write ``latest.tmp-PID``, fsync, ``os.replace``, fsync the directory)."""
+def point_latest(final: Path, run: str) -> None:
+    """Make ``latest`` name ``final`` (write a marked temporary, fsync, ``os.replace``, fsync the directory)."""
     directory = final.parent
-    pointer_tmp = directory / f"{LATEST}.tmp-{os.getpid()}"
+    pointer_tmp = directory / temp_name(run, LATEST)
     with open(pointer_tmp, "w") as f:
         f.write(final.name + "\n")
         f.flush()
@@ -106,27 +107,18 @@ def point_latest(final: Path) -> None:
     fsync_path(directory)
 
 
-def remove_leftovers(directory: Path) -> None:
-    """Delete what killed saves leave behind: ``.tmp-*`` directories, ``latest.tmp-*`` and probe files."""
-    for p in directory.iterdir():
-        if p.name.startswith(TMP_PREFIX) and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        elif p.is_file() and (p.name.startswith(f"{LATEST}.tmp-") or p.name.startswith(".write-test-")):
-            p.unlink(missing_ok=True)
-
-
-def prune(directory: Path, keep_last: int, latest_step: int) -> list[Path]:
+def prune(directory: Path, keep_last: int, latest_step: int, run: str) -> list[Path]:
     """Keep the checkpoint ``latest`` names and the ``keep_last - 1`` complete ones before it (``keep_last`` 0: all);
     checkpoints *after* it (an abandoned timeline, from before a rollback) are never touched. The rest are renamed
-    to ``.tmp-purge-step-N`` (out of sight at once, atomically) and returned for the caller to delete. Leftovers of
-    killed saves are removed first."""
-    remove_leftovers(directory)
+    to a marked ``purge-step-N`` temporary of ``run`` (out of sight at once, atomically) and returned for the caller
+    to delete. Marked leftovers of other runs (killed saves) are removed first: call it only holding the lock."""
+    remove_stale_temporaries(directory, run)
     if keep_last == 0:
         return []
     older = [s for s in complete_steps(directory) if s <= latest_step]
     doomed = []
     for s in older[:-keep_last]:
         if s != latest_step:
-            doomed.append(directory / f"{TMP_PREFIX}purge-{step_dirname(s)}")
+            doomed.append(directory / temp_name(run, f"purge-{step_dirname(s)}"))
             os.replace(directory / step_dirname(s), doomed[-1])
     return doomed

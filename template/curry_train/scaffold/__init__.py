@@ -28,7 +28,7 @@ from .add import find_tests_dir
 from .catalog import PACKAGE, PACKAGE_DIR
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
-PLUGIN_ONLY_TESTS = {"test_plugin.py", "test_skills.py", "test_scaffold.py", "test_add.py"}
+PLUGIN_ONLY_TESTS = {"test_plugin.py", "test_skills.py", "test_skill_routing.py", "test_scaffold.py", "test_add.py"}
 RENDERED = {  # template -> path in the repository; recorded in the manifest, refreshed by --update
     "pyproject.toml.j2": "pyproject.toml",
     "Makefile.j2": "Makefile",
@@ -72,9 +72,17 @@ def _test_files() -> dict[str, bytes]:
             if p.name not in PLUGIN_ONLY_TESTS and _shipped(p)}
 
 
+def toml_string(value: str) -> str:
+    """``value`` as a quoted TOML basic string (quotes, backslashes and control characters escaped)."""
+    import json
+
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def _render(templates: dict[str, str], context: dict) -> dict[str, bytes]:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES_DIR), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True)
+    env.filters["toml"] = toml_string
     return {target: env.get_template(t).render(**context).encode() for t, target in templates.items()}
 
 
@@ -91,7 +99,7 @@ def vendored_files(name: str, description: str) -> dict[str, bytes]:
 def _check_not_self(repo: Path) -> None:
     if (repo / PACKAGE).resolve() == PACKAGE_DIR:
         raise ValueError(f"{repo} holds the curry_train that is running: updating it from itself changes nothing. "
-                         "Run a newer curry-train's scaffold --update (the plugin's bin/curry-train) on it")
+                         "Run a newer curry-train's scaffold --update (the plugin's scripts/curry-train) on it")
 
 
 def scaffold(dest: str | Path, name: str | None = None, description: str | None = None, force: bool = False,

@@ -31,7 +31,7 @@ def find_tests_dir() -> Path:
         if (candidate / "primitives").is_dir():
             return candidate
     raise FileNotFoundError(f"cannot find the curry-train tests beside {PACKAGE_DIR}: this copy of curry_train was "
-                            "installed without them; run the plugin's runner (bin/curry-train) instead")
+                            "installed without them; run the plugin's runner (scripts/curry-train) instead")
 
 
 def listing() -> str:
@@ -80,8 +80,13 @@ def add(names: list[str], dest: str | Path = ".", tests: str | None = None, forc
     installed = list((manifest or {}).get("primitives", []))
     names = [n for n in PRIMITIVES if n in installed or n in names]  # earlier adds stay: their files are not removed
     tests_rel = tests or (manifest or {}).get("tests_dir") or DEFAULT_TESTS
+    if Path(tests_rel).expanduser().is_absolute():  # an absolute path inside DEST is taken relative to it
+        absolute = Path(tests_rel).expanduser().resolve()
+        if absolute != repo and repo not in absolute.parents:
+            raise ValueError(f"--tests {tests}: {absolute} is outside --dest {repo}; give a folder inside it")
+        tests_rel = absolute.relative_to(repo).as_posix()
     tests_rel = Path(tests_rel).as_posix().strip("/")
-    if Path(tests_rel).is_absolute() or ".." in Path(tests_rel).parts:
+    if not tests_rel or tests_rel == "." or ".." in Path(tests_rel).parts:
         raise ValueError(f"--tests {tests}: give a folder inside the repository (relative to --dest)")
     files = collect(names, tests_rel)
     report = vendor.plan(repo, files, old, force, __version__)
@@ -100,5 +105,8 @@ def summary(result: AddResult, names: list[str]) -> str:
         p = PRIMITIVES[name]
         out += ["", f"# {name}: {p.summary}", f"# in your training code ({p.skill} explains the why and the numbers):",
                 p.usage.rstrip("\n")]
-    out += ["", f"tests: python -m pytest {result.tests_dir}"]
+    out += ["", f"tests: python -m pytest {result.tests_dir}",
+            "bench, train and the other tools: `python -m curry_train` needs the whole package (a scaffolded repo); "
+            "here run them through the plugin: /curry-train:bench-run SECTION, or <plugin-folder>/scripts/curry-train "
+            "SUBCOMMAND ..."]
     return "\n".join(out)

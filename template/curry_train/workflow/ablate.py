@@ -292,6 +292,19 @@ def _check_arms(arms) -> dict[str, list[str]]:
     return out
 
 
+def _validate_every_arm(arms: dict, base_overrides, steps: int | None, seed: int) -> None:
+    """Compose and ``validate`` every arm's config before any run: a bad key in the last arm is one line naming the
+    arm, not an error after the first arms have run."""
+    from ..config import load_config, validate
+
+    for name, overrides in arms.items():
+        try:
+            validate(load_config([*base_overrides, *overrides, f"seed={seed}",
+                                  *([f"train.steps={steps}"] if steps is not None else [])]))
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"arm {name!r}: {e}") from None
+
+
 def _check_overrides(name: str, overrides) -> list[str]:
     if not isinstance(overrides, (list, tuple)) or not all(isinstance(o, str) for o in overrides):
         raise ValueError(f"{name} must be a list of Hydra overrides (strings), got {overrides!r}")
@@ -325,6 +338,7 @@ def ablate(arms: dict, seeds=3, steps: int | None = 100, base_overrides=(), metr
     if min_effect is not None:
         positive_float("min_effect", min_effect, "(or None: 1% of the baseline mean)")
     positive_int("val_batches", val_batches)
+    _validate_every_arm(arms, base_overrides, steps, seed_list[0])
 
     results: list[ArmResult] = []
     base_curves: list = []  # the baseline's seed curves: the kill rule for every later run (kill=True)
