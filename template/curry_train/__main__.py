@@ -1,5 +1,4 @@
-"""Command line: ``python -m curry_train {train,bench,config,add,scaffold,preflight,lr-range,plan,ablate} ...``
-(``--help`` on each)."""
+"""Command line: ``python -m curry_train COMMAND ...`` (``COMMANDS`` below; ``--help`` on each)."""
 
 from __future__ import annotations
 
@@ -27,6 +26,13 @@ EPILOG = """examples:
   python -m curry_train ablate --arm base= --arm wide=model.n_embd=128 --seeds 3 --steps 50   # is the idea real?
   python -m curry_train train checkpoint.dir=ckpt checkpoint.every=50 train.spike.enabled=true   # roll back on a loss spike
   python -m curry_train plan --params 7.5e9 --gpus 64          # which layout fits and is fastest, before renting
+  python -m curry_train tokenizer --vocab-size 8192 data.path=corpus/ --out tok   # byte-level BPE, offline
+  python -m curry_train prepare data.path='corpus/*.jsonl' data.tokenizer=tok --out data   # shards, any size
+  python -m curry_train train data.prepared=data data.tokenizer=tok model.vocab_size=8192 train.eval_every=50 \
+      train.tensorboard_dir=tb checkpoint.dir=ckpt checkpoint.every=100
+  python -m curry_train sample checkpoint.dir=ckpt --prompt "def main(" --max-new-tokens 200
+  python -m curry_train export checkpoint.dir=ckpt --out hf_model    # transformers GPT2LMHeadModel folder
+  python -m curry_train plot metrics.jsonl --out loss.png
   python -m curry_train scaffold ../my-llm                     # new repo with this code, its tests, make test/bench
   python -m curry_train scaffold --update ../my-llm            # refresh it from this curry_train (edits are kept)
   python -m curry_train add recompute grad_accum --dest ../their-repo   # copy primitives into an existing repo
@@ -36,6 +42,15 @@ Your model: model._target_=pkg.module.factory is built with hydra.utils.instanti
 keyword argument (no + needed); model(x) on token ids 0..255 returns logits (a tensor, .logits or a tuple), else
 name train.loss._target_=pkg.module.fn, fn(model, (x, y)) -> (loss_sum, n_valid). Both are checked before training.
 """
+
+
+RUN_HELP = {  # the run's own commands (run_cli.py), each with its own --help
+    "tokenizer": "train a byte-level BPE tokenizer on data.path (offline), saved in the Hugging Face format",
+    "prepare": "tokenize text / JSON lines / Parquet in worker processes into memmapped token shards + val shard",
+    "sample": "print text the newest checkpoint writes from --prompt (temperature, top-k, seed)",
+    "export": "a checkpoint as a Hugging Face model folder (GPT2LMHeadModel safetensors + config + tokenizer)",
+    "plot": "train and validation loss curves of a metrics file (train.metrics_file) as a PNG",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,12 +132,18 @@ def _scaffold(args, parser) -> int:
     return 0
 
 
-WORKFLOW = {  # subcommands with their own argument parsing (workflow/): name -> (module, function)
-    "preflight": ("preflight", "preflight_main"),
-    "lr-range": ("lr_range", "lr_range_main"),
-    "plan": (None, "plan_main"),
-    "ablate": ("ablate_cli", "ablate_main"),
+WORKFLOW = {  # subcommands with their own argument parsing: name -> (module, function)
+    "preflight": ("workflow.preflight", "preflight_main"),
+    "lr-range": ("workflow.lr_range", "lr_range_main"),
+    "plan": ("plan", "plan_main"),
+    "ablate": ("workflow.ablate_cli", "ablate_main"),
+    "tokenizer": ("run_cli", "tokenizer_main"),
+    "prepare": ("run_cli", "prepare_main"),
+    "sample": ("run_cli", "sample_main"),
+    "export": ("run_cli", "export_main"),
+    "plot": ("run_cli", "plot_main"),
 }
+COMMANDS = "{train,bench,config,add,scaffold,preflight,lr-range,plan,ablate,tokenizer,prepare,sample,export,plot}"
 
 
 def _main(argv: list[str] | None) -> int:
@@ -131,16 +152,16 @@ def _main(argv: list[str] | None) -> int:
         import importlib
 
         module, fn = WORKFLOW[argv[0]]
-        module = f".workflow.{module}" if module else f".{argv[0]}"
-        return getattr(importlib.import_module(module, __package__), fn)(argv[1:])
+        return getattr(importlib.import_module(f".{module}", __package__), fn)(argv[1:])
     from .bench import BENCH_HELP, BENCHES, quick_help
 
     parser = argparse.ArgumentParser(
         prog="python -m curry_train", description="curry_train: LLM-training primitives you can run, test and measure.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{train,bench,config,add,scaffold,preflight,lr-range,plan,ablate}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar=COMMANDS)
+    for name, text in RUN_HELP.items():
+        sub.add_parser(name, help=text)
     sub.add_parser("preflight", help="checks before a long run: initial loss, gradients, NaN, overfit one batch, "
                                      "causality (workflow/preflight.py; preflight --help)")
     sub.add_parser("plan", help="memory, bubble, communication and step time per dp x tp x pp x cp layout, ranked, "

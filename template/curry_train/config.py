@@ -37,13 +37,15 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .conf.schema import Config, ModelConfig, field_docs, register
 from .data import check_text_file
+from .prepared_data import open_prepared
+from .tokenizer import check_vocab, load_tokenizer
 from .primitives import GradientAccumulation
 from .primitives._checks import (boolean, choice, fraction, integer, non_negative_float, non_negative_int,
                                  positive_float, positive_int, prefixed)
 from .primitives.distributed_optimizer import check_options
 from .primitives.loss_spike import LossSpikeWatchdog
 from .primitives.recompute import parse_recompute
-from .user_model import USER_PRESET, ModelInfo, check_model, user_overrides
+from .user_model import USER_PRESET, ModelInfo, check_model, user_overrides, user_target
 from .config_parallel import (  # noqa: F401  (re-exported: callers import them from here)
     check_context_parallel_config, check_parallel, check_parallelize_config, check_tensor_parallel_config,
     data_parallel_size, model_shapes, pipeline_settings,
@@ -159,7 +161,8 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     choice("device", cfg.device, DEVICES)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda but torch.cuda.is_available() is False; use device=cpu or device=auto")
-    model = check_model(cfg)  # a user's model: built once on CPU, tried on a 1 x 2 batch
+    tokenizer = _check_tokenizer(cfg)
+    model = check_model(cfg, tokenizer.vocab_size)  # a user's model: built once on CPU, tried on a 1 x 2 batch
     _check_train(cfg.train, model)
     _check_data(cfg.data, cfg.train)
     _check_checkpoint(cfg.checkpoint)
@@ -211,7 +214,24 @@ def _check_train(t, model: ModelInfo) -> None:
                              "create it, or use a file in an existing folder")
         if path.is_dir():
             raise ValueError(f"train.metrics_file={t.metrics_file!r} is a folder; give a file path (JSON lines)")
+    non_negative_int("train.eval_every", t.eval_every, "(0 = never)")
+    positive_int("train.eval_batches", t.eval_batches)
+    if t.tensorboard_dir is not None and Path(str(t.tensorboard_dir)).expanduser().is_file():
+        raise ValueError(f"train.tensorboard_dir={t.tensorboard_dir!r} is a file; give a folder (created if missing)")
     # train.recompute / recompute_every_n: check_parallelize_config
+
+
+def _check_tokenizer(cfg):
+    """``data.tokenizer`` loads (a local file, never a download) and the GPT's ``model.vocab_size`` covers its ids
+    (a user's model is checked by ``check_model``); ``model.init_from`` is a folder. Returns the tokenizer."""
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if user_target(cfg.model) is None:
+        check_vocab(cfg.model.vocab_size, tokenizer)
+    init_from = cfg.model.get("init_from")
+    if init_from is not None and not Path(str(init_from)).expanduser().is_dir():
+        raise FileNotFoundError(f"model.init_from={init_from!r}: no such folder (a Hugging Face model folder, e.g. "
+                                "what `python -m curry_train export` wrote)")
+    return tokenizer
 
 
 def warmup_warning(t) -> str | None:
@@ -226,12 +246,26 @@ def warmup_warning(t) -> str | None:
 
 
 def _check_data(d, t) -> None:
+    if not isinstance(d.text_key, str) or not d.text_key:
+        raise ValueError(f"data.text_key must be a non-empty string (the JSON-lines field / Parquet column), got "
+                         f"{d.text_key!r}")
     positive_int("data.max_bytes", d.max_bytes)
     fraction("data.val_fraction", d.val_fraction, include_high=False)
     boolean("data.variable_length", d.variable_length)
     positive_int("data.min_len", d.min_len)
     if d.variable_length:
         integer("data.min_len", d.min_len, 1, t.seq_len, f"(train.seq_len={t.seq_len} with data.variable_length)")
+    if d.prepared is not None:
+        if d.path is not None:
+            raise ValueError(f"data.prepared={d.prepared!r} and data.path={d.path!r}: give one (data.prepared "
+                             "replaces data.path)")
+        meta = open_prepared(d.prepared, d.tokenizer)  # written by data.tokenizer, every shard its recorded size
+        for split in ("train", "val") if t.eval_every else ("train",):
+            if meta["tokens"][split] <= t.seq_len + 1:
+                raise ValueError(f"data.prepared={d.prepared!r} holds {meta['tokens'][split]} {split} tokens; need "
+                                 f"more than train.seq_len + 1 = {t.seq_len + 1}"
+                                 f"{' (train.eval_every > 0)' if split == 'val' else ''}")
+        return
     if d.path is None:
         key, size = "data.max_bytes", d.max_bytes
     else:
@@ -241,6 +275,10 @@ def _check_data(d, t) -> None:
         given = d.path if d.path is not None else d.max_bytes
         raise ValueError(f"{key}={given!r} gives {size} bytes ({n_train} for training after data.val_fraction="
                          f"{d.val_fraction}); need more than train.seq_len + 1 = {t.seq_len + 1} training bytes")
+    if t.eval_every and size - n_train <= t.seq_len + 1:
+        raise ValueError(f"train.eval_every={t.eval_every} needs more than train.seq_len + 1 = {t.seq_len + 1} "
+                         f"held-out tokens; data.val_fraction={d.val_fraction} of {size} bytes leaves "
+                         f"{size - n_train}: raise data.val_fraction")
 
 
 def _check_checkpoint(c) -> None:

@@ -7,7 +7,9 @@
   until ``max_bytes``. The result is cached as a tensor file keyed by Python version and size.
 * ``path="/some/file.txt"``: the user's own text file, as bytes.
 
-``Batches`` cuts deterministic batches out of it: the global batch of optimizer step ``s`` depends only
+``token_streams(cfg)`` gives the train and validation streams through ``data.tokenizer`` (``tokenizer.py``), or
+``data.prepared``'s memmapped shards (``prepared_data.py``: any size). ``Batches`` cuts deterministic batches out
+of a stream (a tensor or a ``prepared_data.ShardStream``): the global batch of optimizer step ``s`` depends only
 on ``(seed, s)``, so a data-parallel run sees exactly the rows a single process would, and a resumed run
 continues with the batches an uninterrupted one would have drawn (the data position *is* the step).
 With ``variable_length=True`` each row is a random-length sequence right-padded with ``PAD_TOKEN``
@@ -76,7 +78,8 @@ def check_text_file(path) -> Path:
     p = Path(str(path)).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"data.path={path!r}: no such file (give a text file, or leave data.path unset "
-                                "for the embedded corpus)")
+                                "for the embedded corpus; a folder, a glob, JSON lines or Parquet: `python -m "
+                                "curry_train prepare data.path=... --out DIR`, then train with data.prepared=DIR)")
     return p
 
 
@@ -162,10 +165,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_batches(cfg) -> Batches:
-    """The training batches ``cfg.data`` and ``cfg.train`` describe (the validation split held out)."""
-    tokens = load_tokens(cfg.data.path, cfg.data.max_bytes)
-    train_tokens, _ = split(tokens, cfg.data.val_fraction)
+def encode_text_tokens(path, max_bytes: int, tokenizer) -> torch.Tensor:
+    """``data.path`` (or the embedded corpus) encoded by a non-byte ``tokenizer`` in memory, as int64 ids (for a
+    corpus larger than memory: ``prepare`` it and train with ``data.prepared``)."""
+    raw = bytes(load_tokens(path, max_bytes).numpy())
+    return torch.tensor(tokenizer.encode(raw.decode("utf-8", errors="replace")), dtype=torch.int64)
+
+
+def token_streams(cfg):
+    """``(train, val)`` token streams: ``data.prepared``'s memmapped shards (``prepared_data``), or ``data.path`` /
+    the embedded corpus through ``data.tokenizer`` with the tail ``data.val_fraction`` held out (``split``)."""
+    from .tokenizer import load_tokenizer
+
+    d = cfg.data
+    if d.prepared is not None:
+        from .prepared_data import open_prepared, prepared_stream
+
+        meta = open_prepared(d.prepared, d.tokenizer)
+        return prepared_stream(meta, "train"), prepared_stream(meta, "val")
+    tokenizer = load_tokenizer(d.tokenizer)
+    if tokenizer.kind == "bytes":
+        tokens = load_tokens(d.path, d.max_bytes)
+    else:
+        tokens = encode_text_tokens(d.path, d.max_bytes, tokenizer)
+    return split(tokens, d.val_fraction)
+
+
+def build_batches(cfg, streams=None) -> Batches:
+    """The training batches ``cfg.data`` and ``cfg.train`` describe (the validation split held out);
+    ``streams``: ``token_streams(cfg)`` if the caller already has them."""
+    train_tokens, _ = streams or token_streams(cfg)
     return Batches(
         train_tokens, cfg.train.batch_size, cfg.train.seq_len, seed=cfg.seed,
         variable_length=cfg.data.variable_length, min_len=cfg.data.min_len,

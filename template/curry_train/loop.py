@@ -269,6 +269,7 @@ def run_training_steps(
     prepare=None,
     expert_parallel=None,
     spike: SpikeRollback | None = None,
+    evaluate=None,
 ) -> list[dict]:
     """Train from ``start_step`` up to ``steps``; returns one metrics dict per step.
 
@@ -292,6 +293,9 @@ def run_training_steps(
     sustained spike it reloads the last good checkpoint, the step's update is not applied, ``metrics["rollback"]``
     holds the record and the loop goes on with the next step's data. ``metrics["spike"]`` is True while a spike is
     in progress (the checkpoint hook does not save then).
+
+    ``evaluate(model, step) -> float | None`` (``evaluate.Evaluator``), if given, runs after each optimizer step; a
+    number goes into ``metrics["val_loss"]``, the log line and the progress bar.
     """
     pp_group, owns = (schedule.group, schedule.owns) if schedule is not None else (None, None)
     model.train()
@@ -341,16 +345,20 @@ def run_training_steps(
             "tokens_per_s": global_tokens / dt,
             "skipped": skipped,
         }
+        val_loss = evaluate(model, step) if evaluate is not None else None
+        if val_loss is not None:
+            metrics["val_loss"] = val_loss
         if spike is not None:
             metrics["spike"] = spike.in_spike
         if rollback is not None:
             metrics["rollback"] = rollback
         history.append(metrics)
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-        if log_every and (step % log_every == 0 or step == steps - 1):
+        val = {"val_loss": f"{val_loss:.4f}"} if val_loss is not None else {}
+        bar.set_postfix(loss=f"{loss:.4f}", **val, tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if log_every and (step % log_every == 0 or step == steps - 1 or val_loss is not None):
             tqdm.write(
-                f"step {step:5d} | loss {loss:.4f} | lr {metrics['lr']:.2e} | grad norm {norm:.3f} | "
-                f"{metrics['tokens_per_s']:.0f} tok/s"
+                f"step {step:5d} | loss {loss:.4f}{f' | val loss {val_loss:.4f}' if val_loss is not None else ''} | "
+                f"lr {metrics['lr']:.2e} | grad norm {norm:.3f} | {metrics['tokens_per_s']:.0f} tok/s"
             )
         if on_step is not None:
             on_step(step, metrics)

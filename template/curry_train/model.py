@@ -81,6 +81,7 @@ class GPTConfig:
         """Build from a mapping or attribute object (e.g. Hydra's ``cfg.model``); unknown keys are an error."""
         data = dict(cfg.items()) if hasattr(cfg, "items") else dict(vars(cfg))
         data.pop("name", None)
+        data.pop("init_from", None)  # the run's key (export_hf.init_from), not the shape's
         allowed = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - allowed)
         if unknown:

@@ -22,12 +22,15 @@ from __future__ import annotations
 from . import distributed, stopping, train_state
 from .context_batches import cp_microbatch
 from .config import pipeline_settings, validate, warmup_warning
-from .data import build_batches, seed_everything
+from .data import build_batches, seed_everything, token_streams
+from .evaluate import Evaluator
+from .export_hf import init_from
 from .loop import SpikeRollback, build_optimizer, build_scheduler, run_training_steps, token_loss_sum
 from .parallelize import ExpertParallel, parallelize
 from .primitives import GradientAccumulation, ParallelState, PipelineSchedule
 from .primitives.blocks import find_blocks
 from .primitives.loss_spike import LossSpikeWatchdog
+from .run_logging import TensorBoardLog, with_tensorboard
 from .stages import StageModules, split_model
 from .user_model import build_loss, build_model, model_name, n_params
 
@@ -61,10 +64,11 @@ def _train(cfg, world_size, ckpt, fault_step, corrupt_steps, signal_at, sigterm,
     device = distributed.resolve_device(cfg.device)
 
     seed_everything(cfg.seed)  # same initial weights on every rank
-    model = build_model(cfg).to(device)  # the reference GPT, or model._target_ (user_model.py)
+    model = init_from(build_model(cfg), cfg).to(device)  # the GPT or model._target_; model.init_from's weights
     # parallel.ep > 1: each rank keeps its slice of every MoE layer's (same-seed) expert bank; DDP ignores the slices
     expert_parallel = ExpertParallel(model, ps) if ps.ep > 1 else None
-    batches = build_batches(cfg)
+    streams = token_streams(cfg)  # train, val: data.prepared's memmapped shards or data.path through data.tokenizer
+    batches = build_batches(cfg, streams)
     if corrupt_steps is not None:
         batches = train_state.CorruptedBatches(batches, corrupt_steps)
     ga = GradientAccumulation.from_config(cfg.train)
@@ -104,19 +108,29 @@ def _train(cfg, world_size, ckpt, fault_step, corrupt_steps, signal_at, sigterm,
                           on_load=lambda: train_state.apply_optimizer_settings(optimizer, scheduler, cfg)) \
         if watchdog is not None else None
     start_step = train_state.resume(ckpt, model, optimizer, scheduler, cfg, watchdog)
+    loss_fn = build_loss(cfg) if t.loss is not None else None  # train.loss._target_ (user_model.py)
+    evaluator = Evaluator(cfg, streams[1], dp_rank=ps.dp_rank, dp_size=dp_size, dp_group=dp_group, device=device,
+                          n_micro=ga.steps, loss_fn=loss_fn, prepare=prepare,
+                          loss_parallel=cfg.parallel.loss_parallel, schedule=schedule) if t.eval_every else None
+    tensorboard = TensorBoardLog(t.tensorboard_dir, getattr(model, "flops_per_token", lambda: None)()) \
+        if t.tensorboard_dir and rank == 0 else None
     progress[0] = train_state.step_hook(cfg, ckpt, model, optimizer, scheduler, fault_step, watchdog,
                                         resumed_from=start_step, sigterm=sigterm, signal_at=signal_at)
     history = run_training_steps(
         model, optimizer, scheduler, batches, ga, t.steps, start_step=start_step,
         dp_rank=ps.dp_rank, dp_size=dp_size, dp_group=dp_group, device=device, grad_clip=t.grad_clip,
         log_every=t.log_every if rank == 0 else 0, progress=t.progress and rank == 0, schedule=schedule,
-        on_step=progress[0],
-        loss_fn=build_loss(cfg) if t.loss is not None else None,  # train.loss._target_ (user_model.py)
+        on_step=with_tensorboard(progress[0], tensorboard),
+        loss_fn=loss_fn, evaluate=evaluator,
         nonfinite_patience=t.nonfinite_patience, loss_parallel=cfg.parallel.loss_parallel, prepare=prepare,
         expert_parallel=expert_parallel, spike=spike,
     )
     train_state.finish(ckpt)  # an async save still in flight is waited for and committed
+    if tensorboard is not None:
+        tensorboard.close()
     if rank == 0 and history:
         first, last = history[0], history[-1]
-        print(f"done: loss {first['loss']:.4f} -> {last['loss']:.4f} in {len(history)} steps")
+        vals = [h["val_loss"] for h in history if "val_loss" in h]
+        val = f"; val loss {vals[0]:.4f} -> {vals[-1]:.4f} in {len(vals)} evaluations" if vals else ""
+        print(f"done: loss {first['loss']:.4f} -> {last['loss']:.4f} in {len(history)} steps{val}")
     return history

@@ -39,8 +39,9 @@ from .model import GPT, GPTConfig
 from .primitives.blocks import find_blocks
 from .primitives.model_io import forward, forward_loss_sum, logits_of
 
-VOCAB = 256  # byte-level data: token ids 0..255
+VOCAB = 256  # byte-level data (data.tokenizer=bytes): token ids 0..255
 HYDRA_KEYS = frozenset({"_target_", "_args_", "_partial_", "_recursive_", "_convert_"})
+RUN_KEYS = frozenset({"init_from"})  # model.* keys the run reads (export_hf.init_from), never the factory's
 # where a model says how long a sequence it takes: on itself or on its config object, first found wins
 CONTEXT_ATTRS = ("block_size", "max_seq_len", "max_position_embeddings", "n_positions", "n_ctx", "context_length")
 CONFIG_ATTRS = ("", "config", "cfg", "model_args", "args")
@@ -97,7 +98,7 @@ def n_params(model: nn.Module) -> int:
 
 def _kwargs(node) -> dict:
     """The keyword arguments of a ``_target_`` node (its keys but Hydra's own)."""
-    return {str(k): v for k, v in node.items() if k not in HYDRA_KEYS}
+    return {str(k): v for k, v in node.items() if k not in HYDRA_KEYS | RUN_KEYS}
 
 
 def _args(node) -> tuple:
@@ -168,8 +169,9 @@ def build_model(cfg) -> nn.Module:
     from hydra.utils import instantiate
 
     locate(target, "model._target_")
+    node = {k: v for k, v in cfg.model.items() if k not in RUN_KEYS}
     try:
-        model = instantiate(cfg.model, _convert_="all")
+        model = instantiate(node, _convert_="all")
     except Exception as e:
         cause = e.__cause__ or e
         raise ValueError(f"model._target_={target} raised {type(cause).__name__}: {' '.join(str(cause).split())}") \
@@ -239,11 +241,16 @@ def _short(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _dry_run(model: nn.Module, loss_fn, name: str, loss_path: str | None) -> None:
-    """One forward (and loss) on a 1 x 2 batch holding the largest byte: every way it fails is one line."""
-    x = torch.tensor([[VOCAB - 1, 0]])
-    batch = (x, torch.tensor([[0, VOCAB - 1]]))
-    shape = "the pair (x, y), x int64 of shape (1, 2) with ids 0..255"
+def _ids(vocab: int) -> str:
+    return "the data are bytes (token ids 0..255)" if vocab == VOCAB else \
+        f"the data's token ids are 0..{vocab - 1} (data.tokenizer)"
+
+
+def _dry_run(model: nn.Module, loss_fn, name: str, loss_path: str | None, vocab: int = VOCAB) -> None:
+    """One forward (and loss) on a 1 x 2 batch holding the largest token id: every way it fails is one line."""
+    x = torch.tensor([[vocab - 1, 0]])
+    batch = (x, torch.tensor([[0, vocab - 1]]))
+    shape = f"the pair (x, y), x int64 of shape (1, 2) with ids 0..{vocab - 1}"
     with torch.no_grad():
         if loss_path is not None:
             try:
@@ -269,15 +276,16 @@ def _dry_run(model: nn.Module, loss_fn, name: str, loss_path: str | None) -> Non
             raise ValueError(f"{name}: model(x) on x of shape (1, 2) returned logits of shape {tuple(logits.shape)}; "
                              "need (batch, seq, vocab) with one prediction per position, or name a loss: "
                              "train.loss._target_=pkg.module.fn")
-        if logits.shape[-1] < VOCAB:
-            raise ValueError(f"{name}: its logits have {logits.shape[-1]} classes; the data are bytes (token ids "
-                             f"0..255): build it with a vocab_size >= {VOCAB}")
+        if logits.shape[-1] < vocab:
+            raise ValueError(f"{name}: its logits have {logits.shape[-1]} classes; {_ids(vocab)}: build it with a "
+                             f"vocab_size >= {vocab}")
         forward_loss_sum(model, batch)
 
 
-def check_model(cfg) -> ModelInfo:
+def check_model(cfg, vocab: int = VOCAB) -> ModelInfo:
     """Every error the configured model (and ``train.loss``) would raise in ``train`` or a bench, found in one
-    process; returns what ``validate`` checks ``train.seq_len`` and the pipeline split against."""
+    process; returns what ``validate`` checks ``train.seq_len`` and the pipeline split against. ``vocab``: the
+    tokenizer's id count (``data.tokenizer``; 256 for bytes), which the model must embed."""
     target, loss_node = user_target(cfg.model), cfg.train.loss
     loss_path = loss_node.get("_target_") if hasattr(loss_node, "get") else None
     if target is None:
@@ -299,11 +307,11 @@ def check_model(cfg) -> ModelInfo:
         model = build_model(cfg)
     name = model_name(cfg)
     if target is not None:
-        vocab, where = input_vocab(model)
-        if vocab is not None and vocab < VOCAB:
-            raise ValueError(f"{name} embeds {vocab} token ids ({where}); the data are bytes (token ids 0..255): "
-                             f"build it with a vocab_size >= {VOCAB}")
+        embeds, where = input_vocab(model)
+        if embeds is not None and embeds < vocab:
+            raise ValueError(f"{name} embeds {embeds} token ids ({where}); {_ids(vocab)}: "
+                             f"build it with a vocab_size >= {vocab}")
         context, source = context_length(model)
         info = ModelInfo(name, context, source, len(find_blocks(model)))
-    _dry_run(model, loss_fn, name, loss_path)
+    _dry_run(model, loss_fn, name, loss_path, vocab)
     return info

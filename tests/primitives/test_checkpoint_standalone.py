@@ -90,6 +90,9 @@ def test_directory_layout_latest_pointer_and_pruning(tmp_path):
         assert (tmp_path / "latest").read_text().strip() == step_dirname(s)
     assert ckpt.steps() == [3, 4] and ckpt.latest_path() == tmp_path / "step-00000004"
     ckpt.wait()  # pruned checkpoints are deleted on a thread; wait() (and the next save, and close()) joins it
+    # the Checkpointer owns the folder while it is open (an advisory lock file); close() releases and removes it
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".curry-train.lock", "latest", "step-00000003", "step-00000004"]
+    ckpt.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000003", "step-00000004"]
     files = {p.name for p in (tmp_path / "step-00000004").iterdir()}
     assert {".metadata", "meta.json", "scheduler.pt", "rng-rank0.pt"} <= files

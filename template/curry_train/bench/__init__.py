@@ -10,7 +10,8 @@ Every run writes a new folder ``bench.out_dir/<timestamp>/`` (``report.new_run_d
 ``report.md`` (every table, the machine, the config, the command), ``report.json`` (every number) and the PNGs,
 rewritten after each bench so that a run stopped half way keeps what it measured.
 
-One module per bench (``loop``, ``ga``, ``recompute``, ``sharding``, ``pipeline``, ``checkpoint``, ``mfu``, ``faults``, ``tp``, ``cp``, ``moe``),
+One module per bench (``loop``, ``ga``, ``recompute``, ``sharding``, ``pipeline``, ``checkpoint``, ``mfu``, ``faults``, ``tp``, ``cp``, ``moe``,
+``data``),
 helpers they share in ``common``, device and rank counts in ``machine``, plots in ``plots``, the report in ``report``.
 """
 
@@ -37,6 +38,7 @@ BENCHES = {
     "cp": "curry_train.bench.cp:bench_cp",
     "moe": "curry_train.bench.moe:bench_moe",
     "tp": "curry_train.bench.tp:bench_tp",
+    "data": "curry_train.bench.data:bench_data",
 }
 # name -> what it prints (shown by `python -m curry_train bench --help`)
 BENCH_HELP = {
@@ -59,6 +61,8 @@ BENCH_HELP = {
            "all-to-all bytes at EP=2 vs the formula; step time vs a dense MLP of equal active parameters",
     "tp": "tensor (and sequence) parallel at tp ranks vs one process: parameter and activation bytes per rank, "
           "collectives counted by CommDebugMode vs the formula, step time",
+    "data": "memmapped prepared-data loader vs training steps (target >= 50x) and prepare vs tokenizers' own "
+            "encode_batch throughput (target >= 0.7)",
 }
 # `--quick` (what `make bench` runs): config overrides, applied before the user's (which win), and keyword arguments
 # per bench. Fewer rounds and steps, small batches, N = 2 only, three pipeline kinds on a 4-block model; checkpoint's
@@ -75,6 +79,7 @@ QUICK = {
         "tp": {"tp_sizes": (2,)},
         "checkpoint": {"large_params": 25_000_000, "large_rounds": 3, "large_repeats": 1,
                        "dcp_options": ("default", "thread_count=2", "record_crc32=False", "sync_files=False")},
+        "data": {"vocab_size": 1024, "loader_batches": 20},
     },
 }
 

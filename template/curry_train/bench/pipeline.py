@@ -113,7 +113,8 @@ def _pipeline_model(cfg: dict, n_layer: int):
     torch.manual_seed(0)  # every rank builds the same weights (tied copies start equal)
     if user_target(cfg["model"]) is not None:
         return build_model(OmegaConf.create(cfg))
-    return GPT(GPTConfig(**{**{k: v for k, v in cfg["model"].items() if k != "name"}, "n_layer": n_layer}))
+    shape = {k: v for k, v in cfg["model"].items() if k not in ("name", "init_from")}
+    return GPT(GPTConfig(**{**shape, "n_layer": n_layer}))
 
 
 def _activation_shape(cfg: dict, n_layer: int, x: torch.Tensor) -> tuple:

@@ -27,6 +27,9 @@ class ModelConfig(GPTConfig):
 
     name: str = "tiny"
     """Preset name, printed in logs and bench output; ``model=tiny|small`` picks ``conf/model/NAME.yaml``."""
+    init_from: Optional[str] = None
+    """A Hugging Face GPT-2 folder (config.json + model.safetensors, e.g. from `export`) whose weights start the
+    run (export_hf.py); its shape must equal model.*. null = random init. A resumed checkpoint wins over it."""
 
 
 @dataclass
@@ -34,8 +37,17 @@ class DataConfig:
     """``data.*``: what to train on (``data.py``)."""
 
     path: Optional[str] = None
-    """A text file, read as bytes (vocab 256), with more than train.seq_len + 1 training bytes; null = the embedded
-    corpus (this Python's stdlib source)."""
+    """A text file, encoded by data.tokenizer in memory, with more than train.seq_len + 1 training tokens; null =
+    the embedded corpus (this Python's stdlib source). For `prepare`: a file, folder or glob of text, JSON lines or
+    Parquet."""
+    tokenizer: str = "bytes"
+    """bytes (token id = byte, vocab 256) | a local Hugging Face tokenizer.json or tokenizer folder (never
+    downloaded; `python -m curry_train tokenizer` trains one). model.vocab_size must cover its ids."""
+    prepared: Optional[str] = None
+    """A folder written by `python -m curry_train prepare` (memmapped token shards, any size); replaces data.path.
+    Its tokenizer must be data.tokenizer."""
+    text_key: str = "text"
+    """The text field of JSON-lines rows and the text column of Parquet files (`prepare`)."""
     max_bytes: int = 4_000_000
     """Size cap of the embedded corpus in bytes (= tokens), > 0."""
     val_fraction: float = 0.1
@@ -106,6 +118,12 @@ class TrainConfig:
     """tqdm progress bar on rank 0."""
     metrics_file: Optional[str] = None
     """Rank 0 appends one JSON line per optimizer step here; its folder must exist. null = no file."""
+    eval_every: int = 0
+    """Validation loss every N steps and after the last (evaluate.py), >= 0; 0 = never."""
+    eval_batches: int = 4
+    """Fixed held-out batches (train.batch_size rows each) the validation loss is the mean token loss of, > 0."""
+    tensorboard_dir: Optional[str] = None
+    """Rank 0 writes TensorBoard scalars here (loss, val_loss, lr, grad_norm, tokens_per_s); null = none."""
     recompute: Any = False
     """Activation checkpointing: false | true (= full) | full | selective."""
     recompute_every_n: int = 1

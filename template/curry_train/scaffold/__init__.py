@@ -44,7 +44,8 @@ USER_OWNED = {  # written by the first scaffold only; never recorded, never upda
     "test_my_model.py.j2": "tests/test_my_model.py",
 }
 EXECUTABLE = {".ci/run"}
-DEPENDENCIES = ["torch>=2.6", "numpy", "hydra-core>=1.3", "jinja2", "pyyaml", "tqdm", "matplotlib"]
+DEPENDENCIES = ["torch>=2.6", "numpy", "hydra-core>=1.3", "jinja2", "pyyaml", "tqdm", "matplotlib", "tokenizers",
+                "safetensors", "pyarrow", "tensorboard"]
 DEV_DEPENDENCIES = ["pytest>=8", "pytest-timeout", "transformers>=4.50"]
 
 
