@@ -66,7 +66,8 @@ BENCH_HELP = {
 }
 # `--quick` (what `make bench` runs): config overrides, applied before the user's (which win), and keyword arguments
 # per bench. Fewer rounds and steps, small batches, N = 2 only, three pipeline kinds on a 4-block model; checkpoint's
-# large state at 25M parameters, 3 rounds, 1 repeat, 4 of 8 FileSystemWriter options (its report says so).
+# large state at 10M parameters, 3 rounds, 1 repeat, 4 of 8 FileSystemWriter options (its report says so); faults
+# on a 7-step run saving every 3 steps.
 QUICK = {
     "overrides": ["bench.burn_in=1", "bench.repeats=2", "bench.steps_per_repeat=1", "bench.world_sizes=[2]",
                   "train.batch_size=8", "train.seq_len=64", "bench.pipeline_batch_size=16"],
@@ -77,9 +78,10 @@ QUICK = {
         "moe": {"steps": 10},
         "cp": {"seq_lens": (256, 512)},
         "tp": {"tp_sizes": (2,)},
-        "checkpoint": {"large_params": 25_000_000, "large_rounds": 3, "large_repeats": 1,
+        "checkpoint": {"large_params": 10_000_000, "large_rounds": 3, "large_repeats": 1,
                        "dcp_options": ("default", "thread_count=2", "record_crc32=False", "sync_files=False")},
         "data": {"vocab_size": 1024, "loader_batches": 20},
+        "faults": {"steps": 7, "every": 3},
     },
 }
 
