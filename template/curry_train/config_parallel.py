@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from .data import check_batch_split
 from .primitives._checks import boolean, non_negative_int, positive_int, prefixed
-from .primitives._config import config_getter
+from .primitives._config import config_get as get_key, config_getter
 from .primitives.distributed_optimizer import FSDP_MODES, check_lever_limits, check_options, normalize_sharding
 from .primitives.parallel_state import ParallelState
 from .primitives.pipeline.schedule import layer_split
@@ -98,6 +98,10 @@ def check_parallelize_config(cfg, world_size: int = 1) -> None:
         sharding, _ = check_options(p.sharding, p.mixed_precision, p.cpu_offload, prefetch=p.fsdp_prefetch,
                                     reshard_last=p.fsdp_reshard_last, blocks_per_unit=p.fsdp_blocks_per_unit,
                                     lever_prefix="fsdp_")
+    rep = positive_int("parallel.dp_replicate", get_key(p, "dp_replicate", 1))
+    if rep > 1 and sharding not in FSDP_MODES:
+        raise ValueError(f"parallel.dp_replicate={rep} replicates FSDP2 shards (HSDP) and needs parallel.sharding=full "
+                         f"or shard_grad_op, got {sharding}; with DDP/ZeRO-1 use parallel.dp alone")
     if sharding != "no_shard" and world_size <= 1:
         raise ValueError(
             f"parallel.sharding={sharding} shards over data-parallel ranks: launch with "
@@ -120,9 +124,6 @@ def check_tensor_parallel_config(cfg, world_size: int) -> None:
                 raise ValueError(f"parallel.{key}=true splits tensor-parallel activations and needs parallel.tp > 1, "
                                  "got parallel.tp=1")
         return
-    if p.pp > 1:
-        raise ValueError(f"parallel.tp={tp} with parallel.pp={p.pp} is not supported (pipeline stages are not "
-                         "tensor-parallel); use parallel.tp=1 or parallel.pp=1")
     dp = data_parallel_size(cfg, world_size)
     with prefixed("parallel."):
         sharding, _ = check_options(p.sharding, p.mixed_precision, p.cpu_offload)
@@ -193,10 +194,15 @@ def pipeline_settings(cfg, world_size: int, dp_size: int = 1, n_layer: int | Non
     except ValueError as e:
         raise ValueError(f"parallel.pp_schedule={kind}, parallel.pp={p.pp}, parallel.n_microbatches="
                          f"{p.n_microbatches}: {e}") from None
-    for key, ok in (("sharding", ("no_shard",)), ("mixed_precision", (None, "fp32")), ("cpu_offload", (False,))):
-        if get(key, ok[0]) not in ok:
-            raise ValueError(f"parallel.{key}={get(key)!r} is not supported with parallel.pp={p.pp} yet "
-                             f"(pipeline stages are not wrapped in DDP/FSDP); use parallel.{key}={ok[0]}")
+    sharding, precision = check_options(get("sharding", "no_shard"), get("mixed_precision", None),
+                                        get("cpu_offload", False))
+    if sharding == "zero1" or (sharding == "no_shard" and precision is not None):
+        raise ValueError(f"parallel.sharding={sharding} with parallel.mixed_precision={precision} and parallel.pp="
+                         f"{p.pp}: pipeline stages are FSDP2-sharded (full, shard_grad_op) or left plain (no_shard, "
+                         "fp32, gradients averaged by the loop); use one of those")
+    if get("fsdp_reshard_last", False):
+        raise ValueError(f"parallel.fsdp_reshard_last=true with parallel.pp={p.pp}: FSDP2 stages keep every unit "
+                         "gathered from forward to backward already; use parallel.fsdp_reshard_last=false")
     layers = get("layers_per_stage", None)
     layers = list(layers) if layers is not None else None
     target = user_target(cfg.model)

@@ -13,7 +13,7 @@ One optimizer step (``run_training_steps``), the same code with or without pipel
                     ga.backward_loss(loss_sum, n_valid, i).backward()   # loss_sum / d
             else:                                               # pipeline: n_microbatches chunks through the stages
                 schedule.train_step(*mb, loss_divisor=d)        # each chunk back-propagates token_loss_sum / d
-        if schedule is not None: sum tied grads over pp, average grads over dp_group
+        if schedule is not None: sum tied grads over pp, average grads over dp_group (FSDP2 stages: done by them)
     clip_grad_norm(model.parameters(), grad_clip, pp_group, owns)   # one global norm for every layout
     optimizer.step(), scheduler.step()
 
@@ -75,9 +75,10 @@ def accumulate_gradients(model, microbatches, ga: GradientAccumulation, dp_group
     may return logits, a ``ModelOutput`` or a tuple) over ``ga.sum_divisor(i, n_valid)``. Without
     ``schedule`` it runs through ``model`` under ``ga.sync_context`` (data-parallel wrappers reduce on the last).
     With a ``PipelineSchedule`` it is one ``schedule.train_step`` (the loss sum broadcast from the last stage);
-    afterwards, once per step, tied-weight gradients are summed over the pipeline group and every gradient of
-    ``model`` (this rank's stages) is averaged over ``dp_group``: with divisor ``T / dp`` the average is the
-    gradient of the global mean token loss, as DDP gives the plain path.
+    afterwards, once per step, tied-weight gradients are summed over the pipeline group and, unless the stages
+    reduce their own (FSDP2 stages: ``PipelineSchedule.reduces_grads``), every gradient of ``model`` (this rank's
+    stages) is averaged over ``dp_group``: with divisor ``T / dp`` the average is the gradient of the global mean
+    token loss, as DDP gives the plain path.
 
     ``loss_fn(model, microbatch) -> (loss_sum, n_valid)`` replaces ``forward_loss_sum`` for a model whose forward
     is not ``(inputs) -> logits`` (``train.loss._target_``); its ``n_valid`` must equal ``count_target_tokens``.
@@ -109,7 +110,7 @@ def accumulate_gradients(model, microbatches, ga: GradientAccumulation, dp_group
     if schedule is not None:
         schedule.sync_tied_grads()
         dp_size = dist.get_world_size(dp_group)
-        if dp_size > 1:
+        if dp_size > 1 and not schedule.reduces_grads:  # FSDP2 stages: PyTorch's pipelining runtime reduced them
             for p in model.parameters():
                 if p.grad is not None:
                     dist.all_reduce(p.grad, group=dp_group)

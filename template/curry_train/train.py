@@ -22,7 +22,7 @@ from .context_batches import cp_microbatch
 from .config import pipeline_settings, validate
 from .data import build_batches, seed_everything
 from .loop import SpikeRollback, build_optimizer, build_scheduler, run_training_steps, token_loss_sum
-from .parallelize import ExpertParallel, parallelize
+from .parallelize import ExpertParallel, apply_model_parallel, parallelize
 from .primitives import GradientAccumulation, ParallelState, PipelineSchedule
 from .primitives.blocks import find_blocks
 from .primitives.loss_spike import LossSpikeWatchdog
@@ -67,16 +67,17 @@ def train(cfg) -> list[dict]:
         prepare = cp_microbatch(model, ps.cp_group)
     if ps.pp > 1:  # pipeline parallelism: this rank keeps its stages and the loop runs them through the schedule
         s = pipeline_settings(cfg, world_size, dp_size, len(find_blocks(model)))
+        apply_model_parallel(model, cfg, tp_mesh=ps.tp_mesh, cp_group=ps.cp_group)  # tp, cp: blocks, before the split
         stages = split_model(model, s["pp"] * s["v"], s["layers_per_stage"])  # same seed: tied copies start equal
         schedule = PipelineSchedule(s["kind"], s["n_microbatches"], stages, ps.pp_group, token_loss_sum,
                                     device=device)
-        for stage in schedule.modules.values():
-            parallelize(stage, cfg, pipeline_stage=True)  # recompute, compile; dp: averaged by the loop
+        for stage in schedule.modules.values():  # recompute, compile, FSDP2 per stage (no_shard: the loop averages)
+            parallelize(stage, cfg, dp_group=dp_group, fsdp_mesh=ps.fsdp_mesh, pipeline_stage=True)
         model = StageModules(schedule.modules.values())  # the full model's parameter names, for checkpoints
         optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2))
     else:
         # tp > 1 / cp > 1: every rank of a tp or cp group reads the same rows (the batch is split by dp_rank only)
-        model, dist_opt = parallelize(model, cfg, dp_group=dp_group, tp_mesh=ps.tp_mesh, dp_mesh=ps.dp_mesh,
+        model, dist_opt = parallelize(model, cfg, dp_group=dp_group, tp_mesh=ps.tp_mesh, fsdp_mesh=ps.fsdp_mesh,
                                       cp_group=ps.cp_group)
         optimizer = dist_opt.shard_optimizer(build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2)))
     scheduler = build_scheduler(optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)

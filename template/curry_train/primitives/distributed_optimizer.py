@@ -189,7 +189,8 @@ class DistributedOptimizer:
     ``sharding``, ``group``, ``world_size``.
     """
 
-    def __init__(self, model, optimizer, sharding: str, group=None, mixed_precision=None, cpu_offload=False):
+    def __init__(self, model, optimizer, sharding: str, group=None, mixed_precision=None, cpu_offload=False,
+                 world_size: int | None = None):
         self.model = model
         self.optimizer = optimizer
         self.sharding = sharding
@@ -197,6 +198,8 @@ class DistributedOptimizer:
         self.mixed_precision = mixed_precision
         self.cpu_offload = cpu_offload
         self.world_size = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+        if world_size is not None:  # HSDP: a 2-D mesh has no single group; its ranks are the dp ranks
+            self.world_size = world_size
 
     @classmethod
     def wrap(
@@ -222,10 +225,11 @@ class DistributedOptimizer:
     ) -> "DistributedOptimizer":
         """Shard ``model`` over ``process_group`` (default: the world) and build its optimizer.
 
-        * ``mesh``: a 1-D ``DeviceMesh`` to shard over instead of ``process_group`` (FSDP2 modes only), e.g.
-          ``ParallelState.mesh["dp"]`` when the model is already tensor-parallel over ``mesh["tp"]`` of the same
-          mesh: FSDP2 then shards the tp-sharded DTensor parameters over dp (2-D). ``process_group`` defaults to
-          its group.
+        * ``mesh``: a ``DeviceMesh`` to shard over instead of ``process_group`` (FSDP2 modes only), e.g.
+          ``ParallelState.fsdp_mesh``: 1-D (plain FSDP2), or 2-D ``(replicate, shard)``: HSDP, each parameter
+          sharded over the second dim and replicated over the first (gradients reduce-scattered within, then
+          all-reduced across). A model already tensor-parallel over ``mesh["tp"]`` of the same root mesh gets
+          dp x tp DTensor parameters. ``process_group`` defaults to a 1-D mesh's group.
 
         * ``sharding``: ``no_shard`` | ``zero1`` | ``shard_grad_op`` | ``full`` (see the module docstring).
         * ``mixed_precision``: ``None``/``"fp32"`` or ``"bf16"``. FSDP2 modes use ``MixedPrecisionPolicy(
@@ -272,9 +276,11 @@ class DistributedOptimizer:
             if not fsdp:
                 raise ValueError(f"mesh= is for the FSDP2 shardings {FSDP_MODES}; sharding={sharding!r} takes "
                                  "process_group=")
-            if mesh.ndim != 1:
-                raise ValueError(f"mesh must be 1-D (the data-parallel dim, e.g. mesh['dp']), got {mesh.ndim} dims")
-            process_group = mesh.get_group() if process_group is None else process_group
+            if mesh.ndim not in (1, 2):
+                raise ValueError(f"mesh must be 1-D (the data-parallel dim, e.g. ParallelState.fsdp_mesh) or 2-D "
+                                 f"(replicate, shard: HSDP), got {mesh.ndim} dims")
+            if process_group is None and mesh.ndim == 1:
+                process_group = mesh.get_group()
         blocks = None
         if fsdp:
             blocks = require_blocks(model, block_types, purpose=f"sharding={sharding!r} (FSDP2 shards each block)")
@@ -309,7 +315,8 @@ class DistributedOptimizer:
             device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
                 if device.type == "cuda" else None
             wrapped = DDP(model, process_group=process_group, device_ids=device_ids)
-        self = cls(wrapped, None, sharding, process_group, mixed_precision, cpu_offload)
+        self = cls(wrapped, None, sharding, process_group, mixed_precision, cpu_offload,
+                   world_size=mesh.size() if mesh is not None else None)
         optimizer = _build_optimizer(wrapped, optimizer_class, param_groups, optimizer_kwargs)
         if optimizer is not None:
             self.shard_optimizer(optimizer)
