@@ -30,7 +30,8 @@ def _losses(history):
 
 
 def _layout(model) -> tuple:
-    """What ``parallelize`` made: (FSDP2 root?, the block weights' mesh dims, placements)."""
+    """What ``parallelize`` made: (FSDP2 root?, the block weights' mesh dims, placements). FSDP2 on a dim tp
+    already shards is ``_StridedShard`` (``_S(0, 2)``: dp shards of each tp shard)."""
     from torch.distributed.fsdp import FSDPModule
 
     weight = next(p for n, p in model.named_parameters() if n.endswith("attn.qkv.weight"))
@@ -59,7 +60,7 @@ def _train_each(rank, world_size, runs):
 
 
 def _single(overrides):
-    keep = [o for o in overrides if o.startswith(("train.", "data.", "model."))]
+    keep = [o for o in overrides if o.startswith(("train.", "data.", "model"))]
     return _losses(train(load_config([*SMALL, *keep])))
 
 
@@ -92,16 +93,61 @@ EIGHT = {  # world size 8
 def test_eight_rank_layouts_equal_one_process():
     """Tensor parallelism inside FSDP2 pipeline stages (each block's weights dp x tp DTensors), and HSDP x tp."""
     _check(EIGHT, launch(_train_each, 8, EIGHT, timeout=900), {
-        "dp2 x pp2 x tp2, FSDP2 full, ga 2": (True, ("dp_shard_cp", "tp"), ("S(0)", "S(0)")),
-        "hsdp 2x2 x tp2": (True, ("dp_replicate", "dp_shard_cp", "tp"), ("R", "S(0)", "S(0)")),
+        "dp2 x pp2 x tp2, FSDP2 full, ga 2": (True, ("dp_shard_cp", "tp"), ("_S(0, 2)", "S(0)")),
+        "hsdp 2x2 x tp2": (True, ("dp_replicate", "dp_shard_cp", "tp"), ("R", "_S(0, 2)", "S(0)")),
     })
 
 
 BF16_REL = 2e-2  # bf16 compute against the fp32 single process (the page states this bound)
-BF16 = {"pp2 x dp2, FSDP2 full + bf16": [*PP, "parallel.sharding=full", "parallel.mixed_precision=bf16"]}
+FOUR = {  # world size 4, slow
+    "pp2 x dp2, FSDP2 full + bf16": [*PP, "parallel.sharding=full", "parallel.mixed_precision=bf16"],
+    "tp2 x cp2, FSDP2 over cp": ["parallel.tp=2", "parallel.cp=2", "parallel.sharding=full"],
+    "pp2 x cp2, FSDP2 over cp, ga 2": [*PP, "parallel.cp=2", "parallel.sharding=full",
+                                      "train.gradient_accumulation_steps=2"],
+}
 
 
 @pytest.mark.slow
-def test_pp2_x_dp2_fsdp2_bf16_within_the_stated_bound():
-    _check(BF16, launch(_train_each, 4, BF16, timeout=600), {
-        "pp2 x dp2, FSDP2 full + bf16": (True, ("dp_shard_cp",), ("S(0)",))}, rel=BF16_REL)
+def test_four_rank_layouts_equal_one_process():
+    """bf16 FSDP2 pipeline stages (within BF16_REL), ring attention inside tensor-parallel blocks and inside
+    pipeline stages (fp32, TOL); FSDP2 shards over the cp ranks (they hold the same weights)."""
+    ranks = launch(_train_each, 4, FOUR, timeout=900)
+    bf16 = {k: v for k, v in FOUR.items() if "bf16" in k}
+    _check(bf16, ranks, {k: (True, ("dp_shard_cp",), ("S(0)",)) for k in bf16}, rel=BF16_REL)
+    _check({k: v for k, v in FOUR.items() if k not in bf16}, ranks, {
+        "tp2 x cp2, FSDP2 over cp": (True, ("dp_shard_cp", "tp"), ("_S(0, 2)", "S(0)")),
+        "pp2 x cp2, FSDP2 over cp, ga 2": (True, ("dp_shard_cp",), ("S(0)",)),
+    })
+
+
+# Each data-parallel rank routes its own tokens: parity with one process holds without a capacity limit or aux loss
+MOE = ["model=moe", "model.moe_experts=4", "model.moe_capacity_factor=100", "model.moe_aux_loss_weight=0"]
+MOE_RUNS = {  # world size 4
+    "moe pp2 x dp2 (plain stages)": [*MOE, *PP],
+    "moe pp2 x dp2, FSDP2 full": [*MOE, *PP, "parallel.sharding=full"],
+}
+
+
+@pytest.mark.slow
+def test_mixture_of_experts_in_pipeline_stages():
+    _check(MOE_RUNS, launch(_train_each, 4, MOE_RUNS, timeout=900), {
+        "moe pp2 x dp2 (plain stages)": (False, None, ()),
+        "moe pp2 x dp2, FSDP2 full": (True, ("dp_shard_cp",), ("S(0)",)),
+    })
+
+
+@pytest.mark.parametrize("overrides,world_size,message", [
+    (["model=moe", "parallel.tp=2"], 2, "model.moe_experts=8 with parallel.tp=2: tensor parallelism shards dense MLPs"),
+    (["model=moe", "parallel.pp=2", "parallel.n_microbatches=2"], 2,
+     "model.moe_aux_loss_weight=0.01 with parallel.pp=2: the balancing loss is added to the loss of a whole forward"),
+    (["parallel.pp=2", "parallel.cp=2", "model._target_=foreign_models.tiny_llama", "train.seq_len=16"], 4,
+     "parallel.cp=2 with parallel.pp=2: the global positions reach the first pipeline stage of the reference GPT"),
+    (["parallel.pp=2", "parallel.sharding=full", "parallel.fsdp_reshard_last=true"], 4,
+     "parallel.fsdp_reshard_last=true with parallel.pp=2"),
+])
+def test_what_composition_still_refuses_is_one_line_before_any_process_group(overrides, world_size, message,
+                                                                            monkeypatch, no_launch):
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    with pytest.raises(ValueError) as error:
+        train(load_config([*(o for o in SMALL if not o.startswith("model.")), *overrides]))
+    assert message in str(error.value) and len(str(error.value).splitlines()) == 1, str(error.value)

@@ -52,10 +52,14 @@ def check_parallel(cfg, world_size: int, n_layer: int) -> None:
     check_context_parallel_config(cfg)
     _check_expert_parallel(cfg, dp)
     if user_target(cfg.model) is None and cfg.model.moe_experts:
-        for key, size in (("pp", p.pp), ("tp", p.tp)):
-            if size > 1:
-                raise ValueError(f"model.moe_experts={cfg.model.moe_experts} with parallel.{key}={size} is not supported "
-                                 f"yet (a mixture of experts trains with dp, FSDP2 and cp); use parallel.{key}=1")
+        if p.tp > 1:
+            raise ValueError(f"model.moe_experts={cfg.model.moe_experts} with parallel.tp={p.tp}: tensor parallelism "
+                             "shards dense MLPs (fc, proj), not expert banks; shard the experts with parallel.ep, or "
+                             "use parallel.tp=1")
+        if p.pp > 1 and cfg.model.moe_aux_loss_weight > 0:
+            raise ValueError(f"model.moe_aux_loss_weight={cfg.model.moe_aux_loss_weight} with parallel.pp={p.pp}: the "
+                             "balancing loss is added to the loss of a whole forward, which no pipeline stage has; "
+                             "balance with model.moe_bias_balancing=true and model.moe_aux_loss_weight=0")
     check_batch_split(cfg.train.batch_size, dp, cfg.train.gradient_accumulation_steps)
     check_parallelize_config(cfg, world_size)
     if n_layer and normalize_sharding(p.sharding) in FSDP_MODES:  # the FSDP2 levers against the block count
@@ -153,18 +157,22 @@ def check_tensor_parallel_config(cfg, world_size: int) -> None:
 def check_context_parallel_config(cfg) -> None:
     """``parallel.cp > 1`` against the rest of the config and the model, with no process group: the sequence splits
     into ``2 * cp`` chunks, attention is ring attention (no dropout inside it), the model must take global positions
-    (``context_batches.position_keyword``), and cp does not combine with pp or tp yet."""
+    (``context_batches.position_keyword``); with pp the model is the reference GPT (its first stage takes them)."""
     p = cfg.parallel
     cp = positive_int("parallel.cp", p.cp)
     if cp == 1:
         return
-    for key, size in (("pp", p.pp), ("tp", p.tp)):
-        if size > 1:
-            raise ValueError(f"parallel.cp={cp} with parallel.{key}={size} is not supported yet (context parallelism "
-                             f"trains with data parallelism only); use parallel.{key}=1 or parallel.cp=1")
+    if p.pp > 1 and user_target(cfg.model) is not None:
+        raise ValueError(f"parallel.cp={cp} with parallel.pp={p.pp}: the global positions reach the first pipeline "
+                         "stage of the reference GPT only (other models' stages take one tensor); use parallel.pp=1 "
+                         "or parallel.cp=1")
     if cfg.train.seq_len % (2 * cp):
         raise ValueError(f"parallel.cp={cp} cuts each sequence into 2 * cp = {2 * cp} chunks (causal load balancing): "
                          f"train.seq_len={cfg.train.seq_len} must be divisible by {2 * cp}")
+    if p.tp > 1 and p.sequence_parallel and (cfg.train.seq_len // cp) % p.tp:
+        raise ValueError(f"parallel.cp={cp} with parallel.sequence_parallel=true: each rank's "
+                         f"train.seq_len / cp = {cfg.train.seq_len // cp} tokens must be divisible by parallel.tp="
+                         f"{p.tp}")
     if cfg.train.loss is not None:
         raise ValueError(f"parallel.cp={cp}: train.loss (your loss) takes whole (x, y) rows, but each rank holds "
                          f"1/{cp} of every row; use train.loss=null (the token loss on the model's logits)")

@@ -98,9 +98,9 @@ def accumulate_gradients(model, microbatches, ga: GradientAccumulation, dp_group
     loss_total = torch.zeros((), dtype=torch.float64)
     for i, mb in enumerate(microbatches):
         if schedule is not None:
-            x, y = mb
+            x, y, stage_kwargs = _pipeline_inputs(mb)
             loss_sum = schedule.train_step(x, y, loss_divisor=ga.sum_divisor(i, counts[i]), broadcast_loss=True,
-                                           sync_tied=False)
+                                           sync_tied=False, stage_kwargs=stage_kwargs)
         else:
             with ga.sync_context(model, i), loss_parallel_context(loss_parallel):
                 loss_sum, _ = loss_fn(model, mb)
@@ -116,6 +116,20 @@ def accumulate_gradients(model, microbatches, ga: GradientAccumulation, dp_group
                     dist.all_reduce(p.grad, group=dp_group)
                     p.grad.div_(dp_size)
     return loss_total, sum(counts)
+
+
+def _pipeline_inputs(mb) -> tuple:
+    """``(x, y, stage_kwargs)`` of a micro-batch for ``PipelineSchedule.train_step``: an ``(x, y)`` pair, or a dict
+    ``{input: x, "targets": y, **keywords}`` (``context_batches.cp_microbatch``), each keyword given one row per
+    row of ``x`` (the schedule splits keyword inputs by rows into its micro-batches)."""
+    if not isinstance(mb, dict):
+        x, y = mb
+        return x, y, {}
+    rest = {k: v for k, v in mb.items() if k != "targets"}
+    name = next(iter(rest))
+    x = rest.pop(name)
+    kwargs = {k: v.expand(x.shape[0], -1) if torch.is_tensor(v) and v.dim() == 1 else v for k, v in rest.items()}
+    return x, mb["targets"], kwargs
 
 
 def _global_mean_loss(loss_sum: torch.Tensor, n_tokens: int, dp_group, device) -> tuple[float, int]:

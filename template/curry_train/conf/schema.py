@@ -139,8 +139,8 @@ class ParallelConfig:
     are tensor-parallel."""
     cp: int = 1
     """Context-parallel size, >= 1: each rank keeps seq_len / cp tokens of every row and attention is ring attention
-    over the cp group (primitives/context_parallel.py); train.seq_len divisible by 2 * cp, no pp or tp with it yet,
-    model.dropout = 0, and a model whose forward takes positions (the GPT) or position_ids (Hugging Face)."""
+    over the cp group (primitives/context_parallel.py); train.seq_len divisible by 2 * cp, model.dropout = 0, and a
+    model whose forward takes positions (the GPT) or position_ids (Hugging Face); with pp, the reference GPT."""
     ep: int = 1
     """Expert-parallel size, > 0 (1 = off): the experts of every MoE layer are sharded over ep ranks of the
     data-parallel group (ep within dp: the grid's sizes do not change); must divide the dp size and

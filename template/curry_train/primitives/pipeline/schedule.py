@@ -302,9 +302,11 @@ class PipelineSchedule:
         return ""
 
     def train_step(self, batch=None, target=None, *, loss_divisor: float = 1.0, broadcast_loss: bool = False,
-                   sync_tied: bool = True):
+                   sync_tied: bool = True, stage_kwargs: dict | None = None):
         """Forward + backward of ``batch`` in ``n_microbatches`` chunks, each back-propagating
-        ``loss_fn / loss_divisor``; returns the step loss (see module doc)."""
+        ``loss_fn / loss_divisor``; returns the step loss (see module doc). ``stage_kwargs``: keyword inputs every
+        stage's forward gets, each tensor split into the micro-batches by rows like ``batch`` (pass them on every
+        rank; e.g. context parallelism's global positions, ``(B, T)``)."""
         error = self._input_error(batch, target)
         flag = torch.tensor([1.0 if error else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)  # every rank learns of any rank's bad input
@@ -319,7 +321,7 @@ class PipelineSchedule:
         if self.rank == self.last_rank:
             kwargs = {"target": target.to(self.device), "losses": []}
         with self._timed_p2p():
-            self.schedule.step(*args, **kwargs)
+            self.schedule.step(*args, **kwargs, **(stage_kwargs or {}))
         self.losses = [t.detach() for t in kwargs.get("losses", [])]
         if sync_tied:
             self.sync_tied_grads()
