@@ -87,15 +87,42 @@ EIGHT = {  # world size 8
                                          "train.gradient_accumulation_steps=2"],
     "hsdp 2x2 x tp2": ["parallel.tp=2", "parallel.sharding=full", "parallel.dp_replicate=2"],
 }
+SAVE_AT = 2  # the dp2 x pp2 x tp2 run of 4 steps saves after step 2; dp4 and one process resume there
+
+
+def _resume(rank, world_size, overrides):
+    return [(h["step"], h["loss"]) for h in train(load_config([*SMALL, *overrides]))]
 
 
 @pytest.mark.slow
-def test_eight_rank_layouts_equal_one_process():
-    """Tensor parallelism inside FSDP2 pipeline stages (each block's weights dp x tp DTensors), and HSDP x tp."""
-    _check(EIGHT, launch(_train_each, 8, EIGHT, timeout=900), {
+def test_eight_rank_layouts_equal_one_process_and_checkpoints_cross_layouts(tmp_path):
+    """Tensor parallelism inside FSDP2 pipeline stages (each block's weights dp x tp DTensors), and HSDP x tp.
+    A DCP checkpoint saved at dp2 x pp2 x tp2 (stages FSDP2-sharded, blocks tp-sharded, the tied embedding on two
+    ranks) resumes at dp4 (FSDP2) and in one process to the uninterrupted run's losses."""
+    import shutil
+
+    from curry_train.primitives.checkpoint_layout import step_dirname
+
+    four_steps = ["train.steps=4", f"checkpoint.dir={tmp_path}/saved", f"checkpoint.every={SAVE_AT}",
+                  "checkpoint.keep_last=0"]
+    runs = {**EIGHT, "save": [*EIGHT["dp2 x pp2 x tp2, FSDP2 full, ga 2"], *four_steps]}
+    ranks = launch(_train_each, 8, runs, timeout=900)
+    _check(EIGHT, ranks, {
         "dp2 x pp2 x tp2, FSDP2 full, ga 2": (True, ("dp_shard_cp", "tp"), ("_S(0, 2)", "S(0)")),
         "hsdp 2x2 x tp2": (True, ("dp_replicate", "dp_shard_cp", "tp"), ("R", "_S(0, 2)", "S(0)")),
     })
+    straight = ranks[0]["save"][0]
+    assert straight == pytest.approx(_single(runs["save"][:-3] + ["train.steps=4"]), rel=TOL)
+    for name in ("dp4", "one"):
+        (tmp_path / name).mkdir()
+        shutil.copytree(tmp_path / "saved" / step_dirname(SAVE_AT), tmp_path / name / step_dirname(SAVE_AT))
+        (tmp_path / name / "latest").write_text(step_dirname(SAVE_AT))
+    resume = ["train.gradient_accumulation_steps=2", "train.steps=4", f"checkpoint.every={SAVE_AT}"]
+    dp4 = launch(_resume, 4, [*resume, "parallel.sharding=full", f"checkpoint.dir={tmp_path}/dp4"], timeout=600)
+    one = _resume(0, 1, [*resume, f"checkpoint.dir={tmp_path}/one"])
+    for result in (*dp4, one):
+        assert [s for s, _ in result] == [2, 3]
+        assert [v for _, v in result] == pytest.approx(straight[SAVE_AT:], rel=TOL)
 
 
 BF16_REL = 2e-2  # bf16 compute against the fp32 single process (the page states this bound)
