@@ -131,6 +131,7 @@ FOUR = {  # world size 4, slow
     "tp2 x cp2, FSDP2 over cp": ["parallel.tp=2", "parallel.cp=2", "parallel.sharding=full"],
     "pp2 x cp2, FSDP2 over cp, ga 2": [*PP, "parallel.cp=2", "parallel.sharding=full",
                                       "train.gradient_accumulation_steps=2"],
+    "pp2 x dp2, ZeRO-1": [*PP, "parallel.sharding=zero1"],
 }
 
 
@@ -144,6 +145,7 @@ def test_four_rank_layouts_equal_one_process():
     _check({k: v for k, v in FOUR.items() if k not in bf16}, ranks, {
         "tp2 x cp2, FSDP2 over cp": (True, ("dp_shard_cp", "tp"), ("_S(0, 2)", "S(0)")),
         "pp2 x cp2, FSDP2 over cp, ga 2": (True, ("dp_shard_cp",), ("S(0)",)),
+        "pp2 x dp2, ZeRO-1": (False, None, ()),  # plain stages, ZeroRedundancyOptimizer over dp
     })
 
 

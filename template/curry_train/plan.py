@@ -216,13 +216,9 @@ def estimate(shape: Shape, hw: Hardware, layout: Layout, global_batch_tokens: in
 
 def train_support(L: Layout, experts: int = 0) -> str | None:
     """Why ``curry_train train`` refuses this layout today (the same rules as ``config.validate``), or None."""
-    rules = [(L.pp > 1 and L.sharding != "no_shard", f"sharding={L.sharding} with pp"),
-             (L.tp > 1 and L.pp > 1, "tp with pp"),
-             (L.tp > 1 and L.dp > 1 and L.sharding in ("no_shard", "zero1"), f"tp with {L.sharding} (FSDP2 only)"),
-             (L.cp > 1 and (L.pp > 1 or L.tp > 1), "cp with pp or tp"),
+    rules = [(experts > 0 and L.tp > 1, "MoE with tp (tp shards dense MLPs)"),
              (L.ep > 1 and (L.pp > 1 or L.tp > 1 or L.cp > 1 or L.sharding != "no_shard"),
-              "ep with pp, tp, cp or sharding"),
-             (experts > 0 and (L.pp > 1 or L.tp > 1), "MoE with pp or tp")]
+              "ep with pp, tp, cp or sharding")]
     return next((why for bad, why in rules if bad), None)
 
 
@@ -233,7 +229,8 @@ def divisors(n: int) -> list[int]:
 def candidates(hw: Hardware, micro_batches=(1, 2, 4), shardings=SHARDINGS, recomputes=RECOMPUTE,
                schedules=tuple(KINDS), experts: int = 0) -> list[Layout]:
     """Every grid of ``hw.gpus`` GPUs with each sharding, recompute, micro-batch and (pp > 1) schedule at its
-    default stages per rank; with ``experts``, every ``ep`` dividing both dp and the experts."""
+    default stages per rank; with ``experts``, every ``ep`` dividing both dp and the experts. With tp > 1 and
+    dp > 1 the shardings are FSDP2's (full, shard_grad_op): DDP and ZeRO-1 take no tensor-parallel parameters."""
     out = []
     for tp in divisors(hw.gpus):
         for pp in divisors(hw.gpus // tp):
@@ -245,6 +242,8 @@ def candidates(hw: Hardware, micro_batches=(1, 2, 4), shardings=SHARDINGS, recom
                                                          for s in shardings for r in recomputes for b in micro_batches):
                     if dp == 1 and sharding != "no_shard":
                         continue
+                    if tp > 1 and dp > 1 and sharding in ("no_shard", "zero1"):
+                        continue  # DDP and ZeRO-1 take no DTensor parameters: tp runs with FSDP2 (torchtitan has no DDP)
                     v = default_stages_per_rank(kind) if pp > 1 else 1
                     out.append(Layout(dp, tp, pp, cp, sharding, recompute, mb, kind, v, ep))
     return out
@@ -276,6 +275,8 @@ def command(e: Estimate, hw: Hardware, shape: Shape, overrides=()) -> str:
     recompute = {"none": "false", "selective": "selective", "full": "full"}[L.recompute]
     extra = "".join(f" {o}" for o in (overrides or model_overrides(shape)))
     extra += f" parallel.ep={L.ep}" if L.ep > 1 else ""
+    if shape.experts and L.pp > 1:  # no stage has the whole forward the aux loss needs: aux-free balancing instead
+        extra += " model.moe_aux_loss_weight=0 model.moe_bias_balancing=true"
     return (f"torchrun --nnodes {nodes} --nproc-per-node {per_node} -m curry_train train{extra} parallel.dp={L.dp} "
             f"parallel.tp={L.tp} parallel.pp={L.pp} parallel.cp={L.cp} parallel.sharding={L.sharding} "
             f"train.recompute={recompute} train.batch_size={rows} train.seq_len={shape.seq} {steps}")

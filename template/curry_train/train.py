@@ -25,6 +25,7 @@ from .loop import SpikeRollback, build_optimizer, build_scheduler, run_training_
 from .parallelize import ExpertParallel, apply_model_parallel, parallelize
 from .primitives import GradientAccumulation, ParallelState, PipelineSchedule
 from .primitives.blocks import find_blocks
+from .primitives.distributed_optimizer import DistributedOptimizer, normalize_sharding
 from .primitives.loss_spike import LossSpikeWatchdog
 from .stages import StageModules, split_model
 from .user_model import build_loss, build_model, model_name, n_params
@@ -75,6 +76,8 @@ def train(cfg) -> list[dict]:
             parallelize(stage, cfg, dp_group=dp_group, fsdp_mesh=ps.fsdp_mesh, pipeline_stage=True)
         model = StageModules(schedule.modules.values())  # the full model's parameter names, for checkpoints
         optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2))
+        if normalize_sharding(cfg.parallel.sharding) == "zero1":  # plain stages, grads averaged by the loop
+            optimizer = DistributedOptimizer(model, None, "zero1", dp_group).shard_optimizer(optimizer)
     else:
         # tp > 1 / cp > 1: every rank of a tp or cp group reads the same rows (the batch is split by dp_rank only)
         model, dist_opt = parallelize(model, cfg, dp_group=dp_group, tp_mesh=ps.tp_mesh, fsdp_mesh=ps.fsdp_mesh,
