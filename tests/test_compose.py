@@ -36,8 +36,12 @@ def _layout(model) -> tuple:
 
     weight = next(p for n, p in model.named_parameters() if n.endswith("attn.qkv.weight"))
     mesh = getattr(weight, "device_mesh", None)
-    return (isinstance(model, FSDPModule), None if mesh is None else mesh.mesh_dim_names,
-            tuple(str(pl) for pl in getattr(weight, "placements", ())))
+    out = (isinstance(model, FSDPModule), None if mesh is None else mesh.mesh_dim_names,
+           tuple(str(pl) for pl in getattr(weight, "placements", ())))
+    bank = next((p for n, p in model.named_parameters() if n.endswith("experts.w1")), None)
+    if bank is not None and hasattr(bank, "device_mesh"):  # an expert bank under FSDP2: its mesh's size, placements
+        out += (bank.device_mesh.size(), tuple(str(pl) for pl in bank.placements))
+    return out
 
 
 def _train_each(rank, world_size, runs):
@@ -154,14 +158,19 @@ MOE = ["model=moe", "model.moe_experts=4", "model.moe_capacity_factor=100", "mod
 MOE_RUNS = {  # world size 4
     "moe pp2 x dp2 (plain stages)": [*MOE, *PP],
     "moe pp2 x dp2, FSDP2 full": [*MOE, *PP, "parallel.sharding=full"],
+    "moe ep2 in dp4, FSDP2 full, ga 2": [*MOE, "parallel.ep=2", "parallel.sharding=full",
+                                        "train.gradient_accumulation_steps=2"],
 }
 
 
 @pytest.mark.slow
-def test_mixture_of_experts_in_pipeline_stages():
+def test_mixture_of_experts_in_pipeline_stages_and_expert_parallel_under_fsdp2():
+    """MoE blocks in pipeline stages; and ep 2 with FSDP2: each rank's 2 of 4 experts sharded over the 2 ranks that
+    hold the same experts (the expert-data-parallel mesh), the rest of each block over all 4 dp ranks."""
     _check(MOE_RUNS, launch(_train_each, 4, MOE_RUNS, timeout=900), {
         "moe pp2 x dp2 (plain stages)": (False, None, ()),
-        "moe pp2 x dp2, FSDP2 full": (True, ("dp_shard_cp",), ("S(0)",)),
+        "moe pp2 x dp2, FSDP2 full": (True, ("dp_shard_cp",), ("S(0)",), 2, ("S(0)",)),  # banks over dp 2
+        "moe ep2 in dp4, FSDP2 full, ga 2": (True, ("dp_shard_cp",), ("S(0)",), 2, ("S(0)",)),
     })
 
 
@@ -173,6 +182,8 @@ def test_mixture_of_experts_in_pipeline_stages():
      "parallel.cp=2 with parallel.pp=2: the global positions reach the first pipeline stage of the reference GPT"),
     (["parallel.pp=2", "parallel.sharding=full", "parallel.fsdp_reshard_last=true"], 4,
      "parallel.fsdp_reshard_last=true with parallel.pp=2"),
+    (["model=moe", "parallel.ep=2", "parallel.sharding=full", "checkpoint.dir=/tmp/nowhere", "checkpoint.every=1"], 2,
+     "parallel.ep=2 with parallel.sharding=full and checkpoint.dir: checkpoints of FSDP2-sharded expert slices"),
 ])
 def test_what_composition_still_refuses_is_one_line_before_any_process_group(overrides, world_size, message,
                                                                             monkeypatch, no_launch):

@@ -81,7 +81,8 @@ def train(cfg) -> list[dict]:
     else:
         # tp > 1 / cp > 1: every rank of a tp or cp group reads the same rows (the batch is split by dp_rank only)
         model, dist_opt = parallelize(model, cfg, dp_group=dp_group, tp_mesh=ps.tp_mesh, fsdp_mesh=ps.fsdp_mesh,
-                                      cp_group=ps.cp_group)
+                                      cp_group=ps.cp_group, expert_parallel=expert_parallel,
+                                      expert_fsdp_mesh=ps.expert_fsdp_mesh)
         optimizer = dist_opt.shard_optimizer(build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2)))
     scheduler = build_scheduler(optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
     watchdog = LossSpikeWatchdog.from_config(t.spike) if t.spike.enabled else None  # needs ckpt (config.validate)

@@ -144,7 +144,8 @@ class ParallelConfig:
     ep: int = 1
     """Expert-parallel size, > 0 (1 = off): the experts of every MoE layer are sharded over ep ranks of the
     data-parallel group (ep within dp: the grid's sizes do not change); must divide the dp size and
-    model.moe_experts; sharding=no_shard (DDP) only, no pp, tp or cp, no checkpoint.dir yet."""
+    model.moe_experts; sharding=no_shard (DDP) or full/shard_grad_op (FSDP2: each bank sharded over the ranks
+    holding the same experts; no checkpoint.dir yet), not zero1; no pp, tp or cp yet."""
     sequence_parallel: bool = False
     """With tp > 1: norms and dropout run on seq_len / tp tokens per rank (reduce-scatter + all-gather instead of
     all-reduce); train.seq_len must be divisible by tp."""

@@ -109,11 +109,12 @@ class ParallelState:
                           for name, dims in FLATTENED.items()}
         self.ep = self.check_ep(ep, self.sizes["dp"])
         self.ep_rank = self.coords["dp"] % self.ep
-        self.ep_group = self.expert_dp_group = None
+        self.ep_group = self.expert_dp_group = self._expert_dp = None
+        self.device_type = device_type
         if distributed and self.ep > 1:
             self.ep_group, _ = dist.new_subgroups_by_enumeration(self.ep_ranks())  # collective: same order everywhere
-            if self.ep < self.sizes["dp"]:
-                self.expert_dp_group, _ = dist.new_subgroups_by_enumeration(self.expert_dp_ranks())
+            self._expert_dp, _ = dist.new_subgroups_by_enumeration(self.expert_dp_ranks())  # one rank when ep == dp
+            self.expert_dp_group = self._expert_dp if self.ep < self.sizes["dp"] else None
 
     # -- sizes, without a process group -------------------------------------------------------------
     @staticmethod
@@ -247,6 +248,16 @@ class ParallelState:
         if self.mesh is None:
             return None
         return self._flat[dim] if dim in self._flat else self.mesh[dim]
+
+    @property
+    def expert_fsdp_mesh(self):
+        """The 1-D mesh of ``expert_dp_ranks`` (one rank when ep == dp) that FSDP2 shards an expert-parallel bank's
+        slices over (ranks holding the same experts); ``None`` unless ep > 1 in a process group."""
+        if self._expert_dp is None:
+            return None
+        from torch.distributed.device_mesh import DeviceMesh
+
+        return DeviceMesh.from_group(self._expert_dp, self.device_type)
 
     @property
     def fsdp_mesh(self):
