@@ -10,6 +10,8 @@ import pytest
 
 from curry_train.config import load_config
 from curry_train.distributed import launch
+from curry_train.plan import model_state_bytes
+from curry_train.plan_inputs import Shape
 from curry_train.train import train
 
 TOL = 1e-5  # relative loss error, fp32
@@ -48,19 +50,36 @@ def _train_each(rank, world_size, runs):
     """Each run's losses and the layouts ``parallelize`` returned (whole model, or each of this rank's stages)."""
     import curry_train.train as driver
 
-    real, seen = driver.parallelize, []
+    real, real_loop, seen, held = driver.parallelize, driver.run_training_steps, [], {}
 
     def spy(*args, **kwargs):
         model, dist_opt = real(*args, **kwargs)
         seen.append(_layout(model))
         return model, dist_opt
 
-    driver.parallelize = spy
+    def loop_spy(model, optimizer, *args, **kwargs):
+        history = real_loop(model, optimizer, *args, **kwargs)
+        held.update(_bytes_held(model, optimizer))  # after the last step: grads still there
+        return history
+
+    driver.parallelize, driver.run_training_steps = spy, loop_spy
     out = {}
     for name, overrides in runs.items():
         seen.clear()
-        out[name] = (_losses(train(load_config([*SMALL, *overrides]))), list(seen))
+        out[name] = (_losses(train(load_config([*SMALL, *overrides]))), list(seen), dict(held))
     return out
+
+
+def _bytes_held(model, optimizer) -> dict:
+    """This rank's bytes of parameters, gradients and optimizer state (``DTensor``s counted by their local shard),
+    as ``DistributedOptimizer.memory_report`` counts them."""
+    def nbytes(tensors):
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors if t is not None]
+        return sum(t.numel() * t.element_size() for t in local)
+
+    params = list(model.parameters())
+    state = [v for st in optimizer.state.values() for v in st.values() if hasattr(v, "numel")]
+    return {"params": nbytes(params), "grads": nbytes(p.grad for p in params), "optimizer_state": nbytes(state)}
 
 
 def _single(overrides):
@@ -73,7 +92,7 @@ def _check(runs, ranks, layouts, rel=TOL):
     for name, overrides in runs.items():
         single = _single(overrides)
         for rank, result in enumerate(ranks):
-            losses, seen = result[name]
+            losses, seen, _ = result[name]
             assert losses == pytest.approx(single, rel=rel), f"{name}, rank {rank}"
             assert seen == [layouts[name]] * len(seen) and seen, f"{name}, rank {rank}: {seen}"
 
@@ -115,6 +134,14 @@ def test_eight_rank_layouts_equal_one_process_and_checkpoints_cross_layouts(tmp_
         "dp2 x pp2 x tp2, FSDP2 full, ga 2": (True, ("dp_shard_cp", "tp"), ("_S(0, 2)", "S(0)")),
         "hsdp 2x2 x tp2": (True, ("dp_replicate", "dp_shard_cp", "tp"), ("R", "_S(0, 2)", "S(0)")),
     })
+    # per-rank bytes of dp2 x pp2 x tp2 against /plan's prediction (fp32: 4 + 4 + 8 bytes per parameter)
+    shape = Shape.from_model_config(load_config(SMALL).model, seq=32)
+    predicted = model_state_bytes(shape.params, 2, "full", "fp32", 2, 2, rank_params=shape.rank_params(2, 2))
+    held = [r["dp2 x pp2 x tp2, FSDP2 full, ga 2"][2] for r in ranks]
+    fullest = max(held, key=lambda h: sum(h.values()))
+    for part in ("params", "grads"):
+        assert fullest[part] == pytest.approx(predicted[part], rel=0.01), (part, fullest, predicted)
+    assert sum(fullest.values()) == pytest.approx(predicted["total"], rel=0.01), (fullest, predicted)
     straight = ranks[0]["save"][0]
     assert straight == pytest.approx(_single(runs["save"][:-3] + ["train.steps=4"]), rel=TOL)
     for name in ("dp4", "one"):
