@@ -8,6 +8,7 @@ checks several layouts in turn.
 
 import pytest
 
+from curry_train.bench.compose import run_layouts
 from curry_train.config import load_config
 from curry_train.distributed import launch
 from curry_train.plan import model_state_bytes
@@ -31,55 +32,9 @@ def _losses(history):
     return [h["loss"] for h in history]
 
 
-def _layout(model) -> tuple:
-    """What ``parallelize`` made: (FSDP2 root?, the block weights' mesh dims, placements). FSDP2 on a dim tp
-    already shards is ``_StridedShard`` (``_S(0, 2)``: dp shards of each tp shard)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    weight = next(p for n, p in model.named_parameters() if n.endswith("attn.qkv.weight"))
-    mesh = getattr(weight, "device_mesh", None)
-    out = (isinstance(model, FSDPModule), None if mesh is None else mesh.mesh_dim_names,
-           tuple(str(pl) for pl in getattr(weight, "placements", ())))
-    bank = next((p for n, p in model.named_parameters() if n.endswith("experts.w1")), None)
-    if bank is not None and hasattr(bank, "device_mesh"):  # an expert bank under FSDP2: its mesh's size, placements
-        out += (bank.device_mesh.size(), tuple(str(pl) for pl in bank.placements))
-    return out
-
-
 def _train_each(rank, world_size, runs):
-    """Each run's losses and the layouts ``parallelize`` returned (whole model, or each of this rank's stages)."""
-    import curry_train.train as driver
-
-    real, real_loop, seen, held = driver.parallelize, driver.run_training_steps, [], {}
-
-    def spy(*args, **kwargs):
-        model, dist_opt = real(*args, **kwargs)
-        seen.append(_layout(model))
-        return model, dist_opt
-
-    def loop_spy(model, optimizer, *args, **kwargs):
-        history = real_loop(model, optimizer, *args, **kwargs)
-        held.update(_bytes_held(model, optimizer))  # after the last step: grads still there
-        return history
-
-    driver.parallelize, driver.run_training_steps = spy, loop_spy
-    out = {}
-    for name, overrides in runs.items():
-        seen.clear()
-        out[name] = (_losses(train(load_config([*SMALL, *overrides]))), list(seen), dict(held))
-    return out
-
-
-def _bytes_held(model, optimizer) -> dict:
-    """This rank's bytes of parameters, gradients and optimizer state (``DTensor``s counted by their local shard),
-    as ``DistributedOptimizer.memory_report`` counts them."""
-    def nbytes(tensors):
-        local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors if t is not None]
-        return sum(t.numel() * t.element_size() for t in local)
-
-    params = list(model.parameters())
-    state = [v for st in optimizer.state.values() for v in st.values() if hasattr(v, "numel")]
-    return {"params": nbytes(params), "grads": nbytes(p.grad for p in params), "optimizer_state": nbytes(state)}
+    """Each run's history, what ``parallelize`` made of each module it got, the bytes held after the last step."""
+    return run_layouts(rank, world_size, runs, SMALL)
 
 
 def _single(overrides):
@@ -92,7 +47,7 @@ def _check(runs, ranks, layouts, rel=TOL):
     for name, overrides in runs.items():
         single = _single(overrides)
         for rank, result in enumerate(ranks):
-            losses, seen, _ = result[name]
+            losses, seen = _losses(result[name]["history"]), result[name]["layouts"]
             assert losses == pytest.approx(single, rel=rel), f"{name}, rank {rank}"
             assert seen == [layouts[name]] * len(seen) and seen, f"{name}, rank {rank}: {seen}"
 
@@ -137,12 +92,12 @@ def test_eight_rank_layouts_equal_one_process_and_checkpoints_cross_layouts(tmp_
     # per-rank bytes of dp2 x pp2 x tp2 against /plan's prediction (fp32: 4 + 4 + 8 bytes per parameter)
     shape = Shape.from_model_config(load_config(SMALL).model, seq=32)
     predicted = model_state_bytes(shape.params, 2, "full", "fp32", 2, 2, rank_params=shape.rank_params(2, 2))
-    held = [r["dp2 x pp2 x tp2, FSDP2 full, ga 2"][2] for r in ranks]
+    held = [r["dp2 x pp2 x tp2, FSDP2 full, ga 2"]["bytes"] for r in ranks]
     fullest = max(held, key=lambda h: sum(h.values()))
     for part in ("params", "grads"):
         assert fullest[part] == pytest.approx(predicted[part], rel=0.01), (part, fullest, predicted)
     assert sum(fullest.values()) == pytest.approx(predicted["total"], rel=0.01), (fullest, predicted)
-    straight = ranks[0]["save"][0]
+    straight = _losses(ranks[0]["save"]["history"])
     assert straight == pytest.approx(_single(runs["save"][:-3] + ["train.steps=4"]), rel=TOL)
     for name in ("dp4", "one"):
         (tmp_path / name).mkdir()
@@ -156,7 +111,7 @@ def test_eight_rank_layouts_equal_one_process_and_checkpoints_cross_layouts(tmp_
         assert [v for _, v in result] == pytest.approx(straight[SAVE_AT:], rel=TOL)
 
 
-BF16_REL = 2e-2  # bf16 compute against the fp32 single process (the page states this bound)
+BF16_REL = 1e-3  # bf16 compute vs the fp32 single process over 3 steps (measured 1.2e-4; the page states it)
 FOUR = {  # world size 4, slow
     "pp2 x dp2, FSDP2 full + bf16": [*PP, "parallel.sharding=full", "parallel.mixed_precision=bf16"],
     "tp2 x cp2, FSDP2 over cp": ["parallel.tp=2", "parallel.cp=2", "parallel.sharding=full"],

@@ -6,7 +6,8 @@ experts), pipeline schedule, sharding mode, recompute mode and micro-batch size,
 * **model states** (``model_state_bytes``): ``primitives.distributed_optimizer.zero_bytes_per_rank`` (ZeRO paper,
   Rajbhandari et al. 2019) on the dense parameters the fullest rank holds over its ``dp`` ranks (``Psi_d / (tp
   pp)``; for the reference GPT's exact sizes ``Shape.rank_params``: replicated norms and row biases, embeddings on
-  the first stage, the head on the last; within 1% of a dp2 x pp2 x tp2 run, tests/test_compose.py), plus the
+  the first stage, the head on the last; within 1% of a dp2 x pp2 x tp2 run, tests/test_compose.py) over its ``dp x
+  cp`` ranks (ZeRO-1 and FSDP2 shard over the cp ranks too, which hold the same weights), plus the
   expert ``Psi_e / (tp pp ep)`` over the ``dp / ep`` ranks holding the same experts (mixed precision: 2 + 2 + 12
   bytes per parameter; ``--precision fp32``: 4 + 4 + 8, which is also what curry_train's bf16 keeps: fp32 shards).
   FSDP2's ``shard_grad_op`` shards the parameters at rest as well and holds them whole from forward to backward:
@@ -192,8 +193,9 @@ def estimate(shape: Shape, hw: Hardware, layout: Layout, global_batch_tokens: in
     else:
         est.in_flight = 1
     rank = shape.rank_params(L.tp, L.pp, L.schedule in ("zbv", "dualpipev")) if shape.positions else None
-    est.states_bytes = model_state_bytes(shape.params, L.dp, L.sharding, precision, L.tp, L.pp, shape.expert_params,
-                                         L.ep, rank_params=rank)
+    # ZeRO-1 and FSDP2 shard over dp x cp (the cp ranks of a replica hold the same weights: ParallelState.fsdp_mesh)
+    est.states_bytes = model_state_bytes(shape.params, L.dp * L.cp, L.sharding, precision, L.tp, L.pp,
+                                         shape.expert_params, L.ep, rank_params=rank)
     layers = shape.n_layer / stages
     value_bytes = 2 if precision == "mixed" else 4
     est.activation_bytes = activation_bytes(shape, L.micro_batch, layers, est.in_flight, L.tp, L.cp, L.recompute,

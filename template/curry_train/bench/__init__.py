@@ -10,7 +10,8 @@ Every run writes a new folder ``bench.out_dir/<timestamp>/`` (``report.new_run_d
 ``report.md`` (every table, the machine, the config, the command), ``report.json`` (every number) and the PNGs,
 rewritten after each bench so that a run stopped half way keeps what it measured.
 
-One module per bench (``loop``, ``ga``, ``recompute``, ``sharding``, ``pipeline``, ``checkpoint``, ``mfu``, ``faults``, ``tp``, ``cp``, ``moe``),
+One module per bench (``loop``, ``ga``, ``recompute``, ``sharding``, ``pipeline``, ``checkpoint``, ``mfu``, ``faults``, ``tp``, ``cp``, ``moe``,
+``compose``),
 helpers they share in ``common``, device and rank counts in ``machine``, plots in ``plots``, the report in ``report``.
 """
 
@@ -37,6 +38,7 @@ BENCHES = {
     "cp": "curry_train.bench.cp:bench_cp",
     "moe": "curry_train.bench.moe:bench_moe",
     "tp": "curry_train.bench.tp:bench_tp",
+    "compose": "curry_train.bench.compose:bench_compose",
 }
 # name -> what it prints (shown by `python -m curry_train bench --help`)
 BENCH_HELP = {
@@ -59,6 +61,8 @@ BENCH_HELP = {
            "all-to-all bytes at EP=2 vs the formula; step time vs a dense MLP of equal active parameters",
     "tp": "tensor (and sequence) parallel at tp ranks vs one process: parameter and activation bytes per rank, "
           "collectives counted by CommDebugMode vs the formula, step time",
+    "compose": "composed layouts (HSDP, FSDP2 pipeline stages, tp and cp inside them) at 4 and 8 ranks: per-rank "
+               "bytes vs /plan (target: within 1%), loss vs one process, step time vs one process",
 }
 # `--quick` (what `make bench` runs): config overrides, applied before the user's (which win), and keyword arguments
 # per bench. Fewer rounds and steps, small batches, N = 2 only, three pipeline kinds on a 4-block model.
@@ -72,6 +76,7 @@ QUICK = {
         "moe": {"steps": 10},
         "cp": {"seq_lens": (256, 512)},
         "tp": {"tp_sizes": (2,)},
+        "compose": {"world_sizes": (4,), "steps": 3},
         "checkpoint": {"large_params": 25_000_000},
     },
 }
