@@ -118,6 +118,8 @@ FOUR = {  # world size 4, slow
     "pp2 x cp2, FSDP2 over cp, ga 2": [*PP, "parallel.cp=2", "parallel.sharding=full",
                                       "train.gradient_accumulation_steps=2"],
     "pp2 x dp2, ZeRO-1": [*PP, "parallel.sharding=zero1"],
+    "pp2 x dp2, FSDP2 full, a stage of embeddings only": [*PP, "parallel.sharding=full",
+                                                          "parallel.layers_per_stage=[0,4]"],
 }
 
 
@@ -128,11 +130,13 @@ def test_four_rank_layouts_equal_one_process():
     ranks = launch(_train_each, 4, FOUR, timeout=900)
     bf16 = {k: v for k, v in FOUR.items() if "bf16" in k}
     _check(bf16, ranks, {k: (True, ("dp_shard_cp",), ("S(0)",)) for k in bf16}, rel=BF16_REL)
-    _check({k: v for k, v in FOUR.items() if k not in bf16}, ranks, {
+    _check({k: v for k, v in FOUR.items() if k not in bf16 and "only" not in k}, ranks, {
         "tp2 x cp2, FSDP2 over cp": (True, ("dp_shard_cp", "tp"), ("_S(0, 2)", "S(0)")),
         "pp2 x cp2, FSDP2 over cp, ga 2": (True, ("dp_shard_cp",), ("S(0)",)),
         "pp2 x dp2, ZeRO-1": (False, None, ()),  # plain stages, ZeroRedundancyOptimizer over dp
     })
+    name = "pp2 x dp2, FSDP2 full, a stage of embeddings only"  # stage 0 has no block (_layout needs one): losses
+    assert _losses(ranks[0][name]["history"]) == pytest.approx(_single(FOUR[name]), rel=TOL)
 
 
 # Each data-parallel rank routes its own tokens: parity with one process holds without a capacity limit or aux loss

@@ -35,7 +35,7 @@ A pipeline stage (``pipeline_stage=True``, e.g. a ``model.GPTStage``: its blocks
 ``blocks``): steps 0 and 0b (``apply_model_parallel``) ran on the whole model before the split, so the stage's
 blocks are already tensor- / context-parallel; steps 1 to 3 run on the stage as on a whole model
 (``recompute_every_n`` counts the stage's blocks; a stage holding no block, ``layers_per_stage`` with a 0, is left
-as it is by 1 and 2). Step 3 under pp: the FSDP2 modes shard each stage (its blocks, then the stage as root) with
+as it is by 1 and 2, and is one FSDP2 unit in 3). Step 3 under pp: the FSDP2 modes shard each stage (its blocks, then the stage as root) with
 ``reshard_after_forward=False``, and PyTorch's pipelining runtime drives their gradient sync (off for every
 micro-batch but the last, then one reduce-scatter: ``PipelineStage.perform_reduce_grad``); ``no_shard`` leaves
 the stage unwrapped and ``loop.accumulate_gradients`` averages its gradients over ``dp_group`` once per step.
@@ -109,7 +109,7 @@ def parallelize(model: torch.nn.Module, cfg, dp_group=None, *, tp_mesh=None, fsd
     # A pipeline stage under FSDP2 keeps its blocks gathered from forward to backward (torchtitan's choice for pp:
     # resharding would all-gather every block again for each micro-batch); PyTorch's pipelining runtime turns the
     # gradient sync off for all but the last micro-batch and reduce-scatters once (PipelineStage.perform_reduce_grad).
-    stage_kw = {"reshard_after_forward": False} if pipeline_stage else {}
+    stage_kw = {"reshard_after_forward": False, "blocks_optional": True} if pipeline_stage else {}
     if expert_parallel is not None and fsdp:  # banks first: the blocks' units then take what is left
         expert_parallel.fully_shard(expert_fsdp_mesh, check_options(p.sharding, p.mixed_precision)[1],
                                     bool(p.cpu_offload))

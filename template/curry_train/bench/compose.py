@@ -53,7 +53,9 @@ def layout_of(model) -> tuple:
     (``_S(0, 2)``: dp shards of each tp shard)."""
     from torch.distributed.fsdp import FSDPModule
 
-    weight = next(p for n, p in model.named_parameters() if n.endswith("attn.qkv.weight"))
+    weight = next((p for n, p in model.named_parameters() if n.endswith("attn.qkv.weight")), None)
+    if weight is None:  # a pipeline stage holding no block
+        return (isinstance(model, FSDPModule), "no block", ())
     mesh = getattr(weight, "device_mesh", None)
     out = (isinstance(model, FSDPModule), None if mesh is None else mesh.mesh_dim_names,
            tuple(str(pl) for pl in getattr(weight, "placements", ())))

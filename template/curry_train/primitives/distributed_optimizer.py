@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ._config import config_getter
-from .blocks import NoBlocksError, require_blocks
+from .blocks import NoBlocksError, find_blocks, require_blocks
 
 SHARDINGS = ("no_shard", "zero1", "shard_grad_op", "full")
 ALIASES = {"ddp": "no_shard", "zero1": "zero1", "zero2": "shard_grad_op", "zero3": "full", "fsdp": "full",
@@ -221,6 +221,7 @@ class DistributedOptimizer:
         reshard_last: bool = False,
         reduce_dtype: str | None = None,
         blocks_per_unit: int = 1,
+        blocks_optional: bool = False,
         **optimizer_kwargs,
     ) -> "DistributedOptimizer":
         """Shard ``model`` over ``process_group`` (default: the world) and build its optimizer.
@@ -240,7 +241,8 @@ class DistributedOptimizer:
         * ``reshard_after_forward``: overrides the mode's choice for the blocks (True for ``full``, False for
           ``shard_grad_op``; an int reshards to that smaller world size). FSDP2 modes only.
         * ``block_types``: the block classes FSDP2 shards one unit each (default: ``find_blocks``' discovery);
-          FSDP2 modes raise ``NoBlocksError`` (a ``ValueError``) when no block is found, before any collective.
+          FSDP2 modes raise ``NoBlocksError`` (a ``ValueError``) when no block is found, before any collective,
+          unless ``blocks_optional`` (a pipeline stage holding only the embedding or the head: one unit, the root).
 
         Step-time levers (FSDP2 modes; ``bench sharding`` measures each against DDP, skill
         ``primitive-distributed-optimizer``):
@@ -283,8 +285,10 @@ class DistributedOptimizer:
                 process_group = mesh.get_group()
         blocks = None
         if fsdp:
-            blocks = require_blocks(model, block_types, purpose=f"sharding={sharding!r} (FSDP2 shards each block)")
-            check_lever_limits(len(blocks), prefetch, blocks_per_unit)
+            blocks = find_blocks(model, block_types) if blocks_optional else \
+                require_blocks(model, block_types, purpose=f"sharding={sharding!r} (FSDP2 shards each block)")
+            if blocks:
+                check_lever_limits(len(blocks), prefetch, blocks_per_unit)
         device = next(iter(model.parameters()), torch.zeros(0)).device
         if mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError(f"mixed_precision='bf16' but {torch.cuda.get_device_name(device)} has no bf16 support; "
@@ -423,7 +427,7 @@ def _fully_shard(model, blocks, sharding, mixed_precision, cpu_offload, reshard_
     # Root (embeddings, final norm, tied head): FSDP2's default for the root is not to reshard after forward,
     # since backward needs it first; under shard_grad_op nothing is resharded after forward.
     fully_shard(model, reshard_after_forward=None if sharding == "full" else False, **kw)
-    if prefetch:
+    if prefetch and units:
         heads = [unit[0] for unit in units]  # a unit's modules share one FSDP state
         for i, head in enumerate(heads):
             head.set_modules_to_forward_prefetch(heads[i + 1:i + 1 + prefetch])
