@@ -77,7 +77,8 @@ def test_dp2_x_cp2_fsdp2_trains_like_one_process(references):
 
 @pytest.mark.parametrize("overrides,world_size,message", [
     (["parallel.cp=2", "train.seq_len=30"], 2, "train.seq_len=30 must be divisible by 4"),
-    (["parallel.cp=2", "parallel.tp=2"], 4, "parallel.cp=2 with parallel.tp=2 is not supported yet"),
+    (["parallel.cp=2", "parallel.tp=4", "parallel.sequence_parallel=true", "train.seq_len=36"], 8,
+     "each rank's train.seq_len / cp = 18 tokens must be divisible by parallel.tp=4"),
     (["parallel.cp=2", "model.dropout=0.1"], 2, "ring attention has no attention dropout"),
     (["parallel.cp=2", "model._target_=foreign_models.titan_like"], 2,
      "needs a model whose forward takes the global token positions"),

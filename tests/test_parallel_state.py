@@ -75,6 +75,9 @@ def _mesh_groups(rank, world, kwargs):
     out["coords"] = ps.coords
     out["props"] = (ps.dp_rank, ps.pp_rank, ps.dp, ps.pp, ps.is_first_stage, ps.is_last_stage)
     out["mesh_dims"] = ps.mesh.mesh_dim_names
+    hsdp = ParallelState(dp_replicate=2)  # dp 4 = 2 replicas x 2 shards
+    out["hsdp"] = {d: dist.get_process_group_ranks(hsdp.group(d)) for d in ("dp_replicate", "dp_shard", "dp", "dp_cp")}
+    out["hsdp_fsdp_mesh"] = (hsdp.fsdp_mesh.mesh_dim_names, hsdp.fsdp_mesh.mesh.tolist())
     return out
 
 
@@ -83,7 +86,7 @@ def test_device_mesh_groups_match_the_grid_at_world_size_4():
     results = launch(_mesh_groups, 4, {"dp": 2, "pp": 2}, timeout=300)
     grid = ParallelState(dp=2, pp=2, world_size=4)
     for rank, r in enumerate(results):
-        assert r["mesh_dims"] == ("pp", "dp", "cp", "tp")
+        assert r["mesh_dims"] == ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # dp = dp_replicate x dp_shard
         assert r["coords"] == grid.coordinates(rank)
         for d in ("pp", "dp", "cp", "tp"):
             mesh_ranks, grid_ranks, total = r[d]
@@ -91,3 +94,26 @@ def test_device_mesh_groups_match_the_grid_at_world_size_4():
             assert total == float(sum(grid_ranks))
         c = grid.coordinates(rank)
         assert r["props"] == (c["dp"], c["pp"], 2, 2, c["pp"] == 0, c["pp"] == 1)
+        # HSDP: replicate outer, shard inner (dp_rank = replicate_rank * dp_shard + shard_rank)
+        assert r["hsdp"] == {"dp_replicate": [rank % 2, rank % 2 + 2], "dp_shard": [rank // 2 * 2, rank // 2 * 2 + 1],
+                             "dp": [0, 1, 2, 3], "dp_cp": [0, 1, 2, 3]}
+        assert r["hsdp_fsdp_mesh"] == (("dp_replicate", "dp_shard_cp"), [[0, 1], [2, 3]])
+
+
+def test_hsdp_sizes_and_errors_without_a_process_group():
+    assert ParallelState.resolve_data_parallel(8, 2) == (2, 4)
+    assert ParallelState.resolve_data_parallel(8, 2, 4) == (2, 4)
+    ps = ParallelState(dp_replicate=2, pp=2, world_size=8)
+    assert (ps.dp, ps.dp_replicate, ps.dp_shard) == (4, 2, 2)
+    assert ps.mesh_dim_names() == ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+    assert "(dp = dp_replicate2 x dp_shard2: HSDP)" in str(ps)
+    for kwargs, message in (({"dp_replicate": 3}, r"parallel.dp_replicate=3 must divide the data-parallel size 8"),
+                            ({"dp_replicate": 2, "dp_shard": 2}, r"dp_replicate=2 \* dp_shard=2 = 4 != the data"),
+                            ({"dp_shard": 0}, r"parallel.dp_shard must be a positive integer or -1")):
+        with pytest.raises(ValueError, match=message):
+            ParallelState.resolve_data_parallel(8, **kwargs)
+    validate(load_config(["parallel.dp_replicate=2", "parallel.sharding=full", "train.batch_size=8"]), 4)
+    with pytest.raises(ValueError, match=r"parallel.dp_replicate=2 replicates FSDP2 shards \(HSDP\) and needs "):
+        validate(load_config(["parallel.dp_replicate=2", "train.batch_size=8"]), 4)
+    with pytest.raises(ValueError, match=r"parallel.dp_replicate=3 must divide the data-parallel size 4"):
+        validate(load_config(["parallel.dp_replicate=3", "parallel.sharding=full", "train.batch_size=8"]), 4)

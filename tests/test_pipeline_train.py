@@ -46,7 +46,8 @@ def test_pp2_training_losses_and_grad_norms_match_single_process():
     (["parallel.pp_schedule=zigzag"], r"unknown pipeline schedule kind 'zigzag'; choose from gpipe, 1f1b"),
     (["parallel.pp_schedule=gpipe", "parallel.n_microbatches=3"], r"8 rows per pipeline step, not divisible by parallel.n_microbatches=3"),
     (["parallel.pp_schedule=interleaved", "model.n_layer=6"], r"model.n_layer=6 is not divisible by the number of pipeline stages 4"),
-    (["parallel.sharding=full"], r"parallel.sharding='full' is not supported with parallel.pp=2"),
+    (["parallel.mixed_precision=bf16"], r"parallel.sharding=no_shard with parallel.mixed_precision=bf16 and "
+                                        r"parallel.pp=2: bf16 pipeline stages are FSDP2's"),
 ])
 def test_pipeline_config_errors_name_the_numbers(overrides, message):
     cfg = load_config([*SMALL, "parallel.pp=2", *overrides])

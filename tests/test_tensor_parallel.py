@@ -224,7 +224,8 @@ def test_cli_torchrun_tp2_sequence_parallel_trains_like_one_process(tmp_path, re
     (["parallel.tp=2", "parallel.sharding=no_shard"], 4,
      "parallel.sharding=no_shard with parallel.tp=2 and dp=2: DDP and ZeRO-1 do not take tensor-parallel"),
     (["parallel.tp=2", "parallel.sharding=zero1"], 2, "parallel.sharding=zero1 with parallel.tp=2 and dp=1"),
-    (["parallel.tp=2", "parallel.pp=2"], 4, "parallel.tp=2 with parallel.pp=2 is not supported"),
+    (["parallel.tp=2", "parallel.pp=2", "model.n_layer=3"], 4, "model.n_layer=3 is not divisible by the number of "
+     "pipeline stages 2"),
     (["parallel.tp=4", "parallel.sequence_parallel=true", "train.seq_len=30"], 4,
      "train.seq_len=30 must be divisible by 4"),
     (["parallel.tp=2", "parallel.loss_parallel=true"], 2,

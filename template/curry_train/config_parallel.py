@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from .data import check_batch_split
 from .primitives._checks import boolean, non_negative_int, positive_int, prefixed
-from .primitives._config import config_getter
+from .primitives._config import config_get as get_key, config_getter
 from .primitives.distributed_optimizer import FSDP_MODES, check_lever_limits, check_options, normalize_sharding
 from .primitives.parallel_state import ParallelState
 from .primitives.pipeline.schedule import layer_split
@@ -23,8 +23,8 @@ from .user_model import user_target
 
 
 def _check_expert_parallel(cfg, dp: int) -> None:
-    """``parallel.ep > 1``: the reference GPT's MoE layers, experts divisible by ep, DDP only, no pp/tp/cp (ep
-    dividing dp is checked with the grid, ``ParallelState.sizes_from_config``). Checkpoints store the whole expert
+    """``parallel.ep > 1``: the reference GPT's MoE layers, experts divisible by ep, DDP or FSDP2 (not ZeRO-1), no
+    pp/tp/cp (ep dividing dp is checked with the grid, ``ParallelState.sizes_from_config``). Checkpoints store the whole expert
     bank (``primitives.checkpoint_experts``) and load at any ep."""
     p = cfg.parallel
     ep = positive_int("parallel.ep", p.ep)
@@ -40,9 +40,13 @@ def _check_expert_parallel(cfg, dp: int) -> None:
         if p[key] > 1:
             raise ValueError(f"parallel.ep={ep} with parallel.{key}={p[key]} is not supported yet; use parallel.{key}=1")
     sharding, _ = check_options(p.sharding, p.mixed_precision, p.cpu_offload)
-    if sharding != "no_shard":
-        raise ValueError(f"parallel.ep={ep} with parallel.sharding={sharding} is not supported yet (FSDP/ZeRO of "
-                         "expert-sharded banks); use parallel.sharding=no_shard")
+    if sharding == "zero1":
+        raise ValueError(f"parallel.ep={ep} with parallel.sharding=zero1: ZeRO-1 broadcasts each updated parameter "
+                         "from one rank, but expert slices differ per rank; use no_shard, shard_grad_op or full")
+    if sharding in FSDP_MODES and cfg.checkpoint.dir is not None:
+        raise ValueError(f"parallel.ep={ep} with parallel.sharding={sharding} and checkpoint.dir: checkpoints of "
+                         "FSDP2-sharded expert slices are not written yet (primitives.checkpoint_experts takes plain "
+                         "slices); use parallel.sharding=no_shard to checkpoint, or checkpoint.dir=null")
 
 
 def check_parallel(cfg, world_size: int, n_layer: int) -> None:
@@ -52,10 +56,14 @@ def check_parallel(cfg, world_size: int, n_layer: int) -> None:
     check_context_parallel_config(cfg)
     _check_expert_parallel(cfg, dp)
     if user_target(cfg.model) is None and cfg.model.moe_experts:
-        for key, size in (("pp", p.pp), ("tp", p.tp)):
-            if size > 1:
-                raise ValueError(f"model.moe_experts={cfg.model.moe_experts} with parallel.{key}={size} is not supported "
-                                 f"yet (a mixture of experts trains with dp, FSDP2 and cp); use parallel.{key}=1")
+        if p.tp > 1:
+            raise ValueError(f"model.moe_experts={cfg.model.moe_experts} with parallel.tp={p.tp}: tensor parallelism "
+                             "shards dense MLPs (fc, proj), not expert banks; shard the experts with parallel.ep, or "
+                             "use parallel.tp=1")
+        if p.pp > 1 and cfg.model.moe_aux_loss_weight > 0:
+            raise ValueError(f"model.moe_aux_loss_weight={cfg.model.moe_aux_loss_weight} with parallel.pp={p.pp}: the "
+                             "balancing loss is added to the loss of a whole forward, which no pipeline stage has; "
+                             "balance with model.moe_bias_balancing=true and model.moe_aux_loss_weight=0")
     check_batch_split(cfg.train.batch_size, dp, cfg.train.gradient_accumulation_steps)
     check_parallelize_config(cfg, world_size)
     if n_layer and normalize_sharding(p.sharding) in FSDP_MODES:  # the FSDP2 levers against the block count
@@ -98,6 +106,10 @@ def check_parallelize_config(cfg, world_size: int = 1) -> None:
         sharding, _ = check_options(p.sharding, p.mixed_precision, p.cpu_offload, prefetch=p.fsdp_prefetch,
                                     reshard_last=p.fsdp_reshard_last, blocks_per_unit=p.fsdp_blocks_per_unit,
                                     lever_prefix="fsdp_")
+    rep = positive_int("parallel.dp_replicate", get_key(p, "dp_replicate", 1))
+    if rep > 1 and sharding not in FSDP_MODES:
+        raise ValueError(f"parallel.dp_replicate={rep} replicates FSDP2 shards (HSDP) and needs parallel.sharding=full "
+                         f"or shard_grad_op, got {sharding}; with DDP/ZeRO-1 use parallel.dp alone")
     if sharding != "no_shard" and world_size <= 1:
         raise ValueError(
             f"parallel.sharding={sharding} shards over data-parallel ranks: launch with "
@@ -120,9 +132,6 @@ def check_tensor_parallel_config(cfg, world_size: int) -> None:
                 raise ValueError(f"parallel.{key}=true splits tensor-parallel activations and needs parallel.tp > 1, "
                                  "got parallel.tp=1")
         return
-    if p.pp > 1:
-        raise ValueError(f"parallel.tp={tp} with parallel.pp={p.pp} is not supported (pipeline stages are not "
-                         "tensor-parallel); use parallel.tp=1 or parallel.pp=1")
     dp = data_parallel_size(cfg, world_size)
     with prefixed("parallel."):
         sharding, _ = check_options(p.sharding, p.mixed_precision, p.cpu_offload)
@@ -152,18 +161,22 @@ def check_tensor_parallel_config(cfg, world_size: int) -> None:
 def check_context_parallel_config(cfg) -> None:
     """``parallel.cp > 1`` against the rest of the config and the model, with no process group: the sequence splits
     into ``2 * cp`` chunks, attention is ring attention (no dropout inside it), the model must take global positions
-    (``context_batches.position_keyword``), and cp does not combine with pp or tp yet."""
+    (``context_batches.position_keyword``); with pp the model is the reference GPT (its first stage takes them)."""
     p = cfg.parallel
     cp = positive_int("parallel.cp", p.cp)
     if cp == 1:
         return
-    for key, size in (("pp", p.pp), ("tp", p.tp)):
-        if size > 1:
-            raise ValueError(f"parallel.cp={cp} with parallel.{key}={size} is not supported yet (context parallelism "
-                             f"trains with data parallelism only); use parallel.{key}=1 or parallel.cp=1")
+    if p.pp > 1 and user_target(cfg.model) is not None:
+        raise ValueError(f"parallel.cp={cp} with parallel.pp={p.pp}: the global positions reach the first pipeline "
+                         "stage of the reference GPT only (other models' stages take one tensor); use parallel.pp=1 "
+                         "or parallel.cp=1")
     if cfg.train.seq_len % (2 * cp):
         raise ValueError(f"parallel.cp={cp} cuts each sequence into 2 * cp = {2 * cp} chunks (causal load balancing): "
                          f"train.seq_len={cfg.train.seq_len} must be divisible by {2 * cp}")
+    if p.tp > 1 and p.sequence_parallel and (cfg.train.seq_len // cp) % p.tp:
+        raise ValueError(f"parallel.cp={cp} with parallel.sequence_parallel=true: each rank's "
+                         f"train.seq_len / cp = {cfg.train.seq_len // cp} tokens must be divisible by parallel.tp="
+                         f"{p.tp}")
     if cfg.train.loss is not None:
         raise ValueError(f"parallel.cp={cp}: train.loss (your loss) takes whole (x, y) rows, but each rank holds "
                          f"1/{cp} of every row; use train.loss=null (the token loss on the model's logits)")
@@ -193,10 +206,15 @@ def pipeline_settings(cfg, world_size: int, dp_size: int = 1, n_layer: int | Non
     except ValueError as e:
         raise ValueError(f"parallel.pp_schedule={kind}, parallel.pp={p.pp}, parallel.n_microbatches="
                          f"{p.n_microbatches}: {e}") from None
-    for key, ok in (("sharding", ("no_shard",)), ("mixed_precision", (None, "fp32")), ("cpu_offload", (False,))):
-        if get(key, ok[0]) not in ok:
-            raise ValueError(f"parallel.{key}={get(key)!r} is not supported with parallel.pp={p.pp} yet "
-                             f"(pipeline stages are not wrapped in DDP/FSDP); use parallel.{key}={ok[0]}")
+    sharding, precision = check_options(get("sharding", "no_shard"), get("mixed_precision", None),
+                                        get("cpu_offload", False))
+    if sharding in ("no_shard", "zero1") and precision is not None:
+        raise ValueError(f"parallel.sharding={sharding} with parallel.mixed_precision={precision} and parallel.pp="
+                         f"{p.pp}: bf16 pipeline stages are FSDP2's (MixedPrecisionPolicy); use parallel.sharding="
+                         "full or shard_grad_op, or parallel.mixed_precision=null")
+    if get("fsdp_reshard_last", False):
+        raise ValueError(f"parallel.fsdp_reshard_last=true with parallel.pp={p.pp}: FSDP2 stages keep every unit "
+                         "gathered from forward to backward already; use parallel.fsdp_reshard_last=false")
     layers = get("layers_per_stage", None)
     layers = list(layers) if layers is not None else None
     target = user_target(cfg.model)

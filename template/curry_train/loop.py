@@ -13,7 +13,7 @@ One optimizer step (``run_training_steps``), the same code with or without pipel
                     ga.backward_loss(loss_sum, n_valid, i).backward()   # loss_sum / d
             else:                                               # pipeline: n_microbatches chunks through the stages
                 schedule.train_step(*mb, loss_divisor=d)        # each chunk back-propagates token_loss_sum / d
-        if schedule is not None: sum tied grads over pp, average grads over dp_group
+        if schedule is not None: sum tied grads over pp, average grads over dp_group (FSDP2 stages: done by them)
     clip_grad_norm(model.parameters(), grad_clip, pp_group, owns)   # one global norm for every layout
     optimizer.step(), scheduler.step()
 
@@ -75,9 +75,10 @@ def accumulate_gradients(model, microbatches, ga: GradientAccumulation, dp_group
     may return logits, a ``ModelOutput`` or a tuple) over ``ga.sum_divisor(i, n_valid)``. Without
     ``schedule`` it runs through ``model`` under ``ga.sync_context`` (data-parallel wrappers reduce on the last).
     With a ``PipelineSchedule`` it is one ``schedule.train_step`` (the loss sum broadcast from the last stage);
-    afterwards, once per step, tied-weight gradients are summed over the pipeline group and every gradient of
-    ``model`` (this rank's stages) is averaged over ``dp_group``: with divisor ``T / dp`` the average is the
-    gradient of the global mean token loss, as DDP gives the plain path.
+    afterwards, once per step, tied-weight gradients are summed over the pipeline group and, unless the stages
+    reduce their own (FSDP2 stages: ``PipelineSchedule.reduces_grads``), every gradient of ``model`` (this rank's
+    stages) is averaged over ``dp_group``: with divisor ``T / dp`` the average is the gradient of the global mean
+    token loss, as DDP gives the plain path.
 
     ``loss_fn(model, microbatch) -> (loss_sum, n_valid)`` replaces ``forward_loss_sum`` for a model whose forward
     is not ``(inputs) -> logits`` (``train.loss._target_``); its ``n_valid`` must equal ``count_target_tokens``.
@@ -97,9 +98,9 @@ def accumulate_gradients(model, microbatches, ga: GradientAccumulation, dp_group
     loss_total = torch.zeros((), dtype=torch.float64)
     for i, mb in enumerate(microbatches):
         if schedule is not None:
-            x, y = mb
+            x, y, stage_kwargs = _pipeline_inputs(mb)
             loss_sum = schedule.train_step(x, y, loss_divisor=ga.sum_divisor(i, counts[i]), broadcast_loss=True,
-                                           sync_tied=False)
+                                           sync_tied=False, stage_kwargs=stage_kwargs)
         else:
             with ga.sync_context(model, i), loss_parallel_context(loss_parallel):
                 loss_sum, _ = loss_fn(model, mb)
@@ -109,12 +110,26 @@ def accumulate_gradients(model, microbatches, ga: GradientAccumulation, dp_group
     if schedule is not None:
         schedule.sync_tied_grads()
         dp_size = dist.get_world_size(dp_group)
-        if dp_size > 1:
+        if dp_size > 1 and not schedule.reduces_grads:  # FSDP2 stages: PyTorch's pipelining runtime reduced them
             for p in model.parameters():
                 if p.grad is not None:
                     dist.all_reduce(p.grad, group=dp_group)
                     p.grad.div_(dp_size)
     return loss_total, sum(counts)
+
+
+def _pipeline_inputs(mb) -> tuple:
+    """``(x, y, stage_kwargs)`` of a micro-batch for ``PipelineSchedule.train_step``: an ``(x, y)`` pair, or a dict
+    ``{input: x, "targets": y, **keywords}`` (``context_batches.cp_microbatch``), each keyword given one row per
+    row of ``x`` (the schedule splits keyword inputs by rows into its micro-batches)."""
+    if not isinstance(mb, dict):
+        x, y = mb
+        return x, y, {}
+    rest = {k: v for k, v in mb.items() if k != "targets"}
+    name = next(iter(rest))
+    x = rest.pop(name)
+    kwargs = {k: v.expand(x.shape[0], -1) if torch.is_tensor(v) and v.dim() == 1 else v for k, v in rest.items()}
+    return x, mb["targets"], kwargs
 
 
 def _global_mean_loss(loss_sum: torch.Tensor, n_tokens: int, dp_group, device) -> tuple[float, int]:

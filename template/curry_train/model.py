@@ -239,12 +239,15 @@ class GPTStage(nn.Module):
             self.ln_f, self.head = model.ln_f, model.head
         self.first, self.last = first, last
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``positions``: as ``GPT.forward``'s, (T,) or (B, T) (a pipeline passes keyword inputs to every stage,
+        split by rows); only the first stage reads them."""
         if self.first:  # same computation as GPT.forward
             T = x.shape[1]
             if T > self.block_size:
                 raise ValueError(f"sequence length {T} exceeds model.block_size {self.block_size}")
-            x = self.drop(self.tok_emb(x) + self.pos_emb(torch.arange(T, device=x.device)))
+            pos = torch.arange(T, device=x.device) if positions is None else positions
+            x = self.drop(self.tok_emb(x) + self.pos_emb(pos))
         for block in self.blocks.values():
             x = block(x)
         if self.last:

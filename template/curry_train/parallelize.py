@@ -21,23 +21,27 @@ checkpointing) -> ``torch.compile`` -> data-parallel sharding.
    parameter names). Per block, as torchtitan does: blocks share one compiled graph.
 3. ``parallel.sharding`` (``no_shard`` | ``zero1`` | ``shard_grad_op`` | ``full``), ``parallel.mixed_precision``,
    ``parallel.cpu_offload``, the FSDP2 step-time levers ``parallel.fsdp_prefetch`` / ``fsdp_reshard_last`` /
-   ``fsdp_blocks_per_unit`` (``DistributedOptimizer.from_config``): ``DistributedOptimizer`` (DDP, DDP + ZeRO-1,
-   FSDP2) over ``dp_group``. In one process without torch.distributed, ``no_shard`` leaves the model as it is and the other modes are an error saying to use
-   torchrun. With ``tp > 1`` the FSDP2 modes shard over ``dp_mesh`` (the ``dp`` dim of the same mesh, so the
-   parameters become dp x tp DTensors); DDP and ZeRO-1 do not take DTensor parameters, so ``config.validate``
-   allows ``tp > 1`` only with ``dp = 1`` and ``no_shard`` (nothing to wrap) or with an FSDP2 mode.
+   ``fsdp_blocks_per_unit`` (``DistributedOptimizer.from_config``): DDP and ZeRO-1 over ``dp_group``, FSDP2 over
+   ``fsdp_mesh`` (``ParallelState.fsdp_mesh``: dp x cp, 1-D; or ``(dp_replicate, dp_shard x cp)``, 2-D: HSDP,
+   shard within a replica, replicate across). Last, because FSDP2 shards whatever the steps before made: with
+   ``tp > 1`` the parameters become dp x tp DTensors. In one process without torch.distributed, ``no_shard`` leaves
+   the model as it is and the other modes are an error saying to use torchrun. DDP and ZeRO-1 do not take
+   DTensor parameters, so ``config.validate`` allows ``tp > 1`` only with ``dp = 1`` and ``no_shard`` (nothing to
+   wrap) or with an FSDP2 mode.
 
 Blocks, in steps 1 to 3, are what ``primitives.blocks.find_blocks`` finds (or instances of ``block_types``).
 
 A pipeline stage (``pipeline_stage=True``, e.g. a ``model.GPTStage``: its blocks in the ``nn.ModuleDict``
-``blocks``) goes through steps 1 and 2 like the whole model: ``recompute_every_n`` counts the stage's blocks, and a
-stage holding no block (``layers_per_stage`` with a 0) is left as it is. Steps 0 and 3 are not applied (see the
-comment in ``parallelize``; ``config.validate`` refuses ``tp > 1`` with ``pp > 1``): under pipeline parallelism
-``parallel.sharding`` must be ``no_shard``, and ``loop.accumulate_gradients`` averages the stage gradients over
-``dp_group`` once per optimizer step.
+``blocks``): steps 0 and 0b (``apply_model_parallel``) ran on the whole model before the split, so the stage's
+blocks are already tensor- / context-parallel; steps 1 to 3 run on the stage as on a whole model
+(``recompute_every_n`` counts the stage's blocks; a stage holding no block, ``layers_per_stage`` with a 0, is left
+as it is by 1 and 2, and is one FSDP2 unit in 3). Step 3 under pp: the FSDP2 modes shard each stage (its blocks, then the stage as root) with
+``reshard_after_forward=False``, and PyTorch's pipelining runtime drives their gradient sync (off for every
+micro-batch but the last, then one reduce-scatter: ``PipelineStage.perform_reduce_grad``); ``no_shard`` leaves
+the stage unwrapped and ``loop.accumulate_gradients`` averages its gradients over ``dp_group`` once per step.
 
 ``config.validate`` finds every error of these keys before a process group exists.
-Returns ``(model, dist_opt)``, ``dist_opt`` None for a pipeline stage. Build the optimizer on the returned model,
+Returns ``(model, dist_opt)``, ``dist_opt`` None for an unwrapped pipeline stage. Build the optimizer on the returned model,
 then pass it through ``dist_opt.shard_optimizer(optimizer)`` (ZeRO-1 swaps in ``ZeroRedundancyOptimizer``; a no-op
 otherwise).
 """
@@ -48,24 +52,20 @@ import torch
 import torch.distributed as dist
 
 from .primitives.blocks import find_blocks
-from .primitives.distributed_optimizer import FSDP_MODES, DistributedOptimizer, normalize_sharding
+from .primitives.distributed_optimizer import FSDP_MODES, DistributedOptimizer, check_options, normalize_sharding
 from .primitives.recompute import apply_recompute_from_config
 from .primitives.context_parallel import apply_context_parallel
 from .primitives.tensor_parallel import apply_tensor_parallel
 
 
-def parallelize(model: torch.nn.Module, cfg, dp_group=None, *, tp_mesh=None, dp_mesh=None, cp_group=None,
-                pipeline_stage: bool = False, block_types=None) -> tuple[torch.nn.Module, DistributedOptimizer | None]:
-    """``cfg``: the full config (reads ``cfg.train.recompute``, ``recompute_every_n``, ``compile``, ``cfg.parallel``).
-    ``tp_mesh``, ``dp_mesh``: the ``tp`` and ``dp`` dims of ``ParallelState.mesh`` (needed when ``parallel.tp > 1``).
-    ``cp_group``: ``ParallelState.cp_group`` (needed when ``parallel.cp > 1``: every block's attention becomes ring
-    attention over it, before recompute; ``dp_group`` is then the dp x cp group, ``ParallelState.dp_cp_group``).
-    ``block_types``: the model's block classes, when ``primitives.blocks.find_blocks`` cannot find them."""
-    t, p = cfg.train, cfg.parallel
+def apply_model_parallel(model: torch.nn.Module, cfg, *, tp_mesh=None, cp_group=None) -> torch.nn.Module:
+    """Steps 0 and 0b: tensor parallelism (+ SP) over ``tp_mesh`` and context parallelism (ring attention) over
+    ``cp_group``, in place (names unchanged); returns ``model``. ``parallelize`` calls it for a whole model; under
+    pipeline parallelism ``train`` calls it on the whole model *before* the split, so every stage shares the
+    already-sharded blocks (each block is sharded alone: the result is the same as sharding each stage)."""
+    p = cfg.parallel
     tp = p.get("tp", 1)
     if tp > 1:
-        if pipeline_stage:
-            raise ValueError(f"parallel.tp={tp} with pipeline stages is not supported (use parallel.pp=1 or tp=1)")
         if tp_mesh is None or tp_mesh.size() != tp:
             raise ValueError(f"parallel.tp={tp} needs the tp dim of the rank grid: pass "
                              "tp_mesh=ParallelState.tp_mesh")
@@ -75,22 +75,47 @@ def parallelize(model: torch.nn.Module, cfg, dp_group=None, *, tp_mesh=None, dp_
         if cp_group is None or dist.get_world_size(cp_group) != cp:
             raise ValueError(f"parallel.cp={cp} needs the cp dim of the rank grid: pass cp_group=ParallelState.cp_group")
         apply_context_parallel(model, cp_group, causal=True)
+    return model
+
+
+def parallelize(model: torch.nn.Module, cfg, dp_group=None, *, tp_mesh=None, fsdp_mesh=None, cp_group=None,
+                pipeline_stage: bool = False, block_types=None, expert_parallel=None, expert_fsdp_mesh=None,
+                ) -> tuple[torch.nn.Module, DistributedOptimizer | None]:
+    """``cfg``: the full config (reads ``cfg.train.recompute``, ``recompute_every_n``, ``compile``, ``cfg.parallel``).
+    ``tp_mesh``: ``ParallelState.tp_mesh`` (needed when ``parallel.tp > 1``). ``fsdp_mesh``:
+    ``ParallelState.fsdp_mesh``, what the FSDP2 modes shard over (1-D dp x cp, or 2-D for HSDP; None: a mesh
+    over ``dp_group``). ``cp_group``: ``ParallelState.cp_group`` (needed when ``parallel.cp > 1``: every block's
+    attention becomes ring attention over it, before recompute; ``dp_group`` is then the dp x cp group,
+    ``ParallelState.dp_cp_group``). ``pipeline_stage``: ``model`` is one stage whose blocks ``apply_model_parallel``
+    already sharded. ``block_types``: the model's block classes, when ``primitives.blocks.find_blocks`` cannot find
+    them. ``expert_parallel`` (``ExpertParallel``, ``parallel.ep > 1``): under FSDP2 its banks are sharded first,
+    over ``expert_fsdp_mesh`` (``ParallelState.expert_fsdp_mesh``)."""
+    t, p = cfg.train, cfg.parallel
+    if not pipeline_stage:
+        apply_model_parallel(model, cfg, tp_mesh=tp_mesh, cp_group=cp_group)
     blocks = find_blocks(model, block_types)
     if blocks or not pipeline_stage:  # a whole model without blocks gets NoBlocksError naming block_types
         apply_recompute_from_config(model, t, "recompute", "recompute_every_n", block_types)
         if getattr(t, "compile", False):
             for block in blocks or [model]:
                 block.compile()
-    if pipeline_stage:
+    fsdp = normalize_sharding(p.sharding) in FSDP_MODES
+    if pipeline_stage and not fsdp:
         # Not wrapped in DDP: PipelineStage reduces a DDP stage's gradients in the backward of each train_step's
         # last micro-batch, which fails with gradient accumulation (several train_steps per optimizer step: DDP's
         # bucket rebuild asserts) and with the split-backward schedules (zb: weight gradients never averaged; zbv,
         # dualpipev: error). A plain all-reduce over dp_group once per optimizer step works for every schedule.
         return model, None
+    # A pipeline stage under FSDP2 keeps its blocks gathered from forward to backward (torchtitan's choice for pp:
+    # resharding would all-gather every block again for each micro-batch); PyTorch's pipelining runtime turns the
+    # gradient sync off for all but the last micro-batch and reduce-scatters once (PipelineStage.perform_reduce_grad).
+    stage_kw = {"reshard_after_forward": False, "blocks_optional": True} if pipeline_stage else {}
+    if expert_parallel is not None and fsdp:  # banks first: the blocks' units then take what is left
+        expert_parallel.fully_shard(expert_fsdp_mesh, check_options(p.sharding, p.mixed_precision)[1],
+                                    bool(p.cpu_offload))
     dist_opt = DistributedOptimizer.from_config(p, model, process_group=dp_group, optimizer_class=None,
-                                                block_types=block_types,
-                                                mesh=dp_mesh if tp > 1 and normalize_sharding(p.sharding) in FSDP_MODES
-                                                else None)
+                                                block_types=block_types, mesh=fsdp_mesh if fsdp else None,
+                                                **stage_kw)
     return dist_opt.model, dist_opt
 
 
@@ -103,6 +128,13 @@ class ExpertParallel:
     (``params``, their names ``names``) as ignored by DDP (``DistributedDataParallel.
     _set_params_and_buffers_to_ignore_for_model``), because DDP would average them over dp ranks holding *different*
     experts. The loop then calls ``reduce_grads()`` once per optimizer step, after the backward.
+
+    Under FSDP2 (``parallel.sharding=full|shard_grad_op``) ``parallelize`` calls ``fully_shard(mesh, ...)`` first:
+    each bank (``Experts`` module) becomes its own FSDP2 unit over ``ParallelState.expert_fsdp_mesh`` (the ranks
+    holding the same experts; torchtitan's ``efsdp``); its reduce-scatter averages over those ``N / ep`` ranks and
+    ``reduce_grads`` divides by ``ep`` more, which gives the exact gradient below (FSDP2's own divide factor would
+    do it in one go, but it reduces with ``PREMUL_SUM``, which gloo lacks); the blocks' units
+    (``DistributedOptimizer``) then shard the rest of each block over the whole dp mesh.
 
     Normalisation: with ``N`` dp ranks and the global valid-token count ``T``, rank ``r`` back-propagates its summed
     token loss ``L_r`` over ``T / N`` (``GradientAccumulation``). DDP averages replicated gradients over the ``N``
@@ -121,7 +153,7 @@ class ExpertParallel:
 
         from .primitives.moe import MoEMLP
 
-        self.ep_group, self.expert_dp_group, self.dp_size = ps.ep_group, ps.expert_dp_group, ps.dp
+        self.ep_group, self.expert_dp_group, self.dp_size, self.ep = ps.ep_group, ps.expert_dp_group, ps.dp, ps.ep
         layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoEMLP)]
         if not layers:
             raise ValueError(f"parallel.ep={ps.ep}: the model has no MoEMLP layer to shard")
@@ -129,16 +161,37 @@ class ExpertParallel:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, MoEMLP.from_dense(layer, ps.ep_group))
+        self.model, self.banks = model, [f"{name}.experts" for name, _ in layers]
         self.names = [f"{name}.experts.{w}" for name, _ in layers for w in ("w1", "w3", "w2")
                       if getattr(model.get_submodule(name).experts, w) is not None]
-        named = dict(model.named_parameters())
-        self.params = [named[n] for n in self.names]
-        self._ids = {id(p) for p in self.params}
+        self.fsdp = False
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, self.names)
 
+    @property
+    def params(self) -> list:
+        """The bank slices, looked up by name (FSDP2 swaps in sharded parameters under the same names)."""
+        return [self.model.get_parameter(n) for n in self.names]
+
+    def fully_shard(self, mesh, mixed_precision: str | None = None, cpu_offload: bool = False) -> None:
+        """Each bank an FSDP2 unit over ``mesh`` (``ParallelState.expert_fsdp_mesh``), its gradients averaged over it
+        (class docstring); ``mixed_precision``/``cpu_offload`` as the rest of the model."""
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if mixed_precision == "bf16" else MixedPrecisionPolicy())
+        offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
+        for name in self.banks:
+            fully_shard(self.model.get_submodule(name), mesh=mesh, mp_policy=mp, offload_policy=offload)
+        self.fsdp = True
+
     def reduce_grads(self) -> None:
-        """Sum the expert grads over the ranks holding the same experts, divide by the dp size (class docstring)."""
+        """Sum the expert grads over the ranks holding the same experts, divide by the dp size (class docstring);
+        under FSDP2, whose reduce-scatter averaged over those ranks, divide by ep."""
         grads = [p.grad for p in self.params if p.grad is not None]
+        if grads and self.fsdp:
+            for g in grads:
+                (g.to_local() if hasattr(g, "to_local") else g).div_(self.ep)
+            return
         if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -152,12 +205,16 @@ class ExpertParallel:
 
     def owns(self, p) -> bool:
         """Whether ``p`` is one of the expert-bank slices (different on every rank of the ep group)."""
-        return id(p) in self._ids
+        return any(p is q for q in self.params)
 
     def norm_square(self) -> torch.Tensor:
         """Squared L2 norm of every rank's expert grads (this rank's, summed over the ep group), float64."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        sq = (torch.nn.utils.get_total_norm(grads).double().square() if grads
-              else torch.zeros((), dtype=torch.float64, device=self.params[0].device))
+        params = self.params
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        if norm is not None and hasattr(norm, "full_tensor"):  # FSDP2: the bank's shards over the expert-dp mesh
+            norm = norm.full_tensor()
+        sq = (norm.double().square() if norm is not None
+              else torch.zeros((), dtype=torch.float64, device=params[0].device))
         dist.all_reduce(sq, group=self.ep_group)
         return sq

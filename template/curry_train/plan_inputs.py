@@ -29,11 +29,37 @@ class Shape:
     expert_params: float = 0.0
     expert_hidden: int = 0
     moe_every: int = 1
+    positions: int = 0  # learned position-embedding rows (the reference GPT's block_size); 0 = sizes not exact
+    tied: bool = True  # head shares the token embedding's weight
 
     @property
     def active_params(self) -> float:
         """Parameters one token uses: everything but the ``experts - top_k`` idle experts of each MoE layer."""
         return self.params - (self.expert_params * (1 - self.top_k / self.experts) if self.experts else 0.0)
+
+    def rank_params(self, tp: int = 1, pp: int = 1, v_style: bool = False) -> float:
+        """Dense parameters (all but the expert banks, which split over ep) the fullest rank holds at tp x pp, for
+        the exact sizes of ``from_model_config`` (``positions`` > 0; else ``(params - expert_params) / (tp pp)``), as
+        ``parallelize`` lays them out: per block the linears' weights and the column biases split over tp, the two
+        LayerNorms (``4d``) and the row biases (``2d``) replicated (an MoE block's router unsplit: tp does not take
+        MoE); the token and position embeddings (``V d + positions d``) on the first stage, the final LayerNorm
+        (``2d``) and the head (``V d``: the tied weight's own copy when the stages differ) on the last, replicated
+        over tp when tied, split by vocabulary when untied. ``v_style``: the first and last stages share a rank."""
+        dense = self.params - self.expert_params
+        if not self.positions:
+            return dense / (tp * pp)
+        d, V = self.d_model, self.vocab
+        embed = (V * d if self.tied else V * d / tp) + self.positions * d
+        head = 2 * d + (V * d if self.tied else V * d / tp)
+        blocks = dense - (V * d + self.positions * d + 2 * d + (0 if self.tied else V * d))
+        routers = self.moe_layers * self.experts * d
+        dense_layers = self.n_layer - self.moe_layers
+        replicated = 6 * d * dense_layers + routers
+        per_rank_blocks = ((blocks - replicated) / tp + replicated) / pp
+        if pp == 1:
+            return per_rank_blocks + embed + head - (V * d if self.tied else 0)  # one tied weight
+        first = per_rank_blocks + embed + (head if v_style else 0)
+        return max(first, per_rank_blocks + head)
 
     @classmethod
     def from_params(cls, params: float, seq: int = 4096, vocab: int = 32000) -> "Shape":
@@ -63,7 +89,8 @@ class Shape:
         params = V * d + block * d + (0 if get("tie_embeddings", True) else V * d) + L * (4 * d + 4 * d * d + 4 * d) \
             + dense_mlp + expert_params + 2 * d
         return cls(params, L, d, heads, V, int(seq or block), E, int(get("moe_top_k", 2)) if E else 0, moe_layers,
-                   float(expert_params), F if E else 0, int(get("moe_every", 1)))
+                   float(expert_params), F if E else 0, int(get("moe_every", 1)), block,
+                   bool(get("tie_embeddings", True)))
 
 
 def with_experts(shape: Shape, experts, top_k, moe_every, expert_hidden) -> Shape:

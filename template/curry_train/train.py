@@ -26,9 +26,10 @@ from .data import build_batches, seed_everything, token_streams
 from .evaluate import Evaluator
 from .export_hf import init_from
 from .loop import SpikeRollback, build_optimizer, build_scheduler, run_training_steps, token_loss_sum
-from .parallelize import ExpertParallel, parallelize
+from .parallelize import ExpertParallel, apply_model_parallel, parallelize
 from .primitives import GradientAccumulation, ParallelState, PipelineSchedule
 from .primitives.blocks import find_blocks
+from .primitives.distributed_optimizer import DistributedOptimizer, normalize_sharding
 from .primitives.loss_spike import LossSpikeWatchdog
 from .run_logging import TensorBoardLog, with_tensorboard
 from .stages import StageModules, split_model
@@ -90,17 +91,21 @@ def _train(cfg, world_size, ckpt, fault_step, corrupt_steps, signal_at, sigterm,
         prepare = cp_microbatch(model, ps.cp_group)
     if ps.pp > 1:  # pipeline parallelism: this rank keeps its stages and the loop runs them through the schedule
         s = pipeline_settings(cfg, world_size, dp_size, len(find_blocks(model)))
+        apply_model_parallel(model, cfg, tp_mesh=ps.tp_mesh, cp_group=ps.cp_group)  # tp, cp: blocks, before the split
         stages = split_model(model, s["pp"] * s["v"], s["layers_per_stage"])  # same seed: tied copies start equal
         schedule = PipelineSchedule(s["kind"], s["n_microbatches"], stages, ps.pp_group, token_loss_sum,
                                     device=device)
-        for stage in schedule.modules.values():
-            parallelize(stage, cfg, pipeline_stage=True)  # recompute, compile; dp: averaged by the loop
+        for stage in schedule.modules.values():  # recompute, compile, FSDP2 per stage (no_shard: the loop averages)
+            parallelize(stage, cfg, dp_group=dp_group, fsdp_mesh=ps.fsdp_mesh, pipeline_stage=True)
         model = StageModules(schedule.modules.values())  # the full model's parameter names, for checkpoints
         optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2))
+        if normalize_sharding(cfg.parallel.sharding) == "zero1":  # plain stages, grads averaged by the loop
+            optimizer = DistributedOptimizer(model, None, "zero1", dp_group).shard_optimizer(optimizer)
     else:
         # tp > 1 / cp > 1: every rank of a tp or cp group reads the same rows (the batch is split by dp_rank only)
-        model, dist_opt = parallelize(model, cfg, dp_group=dp_group, tp_mesh=ps.tp_mesh, dp_mesh=ps.dp_mesh,
-                                      cp_group=ps.cp_group)
+        model, dist_opt = parallelize(model, cfg, dp_group=dp_group, tp_mesh=ps.tp_mesh, fsdp_mesh=ps.fsdp_mesh,
+                                      cp_group=ps.cp_group, expert_parallel=expert_parallel,
+                                      expert_fsdp_mesh=ps.expert_fsdp_mesh)
         optimizer = dist_opt.shard_optimizer(build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2)))
     scheduler = build_scheduler(optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
     watchdog = LossSpikeWatchdog.from_config(t.spike) if t.spike.enabled else None  # needs ckpt (config.validate)

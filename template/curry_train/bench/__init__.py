@@ -11,7 +11,7 @@ Every run writes a new folder ``bench.out_dir/<timestamp>/`` (``report.new_run_d
 rewritten after each bench so that a run stopped half way keeps what it measured.
 
 One module per bench (``loop``, ``ga``, ``recompute``, ``sharding``, ``pipeline``, ``checkpoint``, ``mfu``, ``faults``, ``tp``, ``cp``, ``moe``,
-``data``),
+``data``, ``compose``),
 helpers they share in ``common``, device and rank counts in ``machine``, plots in ``plots``, the report in ``report``.
 """
 
@@ -39,6 +39,7 @@ BENCHES = {
     "moe": "curry_train.bench.moe:bench_moe",
     "tp": "curry_train.bench.tp:bench_tp",
     "data": "curry_train.bench.data:bench_data",
+    "compose": "curry_train.bench.compose:bench_compose",
 }
 # name -> what it prints (shown by `python -m curry_train bench --help`)
 BENCH_HELP = {
@@ -63,11 +64,13 @@ BENCH_HELP = {
           "collectives counted by CommDebugMode vs the formula, step time",
     "data": "memmapped prepared-data loader vs training steps (target >= 50x) and prepare vs tokenizers' own "
             "encode_batch throughput (target >= 0.7)",
+    "compose": "composed layouts (HSDP, FSDP2 pipeline stages, tp and cp inside them) at 4 and 8 ranks: per-rank "
+               "bytes vs /plan (target: within 1%), loss vs one process, step time vs one process",
 }
 # `--quick` (what `make bench` runs): config overrides, applied before the user's (which win), and keyword arguments
 # per bench. Fewer rounds and steps, small batches, N = 2 only, three pipeline kinds on a 4-block model; checkpoint's
 # large state at 10M parameters, 3 rounds, 1 repeat, 4 of 8 FileSystemWriter options (its report says so); faults
-# on a 7-step run saving every 3 steps.
+# on a 7-step run saving every 3 steps; compose: three layouts at 4 ranks, 3 steps.
 QUICK = {
     "overrides": ["bench.burn_in=1", "bench.repeats=2", "bench.steps_per_repeat=1", "bench.world_sizes=[2]",
                   "train.batch_size=8", "train.seq_len=64", "bench.pipeline_batch_size=16"],
@@ -82,6 +85,8 @@ QUICK = {
                        "dcp_options": ("default", "thread_count=2", "record_crc32=False", "sync_files=False")},
         "data": {"vocab_size": 1024, "loader_batches": 20},
         "faults": {"steps": 7, "every": 3},
+        "compose": {"world_sizes": (4,), "steps": 3,
+                    "names": ("hsdp 2x2", "pp2 x dp2, FSDP2 full", "tp2 x cp2, FSDP2 full")},
     },
 }
 

@@ -143,20 +143,27 @@ class ParallelConfig:
     """``parallel.*``: the rank grid (``ParallelState``), data-parallel sharding and the pipeline schedule."""
 
     dp: int = -1
-    """Data-parallel size, > 0; -1 = what the world size leaves after pp * cp * tp."""
+    """Data-parallel size, > 0; -1 = what the world size leaves after pp * cp * tp. dp = dp_replicate * dp_shard."""
+    dp_replicate: int = 1
+    """HSDP: FSDP2 replicas of the sharded model (across nodes), > 0, dividing dp; > 1 needs sharding=full or
+    shard_grad_op (fully_shard on the 2-D mesh dp_replicate x dp_shard: shard within, replicate across)."""
+    dp_shard: int = -1
+    """HSDP: ranks one FSDP2 replica is sharded over, > 0; -1 = dp / dp_replicate."""
     pp: int = 1
     """Pipeline stages (ranks), > 0; 1 = no pipeline."""
     tp: int = 1
     """Tensor-parallel size, > 0 (1 = off): block linears split over tp ranks (primitives/tensor_parallel.py); must
-    divide the heads and widths; with dp > 1 needs sharding=full|shard_grad_op; not with pp > 1."""
+    divide the heads and widths; with dp > 1 needs sharding=full|shard_grad_op; with pp > 1 each stage's blocks
+    are tensor-parallel."""
     cp: int = 1
     """Context-parallel size, >= 1: each rank keeps seq_len / cp tokens of every row and attention is ring attention
-    over the cp group (primitives/context_parallel.py); train.seq_len divisible by 2 * cp, no pp or tp with it yet,
-    model.dropout = 0, and a model whose forward takes positions (the GPT) or position_ids (Hugging Face)."""
+    over the cp group (primitives/context_parallel.py); train.seq_len divisible by 2 * cp, model.dropout = 0, and a
+    model whose forward takes positions (the GPT) or position_ids (Hugging Face); with pp, the reference GPT."""
     ep: int = 1
     """Expert-parallel size, > 0 (1 = off): the experts of every MoE layer are sharded over ep ranks of the
     data-parallel group (ep within dp: the grid's sizes do not change); must divide the dp size and
-    model.moe_experts; sharding=no_shard (DDP) only, no pp, tp or cp, no checkpoint.dir yet."""
+    model.moe_experts; sharding=no_shard (DDP) or full/shard_grad_op (FSDP2: each bank sharded over the ranks
+    holding the same experts; no checkpoint.dir yet), not zero1; no pp, tp or cp yet."""
     sequence_parallel: bool = False
     """With tp > 1: norms and dropout run on seq_len / tp tokens per rank (reduce-scatter + all-gather instead of
     all-reduce); train.seq_len must be divisible by tp."""
@@ -166,9 +173,10 @@ class ParallelConfig:
     order: str = "pp-dp-cp-tp"
     """Rank-grid order, outermost first: pp, dp, cp and tp, each once, joined by '-'."""
     sharding: str = "no_shard"
-    """no_shard (DDP) | zero1 | shard_grad_op (ZeRO-2) | full (ZeRO-3); all but no_shard need torchrun and pp = 1."""
+    """no_shard (DDP) | zero1 | shard_grad_op (ZeRO-2) | full (ZeRO-3); all but no_shard need torchrun; with pp > 1
+    full/shard_grad_op shard each stage (FSDP2), no_shard leaves stages plain, zero1 is refused."""
     mixed_precision: Optional[str] = None
-    """null (fp32) | bf16 (FSDP2 shardings); null with pp > 1."""
+    """null (fp32) | bf16; with pp > 1 bf16 needs sharding=full|shard_grad_op (FSDP2 stages)."""
     cpu_offload: bool = False
     """Offload FSDP2 parameters and optimizer state to CPU (shard_grad_op, full only)."""
     fsdp_prefetch: int = 0

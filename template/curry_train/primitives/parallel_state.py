@@ -1,4 +1,4 @@
-"""``ParallelState``: one rank grid for data, pipeline, context and tensor parallelism.
+"""``ParallelState``: one rank grid for data (plain or HSDP), pipeline, context and tensor parallelism.
 
 The world's ranks are laid out as ``torch.arange(world_size).view(*sizes)`` with the dims in ``order``,
 **outermost first**: with the default ``order="pp-dp-cp-tp"`` the tp coordinate varies fastest (ranks 0 and 1
@@ -7,15 +7,24 @@ This is picotron's ``arange(world).view(dp, pp, cp, tp)`` with the order made a 
 ``RankGenerator(order=...)`` string written outermost-first. Every group is a slice of that one grid: the dp
 group of a rank is the set of ranks that share its pp, cp and tp coordinates, and so on.
 
-After the process group exists, the grid becomes a ``torch.distributed.device_mesh.DeviceMesh`` with the
-four named dims (size-1 dims are kept, so ``state.mesh["dp"]`` always works) and ``dp_group`` ...
-``tp_group`` are that mesh's per-dim process groups; ``tp_mesh`` / ``dp_mesh`` are its 1-D sub-meshes (what
-``primitives.tensor_parallel.apply_tensor_parallel`` and FSDP2's ``fully_shard(mesh=...)`` take for dp x tp).
+HSDP. The dp dim is itself ``dp_replicate x dp_shard`` (replicate outer: ``dp_rank = replicate_rank * dp_shard +
+shard_rank``), torchtitan's ``[pp, dp_replicate, dp_shard, cp, tp]``. ``dp_shard=-1`` (the default) is
+``dp / dp_replicate``; with ``dp_replicate = 1`` (the default) the grid is the plain 4-dim one.
+
+After the process group exists, the grid becomes one ``torch.distributed.device_mesh.DeviceMesh`` with the five
+dims ``order`` names, ``dp`` spelled ``dp_replicate, dp_shard`` (size-1 dims kept), plus three flattened dims
+kept on this object (``submesh(name)``): ``dp`` (= dp_replicate x dp_shard: batch rows, DDP, ZeRO-1), ``dp_cp``
+(= dp x cp: tokens counted and gradients averaged over every data shard) and ``dp_shard_cp`` (= dp_shard x cp:
+what FSDP2 shards over; cp folded in as torchtitan does, since the cp ranks of a replica hold the same weights).
+``fsdp_mesh`` is the mesh ``fully_shard`` takes: ``dp_shard_cp`` (1-D), or ``(dp_replicate, dp_shard_cp)`` (2-D:
+shard within, replicate across = HSDP) when ``dp_replicate > 1``. ``dp_group`` ... ``tp_group`` are the per-dim
+process groups; ``tp_mesh`` / ``dp_mesh`` the 1-D sub-meshes (``apply_tensor_parallel`` takes ``tp_mesh``).
 In one process (no process group) there is no mesh: every group is ``None`` (collectives are skipped) and every
 coordinate is 0.
 
 ``dp=-1`` means "whatever the other dims leave": ``dp = world_size / (pp * cp * tp)``. Sizes are checked by
-``ParallelState.resolve_sizes`` without any process group, so a bad grid fails before ranks start.
+``ParallelState.resolve_sizes`` / ``resolve_data_parallel`` without any process group, so a bad grid fails
+before ranks start.
 
 Expert parallelism (``ep``) is not a dim of the grid: the ep ranks are a sub-group of the data-parallel ranks
 (Megatron's and torchtitan's ep within dp). Each dp group is cut into ``dp / ep`` blocks of ``ep`` consecutive dp
@@ -35,6 +44,8 @@ from ._config import config_getter
 
 DIMS = ("pp", "dp", "cp", "tp")
 DEFAULT_ORDER = "pp-dp-cp-tp"
+FLATTENED = {"dp": ("dp_replicate", "dp_shard"), "dp_cp": ("dp_replicate", "dp_shard", "cp"),
+             "dp_shard_cp": ("dp_shard", "cp")}  # mesh dims made of several grid dims (module docstring)
 
 
 def _positive(name: str, value, allow_minus_one: bool = False) -> int:
@@ -61,12 +72,14 @@ class ParallelState:
     Attributes: ``sizes`` (dict dim -> size), ``order`` (tuple of dims, outermost first), ``world_size``,
     ``rank``, ``coords`` (dict dim -> this rank's coordinate), ``mesh`` (``DeviceMesh`` or ``None``),
     ``dp``/``pp``/``cp``/``tp`` (sizes), ``dp_rank``... (coordinates), ``dp_group``... (process groups),
-    ``dp_mesh``/``tp_mesh`` (1-D sub-meshes, ``submesh(dim)``); ``ep``, ``ep_rank``, ``ep_group`` and
-    ``expert_dp_group`` (expert parallelism within dp, module docstring; the groups ``None`` unless ep > 1).
+    ``dp_mesh``/``tp_mesh`` (1-D sub-meshes, ``submesh(dim)``); ``dp_replicate``/``dp_shard`` (HSDP sizes,
+    ``dp = dp_replicate * dp_shard``), ``fsdp_mesh``; ``ep``, ``ep_rank``, ``ep_group`` and ``expert_dp_group``
+    (expert parallelism within dp, module docstring; the groups ``None`` unless ep > 1).
     """
 
     def __init__(self, dp: int = -1, pp: int = 1, tp: int = 1, cp: int = 1, order: str = DEFAULT_ORDER,
-                 world_size: int | None = None, device_type: str | None = None, ep: int = 1):
+                 world_size: int | None = None, device_type: str | None = None, ep: int = 1,
+                 dp_replicate: int = 1, dp_shard: int = -1):
         distributed = dist.is_available() and dist.is_initialized()
         if world_size is None:
             world_size = dist.get_world_size() if distributed else 1
@@ -74,27 +87,34 @@ class ParallelState:
             raise ValueError(f"world_size={world_size} but the process group has {dist.get_world_size()} ranks")
         self.order = parse_order(order)
         self.sizes = self.resolve_sizes(world_size, dp=dp, pp=pp, tp=tp, cp=cp, order=order)
+        self.dp_replicate, self.dp_shard = self.resolve_data_parallel(self.sizes["dp"], dp_replicate, dp_shard)
         self.world_size = world_size
         self.rank = dist.get_rank() if distributed else 0
         if self.rank >= world_size:
             raise ValueError(f"rank {self.rank} is outside a grid of world size {world_size}")
         self.grid = torch.arange(world_size).view(*[self.sizes[d] for d in self.order])
         self.coords = self.coordinates(self.rank)
-        self.mesh = None
+        self.mesh, self._flat = None, {}
         if distributed:
             from torch.distributed.device_mesh import init_device_mesh
 
             if device_type is None:
                 device_type = "cuda" if torch.cuda.is_available() else "cpu"
-            self.mesh = init_device_mesh(device_type, tuple(self.sizes[d] for d in self.order), mesh_dim_names=self.order)
-        self._dp_cp_group = self._build_dp_cp_group() if distributed and self.sizes["cp"] > 1 else None
+            names = self.mesh_dim_names()
+            split = {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard}
+            self.mesh = init_device_mesh(device_type, tuple(split.get(n) or self.sizes[n] for n in names),
+                                         mesh_dim_names=names)
+            # kept here, not sliced from the root by name again (PyTorch deprecates slicing flattened dims)
+            self._flat = {name: self.mesh[tuple(sorted(dims, key=names.index))]._flatten(name)
+                          for name, dims in FLATTENED.items()}
         self.ep = self.check_ep(ep, self.sizes["dp"])
         self.ep_rank = self.coords["dp"] % self.ep
-        self.ep_group = self.expert_dp_group = None
+        self.ep_group = self.expert_dp_group = self._expert_dp = None
+        self.device_type = device_type
         if distributed and self.ep > 1:
             self.ep_group, _ = dist.new_subgroups_by_enumeration(self.ep_ranks())  # collective: same order everywhere
-            if self.ep < self.sizes["dp"]:
-                self.expert_dp_group, _ = dist.new_subgroups_by_enumeration(self.expert_dp_ranks())
+            self._expert_dp, _ = dist.new_subgroups_by_enumeration(self.expert_dp_ranks())  # one rank when ep == dp
+            self.expert_dp_group = self._expert_dp if self.ep < self.sizes["dp"] else None
 
     # -- sizes, without a process group -------------------------------------------------------------
     @staticmethod
@@ -124,6 +144,24 @@ class ParallelState:
         return {"pp": pp, "dp": dp, "cp": cp, "tp": tp}
 
     @staticmethod
+    def resolve_data_parallel(dp: int, dp_replicate=1, dp_shard=-1) -> tuple[int, int]:
+        """``(dp_replicate, dp_shard)`` for a data-parallel size ``dp``: ``dp_shard=-1`` takes ``dp / dp_replicate``.
+
+        Raises ``ValueError`` naming the keys when ``dp_replicate`` does not divide ``dp`` or the product is not
+        ``dp``."""
+        rep = positive_int("parallel.dp_replicate", dp_replicate)
+        shard = _positive("dp_shard", dp_shard, allow_minus_one=True)
+        if shard == -1:
+            if dp % rep:
+                raise ValueError(f"parallel.dp_replicate={rep} must divide the data-parallel size {dp} "
+                                 "(parallel.dp_shard=-1 takes what is left)")
+            shard = dp // rep
+        if rep * shard != dp:
+            raise ValueError(f"parallel.dp_replicate={rep} * dp_shard={shard} = {rep * shard} != the data-parallel "
+                             f"size {dp}; set dp_shard=-1 (= dp / dp_replicate) or sizes whose product is {dp}")
+        return rep, shard
+
+    @staticmethod
     def check_ep(ep, dp: int) -> int:
         """``parallel.ep`` as a positive integer dividing the data-parallel size ``dp``."""
         ep = positive_int("parallel.ep", ep)
@@ -138,7 +176,7 @@ class ParallelState:
         get = config_getter(cfg)
         return cls(dp=get("dp", -1), pp=get("pp", 1), tp=get("tp", 1), cp=get("cp", 1),
                    order=get("order", DEFAULT_ORDER), world_size=world_size, device_type=device_type,
-                   ep=get("ep", 1))
+                   ep=get("ep", 1), dp_replicate=get("dp_replicate", 1), dp_shard=get("dp_shard", -1))
 
     @staticmethod
     def sizes_from_config(cfg, world_size: int) -> dict[str, int]:
@@ -146,10 +184,15 @@ class ParallelState:
         get = config_getter(cfg)
         sizes = ParallelState.resolve_sizes(world_size, dp=get("dp", -1), pp=get("pp", 1), tp=get("tp", 1),
                                             cp=get("cp", 1), order=get("order", DEFAULT_ORDER))
+        ParallelState.resolve_data_parallel(sizes["dp"], get("dp_replicate", 1), get("dp_shard", -1))
         ParallelState.check_ep(get("ep", 1), sizes["dp"])
         return sizes
 
     # -- the grid ------------------------------------------------------------------------------------
+    def mesh_dim_names(self) -> tuple[str, ...]:
+        """The ``DeviceMesh``'s dims: ``order`` with ``dp`` spelled ``dp_replicate, dp_shard`` (replicate outer)."""
+        return tuple(n for d in self.order for n in (FLATTENED["dp"] if d == "dp" else (d,)))
+
     def coordinates(self, rank: int) -> dict[str, int]:
         """Coordinates of global ``rank`` in the grid, e.g. ``{"pp": 1, "dp": 0, "cp": 0, "tp": 1}``."""
         index = (self.grid == rank).nonzero()
@@ -169,9 +212,10 @@ class ParallelState:
         return next(g for g in self.group_ranks(dim) if rank in g)
 
     def group(self, dim: str):
-        """The process group of ``dim`` (``None`` in one process)."""
-        self._axis(dim)
-        return None if self.mesh is None else self.mesh.get_group(dim)
+        """The process group of ``dim`` (``None`` in one process): a grid dim, ``dp_replicate``/``dp_shard``, or
+        a flattened one (``dp_cp``, ``dp_shard_cp``)."""
+        mesh = self.submesh(dim)
+        return None if mesh is None else mesh.get_group()
 
     def dp_cp_ranks(self) -> list[list[int]]:
         """The groups of ranks that share pp and tp coordinates: every rank of a data-parallel replica of the
@@ -191,20 +235,41 @@ class ParallelState:
         """Every expert-data-parallel group: the ranks of a dp group with the same ep coordinate (same experts)."""
         return [g[i::self.ep] for g in self.group_ranks("dp") for i in range(self.ep)]
 
-    def _build_dp_cp_group(self):
-        group, _ = dist.new_subgroups_by_enumeration(self.dp_cp_ranks())  # collective: every rank, same order
-        return group
-
     @property
     def dp_cp_group(self):
-        """The dp x cp process group (``dp_cp_ranks``); the dp group itself when cp = 1; ``None`` in one process."""
-        return self._dp_cp_group if self._dp_cp_group is not None else self.dp_group
+        """The dp x cp process group (``dp_cp_ranks``; the dp group when cp = 1); ``None`` in one process."""
+        return self.group("dp_cp")
 
     def submesh(self, dim: str):
-        """The 1-D ``DeviceMesh`` of ``dim`` (``mesh[dim]``: what ``apply_tensor_parallel`` and FSDP2 take), or
-        ``None`` in one process."""
-        self._axis(dim)
-        return None if self.mesh is None else self.mesh[dim]
+        """The 1-D ``DeviceMesh`` of ``dim`` (a grid dim, ``dp_replicate``, ``dp_shard`` or a flattened dim of the
+        module docstring), or ``None`` in one process."""
+        if dim not in FLATTENED and dim not in FLATTENED["dp"]:
+            self._axis(dim)
+        if self.mesh is None:
+            return None
+        return self._flat[dim] if dim in self._flat else self.mesh[dim]
+
+    @property
+    def expert_fsdp_mesh(self):
+        """The 1-D mesh of ``expert_dp_ranks`` (one rank when ep == dp) that FSDP2 shards an expert-parallel bank's
+        slices over (ranks holding the same experts); ``None`` unless ep > 1 in a process group."""
+        if self._expert_dp is None:
+            return None
+        from torch.distributed.device_mesh import DeviceMesh
+
+        return DeviceMesh.from_group(self._expert_dp, self.device_type)
+
+    @property
+    def fsdp_mesh(self):
+        """What FSDP2's ``fully_shard(mesh=)`` takes: ``dp_shard_cp`` (1-D), or the 2-D ``(dp_replicate,
+        dp_shard_cp)`` when ``dp_replicate > 1`` (HSDP: shard within, replicate across); ``None`` in one process."""
+        if self.mesh is None:
+            return None
+        if self.dp_replicate == 1:
+            return self._flat["dp_shard_cp"]
+        from torch.distributed.device_mesh import DeviceMesh
+
+        return DeviceMesh._concatenate([self.mesh["dp_replicate"], self._flat["dp_shard_cp"]])
 
     def _axis(self, dim: str) -> int:
         if dim not in DIMS:
@@ -236,6 +301,8 @@ class ParallelState:
     def __str__(self) -> str:
         """The rank grid: one line per global rank with its coordinates, then each dim's groups."""
         head = " x ".join(f"{d}{self.sizes[d]}" for d in self.order)
+        if self.dp_replicate > 1:
+            head += f" (dp = dp_replicate{self.dp_replicate} x dp_shard{self.dp_shard}: HSDP)"
         lines = [f"rank grid {head} = {self.world_size} rank(s), order {'-'.join(self.order)} (outermost first)",
                  "rank  " + " ".join(f"{d:>3s}" for d in self.order)]
         for r in range(self.world_size):

@@ -20,10 +20,12 @@ falls (the ``GradientAccumulation`` convention). ``train_step`` returns the sum 
 losses (their mean with ``scale_grads=True``) on the last-stage rank, or on every rank with ``broadcast_loss=True``.
 
 Tied weights. A Parameter that appears in several stage modules (the GPT's head tied to the token embedding)
-is found by identity. If its stages sit on one rank (V style) autograd already sums both uses. If they sit on
-different ranks (loop style: embedding on rank 0, head on rank p - 1; both copies start equal because every rank
-builds the model from the same seed), ``sync_tied_grads()`` all-reduces (sums) its gradient over ``pp_group``
-after backward (Megatron's embedding all-reduce). ``train_step`` calls it unless ``sync_tied=False``; when
+is found by identity when the schedule is built, and kept by its names in those stages (a stage wrapped later in
+FSDP2 holds a new, sharded parameter under the same name). If its stages sit on one rank (V style) and are not
+wrapped apart, autograd already sums both uses. If they sit on different ranks (loop style: embedding on rank 0,
+head on rank p - 1; both copies start equal because every rank builds the model from the same seed), or on one
+rank in two separately wrapped stages, ``sync_tied_grads()`` sums the gradients (local copies, then an all-reduce
+over ``pp_group``: Megatron's embedding all-reduce). ``train_step`` calls it unless ``sync_tied=False``; when
 accumulating several train_steps into one optimizer step pass ``sync_tied=False`` and call it once at the end.
 
 Bad input raises ``ValueError`` before the first send/recv, on every rank: unknown kind, ``pp_group`` size vs
@@ -151,33 +153,74 @@ class PipelineSchedule:
             self.recv_order = use_early_receives(self.schedule, keep_after_sends=dist.get_backend(pp_group) != "gloo")
 
     # ---- tied weights -------------------------------------------------------------------------------------------
-    def _find_tied(self, stages) -> list[tuple]:
-        """Parameters shared by stages on different ranks: ``(param, or None on ranks without it; holder ranks;
-        shape; dtype)``. Every rank computes the same list in the same order, so the all-reduces match up."""
-        owners: dict[int, tuple[nn.Parameter, set[int]]] = {}
+    def _find_tied(self, stages) -> list[dict]:
+        """Parameters shared by several stages (found by identity in the modules as given): per tie, the places
+        ``[(stage, name in that stage)]`` and the holder ranks. Names, not objects, are kept: wrapping a stage later
+        (FSDP2, which swaps in sharded parameters) replaces the object, and two stages of one rank wrapped apart
+        then hold two copies. Every rank computes the same list in the same order, so the all-reduces match up."""
+        owners: dict[int, list[tuple[int, str]]] = {}
         for s, module in enumerate(stages):
-            for param in module.parameters():
-                owners.setdefault(id(param), (param, set()))[1].add(s)
+            for name, param in module.named_parameters(remove_duplicate=False):
+                places = owners.setdefault(id(param), [])
+                if not any(t == s for t, _ in places):
+                    places.append((s, name))
         stage_rank = {s: r for r, ids in enumerate(self.placement) for s in ids}
-        tied = []
-        for param, stage_set in owners.values():
-            ranks = sorted({stage_rank[s] for s in stage_set})
-            if len(ranks) > 1:
-                tied.append((param if self.rank in ranks else None, ranks, param.shape, param.dtype))
-        return tied
+        return [{"places": places, "ranks": sorted({stage_rank[s] for s, _ in places}), "shape": None}
+                for places in owners.values() if len(places) > 1]
+
+    def _tied_here(self, tie) -> list[nn.Parameter]:
+        """This rank's distinct parameter objects of ``tie`` (one before wrapping, one per stage after)."""
+        seen: dict[int, nn.Parameter] = {}
+        for s, name in tie["places"]:
+            if s in self.modules:
+                p = self.modules[s].get_parameter(name)
+                seen.setdefault(id(p), p)
+        return list(seen.values())
 
     def owns(self, param: nn.Parameter) -> bool:
-        """False for a tied parameter whose canonical copy lives on another rank (count it once, e.g. in norms)."""
-        return not any(t[0] is param and t[1][0] != self.rank for t in self._tied)
+        """False for a copy of a tied parameter that another rank (or another local stage) counts: count each tie
+        once, e.g. in norms."""
+        for tie in self._tied:
+            here = self._tied_here(tie)
+            if any(p is param for p in here):
+                return self.rank == tie["ranks"][0] and here[0] is param
+        return True
 
     def sync_tied_grads(self) -> None:
-        """Sum the gradients of cross-rank tied parameters over ``pp_group`` (ranks without the parameter add
-        zeros)."""
-        for param, ranks, shape, dtype in self._tied:
-            if param is not None and param.grad is None:
-                param.grad = torch.zeros_like(param)
-            buf = param.grad if param is not None else torch.zeros(shape, dtype=dtype, device=self.device)
-            dist.all_reduce(buf, group=self.group)
+        """Sum the gradients of tied parameters: over this rank's copies, then over ``pp_group`` when the tie spans
+        ranks (ranks without it add zeros of the holders' local shape). Every copy then holds the sum. A sharded
+        (DTensor) gradient is summed shard by shard: the holders of one pp group share their dp/tp coordinates."""
+        for tie in self._tied:
+            here = self._tied_here(tie)
+            local = []
+            for p in here:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                local.append(p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad)
+            if len(tie["ranks"]) == 1 and len(local) < 2:
+                continue  # one copy on one rank: autograd already summed its uses
+            total = torch.stack(local).sum(0) if local else None
+            if len(tie["ranks"]) > 1:
+                if tie["shape"] is None:  # the holders' local shape, learnt once (non-holders send zeros)
+                    shapes = [None] * self.p
+                    mine = (tuple(total.shape), total.dtype) if total is not None else None
+                    dist.all_gather_object(shapes, mine, group=self.group)
+                    tie["shape"] = next(x for x in shapes if x is not None)
+                if total is None:
+                    total = torch.zeros(tie["shape"][0], dtype=tie["shape"][1], device=self.device)
+                dist.all_reduce(total, group=self.group)
+            for g in local:
+                g.copy_(total)
+
+    @property
+    def reduces_grads(self) -> bool:
+        """Whether the stages reduce their own gradients over data-parallel ranks: PyTorch's pipelining runtime
+        drives an FSDP2 (or DDP) stage's gradient sync (``PipelineStage.perform_reduce_grad`` after the last
+        micro-batch). False for plain stages, whose gradients the caller averages."""
+        from torch.distributed.fsdp import FSDPModule
+        from torch.nn.parallel import DistributedDataParallel
+
+        return any(isinstance(st.submod, (FSDPModule, DistributedDataParallel)) for st in self.stages)
 
     # ---- measured timeline --------------------------------------------------------------------------------------
     def _instrument(self, stage) -> None:
@@ -259,9 +302,11 @@ class PipelineSchedule:
         return ""
 
     def train_step(self, batch=None, target=None, *, loss_divisor: float = 1.0, broadcast_loss: bool = False,
-                   sync_tied: bool = True):
+                   sync_tied: bool = True, stage_kwargs: dict | None = None):
         """Forward + backward of ``batch`` in ``n_microbatches`` chunks, each back-propagating
-        ``loss_fn / loss_divisor``; returns the step loss (see module doc)."""
+        ``loss_fn / loss_divisor``; returns the step loss (see module doc). ``stage_kwargs``: keyword inputs every
+        stage's forward gets, each tensor split into the micro-batches by rows like ``batch`` (pass them on every
+        rank; e.g. context parallelism's global positions, ``(B, T)``)."""
         error = self._input_error(batch, target)
         flag = torch.tensor([1.0 if error else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)  # every rank learns of any rank's bad input
@@ -276,7 +321,7 @@ class PipelineSchedule:
         if self.rank == self.last_rank:
             kwargs = {"target": target.to(self.device), "losses": []}
         with self._timed_p2p():
-            self.schedule.step(*args, **kwargs)
+            self.schedule.step(*args, **kwargs, **(stage_kwargs or {}))
         self.losses = [t.detach() for t in kwargs.get("losses", [])]
         if sync_tied:
             self.sync_tied_grads()

@@ -1,0 +1,179 @@
+"""Composed layouts on one rank grid (``ParallelState``: pp x dp_replicate x dp_shard x cp x tp): each equals one
+process over 3 optimizer steps, through ``train``.
+
+The fast suite keeps one smoke at world size 4 (HSDP 2 x 2, and a 2-stage pipeline whose stages are FSDP2-sharded
+over dp 2, with gradient accumulation); the 8-rank layouts and bf16 are ``slow`` (``make test-all``). One spawn
+checks several layouts in turn.
+"""
+
+import pytest
+
+from curry_train.bench.compose import run_layouts
+from curry_train.config import load_config
+from curry_train.distributed import launch
+from curry_train.plan import model_state_bytes
+from curry_train.plan_inputs import Shape
+from curry_train.train import train
+
+TOL = 1e-5  # relative loss error, fp32
+SMALL = ["model.n_layer=4", "model.n_embd=32", "model.n_head=4", "train.seq_len=32", "train.batch_size=8",
+         "train.steps=3", "train.warmup_steps=1", "train.progress=false", "train.log_every=0",
+         "data.max_bytes=50000", "model.dropout=0.0"]
+PP = ["parallel.pp=2", "parallel.pp_schedule=1f1b", "parallel.n_microbatches=2"]
+
+SMOKE = {  # world size 4
+    "hsdp 2x2": ["parallel.sharding=full", "parallel.dp_replicate=2", "parallel.dp_shard=2"],
+    "pp2 x dp2, FSDP2 full, ga 2": [*PP, "parallel.sharding=full", "train.gradient_accumulation_steps=2",
+                                   "data.variable_length=true"],
+}
+
+
+def _losses(history):
+    return [h["loss"] for h in history]
+
+
+def _train_each(rank, world_size, runs):
+    """Each run's history, what ``parallelize`` made of each module it got, the bytes held after the last step."""
+    return run_layouts(rank, world_size, runs, SMALL)
+
+
+def _single(overrides):
+    keep = [o for o in overrides if o.startswith(("train.", "data.", "model"))]
+    return _losses(train(load_config([*SMALL, *keep])))
+
+
+def _check(runs, ranks, layouts, rel=TOL):
+    """Every rank's losses equal one process's; every rank's parallelized modules are laid out as ``layouts``."""
+    for name, overrides in runs.items():
+        single = _single(overrides)
+        for rank, result in enumerate(ranks):
+            losses, seen = _losses(result[name]["history"]), result[name]["layouts"]
+            assert losses == pytest.approx(single, rel=rel), f"{name}, rank {rank}"
+            assert seen == [layouts[name]] * len(seen) and seen, f"{name}, rank {rank}: {seen}"
+
+
+def test_composed_grid_smoke_at_world_size_4():
+    """HSDP (fully_shard on the 2-D dp_replicate x dp_shard mesh) and FSDP2 pipeline stages equal one process."""
+    _check(SMOKE, launch(_train_each, 4, SMOKE, timeout=400), {
+        "hsdp 2x2": (True, ("dp_replicate", "dp_shard_cp"), ("R", "S(0)")),
+        "pp2 x dp2, FSDP2 full, ga 2": (True, ("dp_shard_cp",), ("S(0)",)),
+    })
+
+
+EIGHT = {  # world size 8
+    "dp2 x pp2 x tp2, FSDP2 full, ga 2": [*PP, "parallel.tp=2", "parallel.sharding=full",
+                                         "train.gradient_accumulation_steps=2"],
+    "hsdp 2x2 x tp2": ["parallel.tp=2", "parallel.sharding=full", "parallel.dp_replicate=2"],
+}
+SAVE_AT = 2  # the dp2 x pp2 x tp2 run of 4 steps saves after step 2; dp4 and one process resume there
+
+
+def _resume(rank, world_size, overrides):
+    return [(h["step"], h["loss"]) for h in train(load_config([*SMALL, *overrides]))]
+
+
+@pytest.mark.slow
+def test_eight_rank_layouts_equal_one_process_and_checkpoints_cross_layouts(tmp_path):
+    """Tensor parallelism inside FSDP2 pipeline stages (each block's weights dp x tp DTensors), and HSDP x tp.
+    A DCP checkpoint saved at dp2 x pp2 x tp2 (stages FSDP2-sharded, blocks tp-sharded, the tied embedding on two
+    ranks) resumes at dp4 (FSDP2) and in one process to the uninterrupted run's losses."""
+    import shutil
+
+    from curry_train.primitives.checkpoint_layout import step_dirname
+
+    four_steps = ["train.steps=4", f"checkpoint.dir={tmp_path}/saved", f"checkpoint.every={SAVE_AT}",
+                  "checkpoint.keep_last=0"]
+    runs = {**EIGHT, "save": [*EIGHT["dp2 x pp2 x tp2, FSDP2 full, ga 2"], *four_steps]}
+    ranks = launch(_train_each, 8, runs, timeout=900)
+    _check(EIGHT, ranks, {
+        "dp2 x pp2 x tp2, FSDP2 full, ga 2": (True, ("dp_shard_cp", "tp"), ("_S(0, 2)", "S(0)")),
+        "hsdp 2x2 x tp2": (True, ("dp_replicate", "dp_shard_cp", "tp"), ("R", "_S(0, 2)", "S(0)")),
+    })
+    # per-rank bytes of dp2 x pp2 x tp2 against /plan's prediction (fp32: 4 + 4 + 8 bytes per parameter)
+    shape = Shape.from_model_config(load_config(SMALL).model, seq=32)
+    predicted = model_state_bytes(shape.params, 2, "full", "fp32", 2, 2, rank_params=shape.rank_params(2, 2))
+    held = [r["dp2 x pp2 x tp2, FSDP2 full, ga 2"]["bytes"] for r in ranks]
+    fullest = max(held, key=lambda h: sum(h.values()))
+    for part in ("params", "grads"):
+        assert fullest[part] == pytest.approx(predicted[part], rel=0.01), (part, fullest, predicted)
+    assert sum(fullest.values()) == pytest.approx(predicted["total"], rel=0.01), (fullest, predicted)
+    straight = _losses(ranks[0]["save"]["history"])
+    assert straight == pytest.approx(_single(runs["save"][:-3] + ["train.steps=4"]), rel=TOL)
+    for name in ("dp4", "one"):
+        (tmp_path / name).mkdir()
+        shutil.copytree(tmp_path / "saved" / step_dirname(SAVE_AT), tmp_path / name / step_dirname(SAVE_AT))
+        (tmp_path / name / "latest").write_text(step_dirname(SAVE_AT))
+    resume = ["train.gradient_accumulation_steps=2", "train.steps=4", f"checkpoint.every={SAVE_AT}"]
+    dp4 = launch(_resume, 4, [*resume, "parallel.sharding=full", f"checkpoint.dir={tmp_path}/dp4"], timeout=600)
+    one = _resume(0, 1, [*resume, f"checkpoint.dir={tmp_path}/one"])
+    for result in (*dp4, one):
+        assert [s for s, _ in result] == [2, 3]
+        assert [v for _, v in result] == pytest.approx(straight[SAVE_AT:], rel=TOL)
+
+
+BF16_REL = 1e-3  # bf16 compute vs the fp32 single process over 3 steps (measured 1.2e-4; the page states it)
+FOUR = {  # world size 4, slow
+    "pp2 x dp2, FSDP2 full + bf16": [*PP, "parallel.sharding=full", "parallel.mixed_precision=bf16"],
+    "tp2 x cp2, FSDP2 over cp": ["parallel.tp=2", "parallel.cp=2", "parallel.sharding=full"],
+    "pp2 x cp2, FSDP2 over cp, ga 2": [*PP, "parallel.cp=2", "parallel.sharding=full",
+                                      "train.gradient_accumulation_steps=2"],
+    "pp2 x dp2, ZeRO-1": [*PP, "parallel.sharding=zero1"],
+    "pp2 x dp2, FSDP2 full, a stage of embeddings only": [*PP, "parallel.sharding=full",
+                                                          "parallel.layers_per_stage=[0,4]"],
+}
+
+
+@pytest.mark.slow
+def test_four_rank_layouts_equal_one_process():
+    """bf16 FSDP2 pipeline stages (within BF16_REL), ring attention inside tensor-parallel blocks and inside
+    pipeline stages (fp32, TOL); FSDP2 shards over the cp ranks (they hold the same weights)."""
+    ranks = launch(_train_each, 4, FOUR, timeout=900)
+    bf16 = {k: v for k, v in FOUR.items() if "bf16" in k}
+    _check(bf16, ranks, {k: (True, ("dp_shard_cp",), ("S(0)",)) for k in bf16}, rel=BF16_REL)
+    _check({k: v for k, v in FOUR.items() if k not in bf16 and "only" not in k}, ranks, {
+        "tp2 x cp2, FSDP2 over cp": (True, ("dp_shard_cp", "tp"), ("_S(0, 2)", "S(0)")),
+        "pp2 x cp2, FSDP2 over cp, ga 2": (True, ("dp_shard_cp",), ("S(0)",)),
+        "pp2 x dp2, ZeRO-1": (False, None, ()),  # plain stages, ZeroRedundancyOptimizer over dp
+    })
+    name = "pp2 x dp2, FSDP2 full, a stage of embeddings only"  # stage 0 has no block (_layout needs one): losses
+    assert _losses(ranks[0][name]["history"]) == pytest.approx(_single(FOUR[name]), rel=TOL)
+
+
+# Each data-parallel rank routes its own tokens: parity with one process holds without a capacity limit or aux loss
+MOE = ["model=moe", "model.moe_experts=4", "model.moe_capacity_factor=100", "model.moe_aux_loss_weight=0"]
+MOE_RUNS = {  # world size 4
+    "moe pp2 x dp2 (plain stages)": [*MOE, *PP],
+    "moe pp2 x dp2, FSDP2 full": [*MOE, *PP, "parallel.sharding=full"],
+    "moe ep2 in dp4, FSDP2 full, ga 2": [*MOE, "parallel.ep=2", "parallel.sharding=full",
+                                        "train.gradient_accumulation_steps=2"],
+}
+
+
+@pytest.mark.slow
+def test_mixture_of_experts_in_pipeline_stages_and_expert_parallel_under_fsdp2():
+    """MoE blocks in pipeline stages; and ep 2 with FSDP2: each rank's 2 of 4 experts sharded over the 2 ranks that
+    hold the same experts (the expert-data-parallel mesh), the rest of each block over all 4 dp ranks."""
+    _check(MOE_RUNS, launch(_train_each, 4, MOE_RUNS, timeout=900), {
+        "moe pp2 x dp2 (plain stages)": (False, None, ()),
+        "moe pp2 x dp2, FSDP2 full": (True, ("dp_shard_cp",), ("S(0)",), 2, ("S(0)",)),  # banks over dp 2
+        "moe ep2 in dp4, FSDP2 full, ga 2": (True, ("dp_shard_cp",), ("S(0)",), 2, ("S(0)",)),
+    })
+
+
+@pytest.mark.parametrize("overrides,world_size,message", [
+    (["model=moe", "parallel.tp=2"], 2, "model.moe_experts=8 with parallel.tp=2: tensor parallelism shards dense MLPs"),
+    (["model=moe", "parallel.pp=2", "parallel.n_microbatches=2"], 2,
+     "model.moe_aux_loss_weight=0.01 with parallel.pp=2: the balancing loss is added to the loss of a whole forward"),
+    (["parallel.pp=2", "parallel.cp=2", "model._target_=foreign_models.tiny_llama", "train.seq_len=16"], 4,
+     "parallel.cp=2 with parallel.pp=2: the global positions reach the first pipeline stage of the reference GPT"),
+    (["parallel.pp=2", "parallel.sharding=full", "parallel.fsdp_reshard_last=true"], 4,
+     "parallel.fsdp_reshard_last=true with parallel.pp=2"),
+    (["model=moe", "parallel.ep=2", "parallel.sharding=full", "checkpoint.dir=/tmp/nowhere", "checkpoint.every=1"], 2,
+     "parallel.ep=2 with parallel.sharding=full and checkpoint.dir: checkpoints of FSDP2-sharded expert slices"),
+])
+def test_what_composition_still_refuses_is_one_line_before_any_process_group(overrides, world_size, message,
+                                                                            monkeypatch, no_launch):
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    with pytest.raises(ValueError) as error:
+        train(load_config([*(o for o in SMALL if not o.startswith("model.")), *overrides]))
+    assert message in str(error.value) and len(str(error.value).splitlines()) == 1, str(error.value)
