@@ -120,7 +120,7 @@ class _Usage:
 
 
 @pytest.mark.parametrize("value,message", [
-    ("5", "bench.checkpoint_params must be an integer >= 10000 (or null = 100M, 10M with --quick), got 5"),
+    ("5", "bench.checkpoint_params must be an integer >= 10000 (or null = 100M, 5M with --quick), got 5"),
     ("abc", "bench.checkpoint_params"),
 ])
 def test_bad_checkpoint_params_is_one_cli_line(value, message, capsys, no_launch):

@@ -323,7 +323,7 @@ def _check_bench(b) -> None:
             raise ValueError(f"bench.world_sizes must be a non-empty list of integers >= 2 (rank counts) or null "
                              f"(= from the machine), got {list(b.world_sizes)}")
     if b.checkpoint_params is not None:
-        integer("bench.checkpoint_params", b.checkpoint_params, 10_000, None, "(or null = 100M, 10M with --quick)")
+        integer("bench.checkpoint_params", b.checkpoint_params, 10_000, None, "(or null = 100M, 5M with --quick)")
 
 
 # bench -> (the batch key it splits, the bench function's parameter that splits it, how)

@@ -68,25 +68,26 @@ BENCH_HELP = {
                "bytes vs /plan (target: within 1%), loss vs one process, step time vs one process",
 }
 # `--quick` (what `make bench` runs): config overrides, applied before the user's (which win), and keyword arguments
-# per bench. Fewer rounds and steps, small batches, N = 2 only, three pipeline kinds on a 4-block model; checkpoint's
-# large state at 10M parameters, 3 rounds, 1 repeat, 4 of 8 FileSystemWriter options (its report says so); faults
-# on a 7-step run saving every 3 steps; compose: three layouts at 4 ranks, 3 steps.
+# per bench. Fewer rounds and steps, small batches, N = 2 only, two pipeline kinds on a 4-block model; checkpoint's
+# large state at 5M parameters, 3 rounds, 1 repeat, 4 of 8 FileSystemWriter options (its report says so); faults
+# on a 5-step run saving every 2 steps, 5 of its 14 damage cases; compose: one layout (pp2 x dp2, FSDP2) at 4 ranks, 3 steps; data: a 512-id BPE.
 QUICK = {
     "overrides": ["bench.burn_in=1", "bench.repeats=2", "bench.steps_per_repeat=1", "bench.world_sizes=[2]",
                   "train.batch_size=8", "train.seq_len=64", "bench.pipeline_batch_size=16"],
     "benches": {
-        "pipeline": {"kinds": ("gpipe", "1f1b", "zbv"), "m": 4, "n_layer": 4, "steps": 2},
+        "pipeline": {"kinds": ("1f1b", "zbv"), "m": 4, "n_layer": 4, "steps": 2},
         "recompute": {"peak": False},
         "mfu": {"peak_size": 1024, "peak_repeats": 3, "repeats": 5},
-        "moe": {"steps": 10},
+        "moe": {"steps": 5},
         "cp": {"seq_lens": (256, 512)},
         "tp": {"tp_sizes": (2,)},
-        "checkpoint": {"large_params": 10_000_000, "large_rounds": 3, "large_repeats": 1,
+        "checkpoint": {"large_params": 5_000_000, "large_rounds": 3, "large_repeats": 1,
                        "dcp_options": ("default", "thread_count=2", "record_crc32=False", "sync_files=False")},
-        "data": {"vocab_size": 1024, "loader_batches": 20},
-        "faults": {"steps": 7, "every": 3},
+        "data": {"vocab_size": 512, "loader_batches": 10},
+        "faults": {"steps": 5, "every": 2, "cases": ("truncated shard", "missing .metadata", "integrity.json deleted",
+                                                     "code-running pickle as .metadata", "everything damaged")},
         "compose": {"world_sizes": (4,), "steps": 3,
-                    "names": ("hsdp 2x2", "pp2 x dp2, FSDP2 full", "tp2 x cp2, FSDP2 full")},
+                    "names": ("pp2 x dp2, FSDP2 full",)},
     },
 }
 

@@ -18,7 +18,7 @@ and restart cost ``R``, checkpointing every ``T`` seconds wastes the fraction ``
 MTBF of 1 h and 24 h with the measured ``C`` and ``R = 60 s``.
 
 Large state (``measure_large``). The tiny GPT's save is dominated by fixed costs, so a synthetic state of
-``bench.checkpoint_params`` parameters (null: the bench's ``large_params``, 100M; 10M with ``--quick``, which also
+``bench.checkpoint_params`` parameters (null: the bench's ``large_params``, 100M; 5M with ``--quick``, which also
 runs 3 side-by-side rounds instead of 5, one async save, load and raw save per option, and 4 of the 8
 ``FileSystemWriter`` options, then prints one "reduced run" line saying so) is saved too: fp32 weights shaped
 like a GPT-2 style transformer (``SyntheticTransformer``, never run) plus the AdamW ``exp_avg``/``exp_avg_sq``

@@ -133,11 +133,15 @@ def _poisoned(base, bad_steps: set[int], counter: list[int]):
     return loss_fn
 
 
-def bench_faults(cfg, steps: int = 12, every: int = 5, threads: int | None = 1) -> dict:
+def bench_faults(cfg, steps: int = 12, every: int = 5, threads: int | None = 1, cases: tuple | None = None) -> dict:
     """Run every fault case; returns ``{"rows": [...], "clean_final_loss": ...}``. ``threads``: torch's intra-op
     threads while it runs (None: unchanged). Not a timing, so one thread: the clean run and every resume run alike
     (the bitwise comparison holds at any count), and the tiny model's many small ops never wait for a second thread
-    that a busy machine has descheduled (on 2 cores with other jobs, 2 threads made this bench 5-10x slower)."""
+    that a busy machine has descheduled (on 2 cores with other jobs, 2 threads made this bench 5-10x slower).
+    ``cases``: only these ``DAMAGE`` cases (``--quick``; the non-finite and ownership rows always run)."""
+    unknown = sorted(set(cases or ()) - set(DAMAGE))
+    if unknown:
+        raise ValueError(f"bench faults: no damage case {unknown}; cases: {sorted(DAMAGE)}")
     if steps <= 2 * every:
         raise ValueError(f"bench faults needs steps > 2 * every (two checkpoints and steps after them), got "
                          f"steps={steps}, every={every}")
@@ -145,12 +149,12 @@ def bench_faults(cfg, steps: int = 12, every: int = 5, threads: int | None = 1) 
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _bench_faults(cfg, steps, every)
+        return _bench_faults(cfg, steps, every, cases)
     finally:
         torch.set_num_threads(previous)
 
 
-def _bench_faults(cfg, steps: int, every: int) -> dict:
+def _bench_faults(cfg, steps: int, every: int, cases: tuple | None = None) -> dict:
     loss_fn = user_loss(cfg)
     work = Path(tempfile.mkdtemp(prefix="curry-faults-"))
     rows = []
@@ -159,7 +163,12 @@ def _bench_faults(cfg, steps: int, every: int) -> dict:
         clean = _Run(cfg, steps).train(0, Checkpointer(clean_dir, keep_last=0), every, loss_fn, save_last=False)
         final = clean[-1]["loss"]
         newest = clean_dir / step_dirname(steps - steps % every)
+        if cases is not None:
+            print(f"reduced run (--quick): {len(cases)} of {len(DAMAGE)} damage cases; `bench faults` without --quick "
+                  "runs every one")
         for case, (target, damage) in DAMAGE.items():
+            if cases is not None and case not in cases:
+                continue
             case_dir = work / case.replace(" ", "-")
             shutil.copytree(clean_dir, case_dir)
             step_dir = case_dir / newest.name

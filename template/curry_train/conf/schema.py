@@ -242,7 +242,7 @@ class BenchConfig:
     to the GPUs (nccl) or CPU cores (gloo), at most 8 GPUs or 4 CPU ranks (2 cores: [2]; 4: [2, 4])."""
     checkpoint_params: Optional[int] = None
     """Parameters of `bench checkpoint`'s large synthetic state (fp32 + AdamW, 12 B/param), >= 10000; null = the
-    bench's own: 100M (10M with --quick). Refused up front if memory or disk is short."""
+    bench's own: 100M (5M with --quick). Refused up front if memory or disk is short."""
 
 
 @dataclass
