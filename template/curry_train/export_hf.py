@@ -15,7 +15,8 @@ form and is refused with one line.
 Import (``init_from(model, cfg)``, called by ``train`` before the model is parallelized): the weights of
 ``model.init_from`` (a GPT-2 folder: ``config.json`` + ``model.safetensors``; the keys with or without the
 ``transformer.`` prefix) into the reference GPT, after checking that the folder's shape equals ``model.*`` (one line
-naming the key to set); for a ``model._target_`` model, its ``state_dict`` keys loaded from the folder's safetensors.
+naming the key to set); for a ``model._target_`` model, its ``state_dict`` keys loaded from the folder's safetensors
+(a tied head may be absent; a missing, unexpected or differently shaped weight is one line).
 A checkpoint being resumed is loaded after it and wins.
 """
 
@@ -176,6 +177,10 @@ def init_from(model, cfg):
     if missing or unexpected:
         raise ValueError(f"model.init_from={source!r} does not fit {type(model).__name__}: missing "
                          f"{missing[:3]}, unexpected {unexpected[:3]}")
+    for key, value in weights.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ValueError(f"model.init_from={source!r} does not fit {type(model).__name__}: {key} has shape "
+                             f"{tuple(value.shape)} in model.init_from, {tuple(own[key].shape)} in the model")
     model.load_state_dict(weights, strict=False)
     return model
 

@@ -12,7 +12,9 @@ context cropped to the model's block size; ``temperature`` 0 = greedy, else soft
 ``logits / temperature`` restricted to the ``top_k`` most likely ids (0 = all), drawn from a ``torch.Generator``
 seeded with ``seed``: the same seed gives the same text. Decoding stops at the tokenizer's end-of-text id (kept out
 of the text) or after ``max_new_tokens``. A Hugging Face model (one with ``generate``) samples through its own
-``generate`` with the same settings. An empty prompt starts from the end-of-text id (a document's start).
+``generate`` with the same settings when the prompt plus ``max_new_tokens`` fit its context (past it, learned
+positions would index out of range: the window above slides instead). An empty prompt starts from the end-of-text
+id (a document's start).
 """
 
 from __future__ import annotations
@@ -64,7 +66,9 @@ def generate(model, ids: list[int], max_new_tokens: int, temperature: float = 1.
     """The new token ids ``model`` writes after ``ids`` (see the module docstring)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.tensor([ids], dtype=torch.long)
-    if hasattr(model, "generate") and hasattr(model, "config"):  # a Hugging Face model: its own generate
+    context = block_size(model)
+    fits = context is None or len(ids) + max_new_tokens <= context
+    if fits and hasattr(model, "generate") and hasattr(model, "config"):  # a Hugging Face model: its own generate
         torch.manual_seed(seed)
         sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or None} if temperature > 0 \
             else {"do_sample": False}
@@ -72,7 +76,6 @@ def generate(model, ids: list[int], max_new_tokens: int, temperature: float = 1.
                              eos_token_id=eot_id, pad_token_id=eot_id, **sampling)
         new = out[0, len(ids):].tolist()
         return new[:new.index(eot_id)] if eot_id in new else new
-    context = block_size(model)
     new = []
     for _ in range(max_new_tokens):
         logits = logits_of(model(x[:, -context:] if context else x))[0, -1].float()
