@@ -1,7 +1,8 @@
 """A real run on a Hugging Face model (``model._target_``): train 2 steps of a tiny Llama with checkpoint.dir, then
 ``export`` (its own ``save_pretrained``: the same logits in ``transformers``), ``sample`` (its own ``generate``:
 seeded, temperature and top-k honoured; past its context the window slides instead of crashing), ``model.init_from``
-of the export (the exported weights, one line for a folder that does not fit) and ``plot`` of a metrics file."""
+of the export (the exported weights, one line for a folder that does not fit) and ``plot`` of a metrics file; and
+the validation loss at ``parallel.tp=2`` and ``parallel.cp=2`` equal to one process's."""
 
 import json
 
@@ -193,3 +194,30 @@ def test_plot_writes_a_png_of_train_and_val_loss_and_a_missing_file_is_one_line(
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, err
     assert not (tmp_path / "x.png").exists()
+
+
+# -- the validation loss under tensor and context parallelism ---------------------------------------------------------
+
+EVAL = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "train.seq_len=32", "train.batch_size=8",
+        "train.steps=4", "train.warmup_steps=1", "train.progress=false", "train.log_every=0", "train.eval_every=2",
+        "train.eval_batches=2", "data.max_bytes=200000"]
+
+
+def _val_losses(rank, world_size, overrides):
+    torch.set_num_threads(1)
+    from curry_train.train import train
+
+    return [h.get("val_loss") for h in train(load_config(overrides))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.cp=2"]], ids=["tp2", "cp2"])
+def test_val_loss_is_the_same_at_tp2_and_cp2(layout):
+    from curry_train.distributed import launch
+
+    expected = _val_losses(0, 1, EVAL)
+    assert [v is not None for v in expected] == [False, True, False, True]
+    for rank_losses in launch(_val_losses, 2, [*EVAL, *layout], timeout=240):
+        assert [v is not None for v in rank_losses] == [False, True, False, True]
+        got = [v for v in rank_losses if v is not None]
+        assert got == pytest.approx([v for v in expected if v is not None], abs=1e-5)
