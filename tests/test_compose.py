@@ -64,6 +64,7 @@ EIGHT = {  # world size 8
     "dp2 x pp2 x tp2, FSDP2 full, ga 2": [*PP, "parallel.tp=2", "parallel.sharding=full",
                                          "train.gradient_accumulation_steps=2"],
     "hsdp 2x2 x tp2": ["parallel.tp=2", "parallel.sharding=full", "parallel.dp_replicate=2"],
+    "hsdp 2x2 x pp2": [*PP, "parallel.sharding=full", "parallel.dp_replicate=2"],
 }
 SAVE_AT = 2  # the dp2 x pp2 x tp2 run of 4 steps saves after step 2; dp4 and one process resume there
 
@@ -88,6 +89,7 @@ def test_eight_rank_layouts_equal_one_process_and_checkpoints_cross_layouts(tmp_
     _check(EIGHT, ranks, {
         "dp2 x pp2 x tp2, FSDP2 full, ga 2": (True, ("dp_shard_cp", "tp"), ("_S(0, 2)", "S(0)")),
         "hsdp 2x2 x tp2": (True, ("dp_replicate", "dp_shard_cp", "tp"), ("R", "_S(0, 2)", "S(0)")),
+        "hsdp 2x2 x pp2": (True, ("dp_replicate", "dp_shard_cp"), ("R", "S(0)")),
     })
     # per-rank bytes of dp2 x pp2 x tp2 against /plan's prediction (fp32: 4 + 4 + 8 bytes per parameter)
     shape = Shape.from_model_config(load_config(SMALL).model, seq=32)
@@ -118,6 +120,7 @@ FOUR = {  # world size 4, slow
     "pp2 x cp2, FSDP2 over cp, ga 2": [*PP, "parallel.cp=2", "parallel.sharding=full",
                                       "train.gradient_accumulation_steps=2"],
     "pp2 x dp2, ZeRO-1": [*PP, "parallel.sharding=zero1"],
+    "pp2 x dp2, FSDP2 full + CPU offload": [*PP, "parallel.sharding=full", "parallel.cpu_offload=true"],
     "pp2 x dp2, FSDP2 full, a stage of embeddings only": [*PP, "parallel.sharding=full",
                                                           "parallel.layers_per_stage=[0,4]"],
 }
@@ -134,6 +137,7 @@ def test_four_rank_layouts_equal_one_process():
         "tp2 x cp2, FSDP2 over cp": (True, ("dp_shard_cp", "tp"), ("_S(0, 2)", "S(0)")),
         "pp2 x cp2, FSDP2 over cp, ga 2": (True, ("dp_shard_cp",), ("S(0)",)),
         "pp2 x dp2, ZeRO-1": (False, None, ()),  # plain stages, ZeroRedundancyOptimizer over dp
+        "pp2 x dp2, FSDP2 full + CPU offload": (True, ("dp_shard_cp",), ("S(0)",)),
     })
     name = "pp2 x dp2, FSDP2 full, a stage of embeddings only"  # stage 0 has no block (_layout needs one): losses
     assert _losses(ranks[0][name]["history"]) == pytest.approx(_single(FOUR[name]), rel=TOL)
