@@ -3,7 +3,7 @@ one, non-finite steps are never applied or saved, and a resume prints every chan
 
 One process, in-process ``main([...])`` runs on a tiny GPT (the torchrun case is in test_fault_tolerance.py)."""
 
-import json
+import functools
 import shutil
 import warnings
 from pathlib import Path
@@ -19,19 +19,9 @@ from curry_train.primitives.checkpoint import (
 )
 from curry_train.primitives.checkpoint_files import INTEGRITY, verify
 from curry_train.primitives.checkpoint_trust import LOCK_NAME, temp_name, temp_run
+from tiny_runs import TINY, train_tiny
 
-TINY = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "train.seq_len=32", "train.batch_size=4",
-        "train.progress=false", "train.log_every=0", "train.warmup_steps=2"]
-
-
-def run(tmp_path: Path, name: str, *overrides: str, ckpt: Path | None = None, steps: int = 10) -> tuple[int, list]:
-    """``main(["train", ...])`` with checkpoints every 5 steps; returns the exit code and the metrics lines."""
-    metrics = tmp_path / f"{name}.jsonl"
-    args = ["train", *TINY, f"train.steps={steps}", f"train.metrics_file={metrics}", "checkpoint.every=5",
-            f"checkpoint.dir={ckpt or tmp_path / 'ckpt'}", *overrides]
-    code = main(args)
-    lines = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    return code, lines
+run = functools.partial(train_tiny, steps=10, every=5)  # checkpoints at 5 and 10
 
 
 @pytest.fixture(scope="module")

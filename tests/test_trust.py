@@ -4,7 +4,7 @@ a full disk is one line and costs nothing, and Ctrl-C / SIGTERM stop in one line
 In-process ``main([...])`` runs of a tiny GPT (4-8 steps); the second owner is a real second process."""
 
 import errno
-import json
+import functools
 import os
 import shutil
 import signal
@@ -22,26 +22,10 @@ from curry_train.__main__ import main
 from curry_train.primitives.checkpoint import Checkpointer, step_dirname
 from curry_train.primitives.checkpoint_files import INTEGRITY, write_description
 from curry_train.primitives.checkpoint_trust import LOCK_NAME, temp_run
+from tiny_runs import TINY, train_tiny
 
 PACKAGE_ROOT = str(Path(curry_train.__file__).resolve().parents[1])
-TINY = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "train.seq_len=32", "train.batch_size=4",
-        "train.progress=false", "train.log_every=0", "train.warmup_steps=2"]
-
-
-def run(tmp_path: Path, name: str, *overrides: str, ckpt: Path | None = None, steps: int = 8, env=None):
-    """``main(["train", ...])`` checkpointing every 2 steps; returns the exit code and the metrics lines."""
-    metrics = tmp_path / f"{name}.jsonl"
-    args = ["train", *TINY, f"train.steps={steps}", f"train.metrics_file={metrics}", "checkpoint.every=2",
-            f"checkpoint.dir={ckpt or tmp_path / 'ckpt'}", *overrides]
-    old = {k: os.environ.get(k) for k in (env or {})}
-    os.environ.update(env or {})
-    try:
-        code = main(args)
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    lines = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    return code, lines
+run = functools.partial(train_tiny, steps=8, every=2)  # checkpoints at 2, 4, 6, 8
 
 
 @pytest.fixture(scope="module")
