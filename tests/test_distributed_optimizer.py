@@ -72,7 +72,8 @@ def _train_cases(rank, ws):
         out[(sharding, k, precision, offload)] = {"losses": losses, "memory": d.memory_report()}
     # held between forward and backward, on a fresh model
     for sharding in ("shard_grad_op", "full"):
-        d = DistributedOptimizer.wrap(_gpt(), sharding, lr=LR)
+        last = {"reshard_last": False} if sharding == "full" else {}  # the default keeps the last block gathered too
+        d = DistributedOptimizer.wrap(_gpt(), sharding, lr=LR, **last)
         x, y = batches.microbatches(0, rank, ws, 1)[0]
         loss_sum, n = token_loss(d.model(x), y)
         out[("held", sharding)] = d.memory_report()["unsharded_param_bytes"]
@@ -240,22 +241,28 @@ def test_sharding_bench_rows_match_memory_report_and_formulas(capsys):
     printed = capsys.readouterr().out
     assert out["target_pass"] and "ZeRO-3" in printed
     timed = {r["mode"]: r for r in out["time_rows"]["2"]}  # every mode and lever, with its profiled split
-    assert {"no_shard", "full", "full reshard_last", "full prefetch=1", "full bf16 reduce bf16"} <= set(timed)
-    assert timed["full"]["profile_ms"]["all-gather"] > 0 and timed["no_shard"]["profile_ms"]["all-gather"] == 0
-    # 2 blocks: prefetch=1 past the last of one 2-block unit is refused by wrap, so the bench skips that side
-    assert "full 2 blocks/unit+last+pf1" not in timed and "skipped at N=2: prefetch=1 exceeds" in printed
-    assert "target: best fp32 full side <= 1.15x DDP at N=2" in printed and "of 2 rounds <= 1.15x" in printed
+    assert {"no_shard", "full (default levers)", "full no levers", "full no levers+reshard_last",
+            "full no levers+prefetch=1", "full bf16 reduce bf16"} <= set(timed)
+    default = timed["full (default levers)"]
+    assert default["profile_ms"]["all-gather"] > 0 and timed["no_shard"]["profile_ms"]["all-gather"] == 0
+    # 2 blocks: the default keeps 1 block per unit, prefetches 1 and keeps the last gathered: one block held
+    block = default["held_fwd_bwd"] - timed["full no levers"]["held_fwd_bwd"]
+    assert block > 0 and default["held_fwd_bwd"] == timed["full no levers+reshard_last"]["held_fwd_bwd"]
+    table = printed[printed.index("step time vs DDP"):]
+    assert table.index("  no_shard ") < table.index("  full (default levers) ") < table.index("  zero1 ")
+    assert "target: default full (auto levers) <= 1.15x DDP at N=2" in printed and "of 2 rounds <= 1.15x" in printed
     q1, q3 = out["time_target"]["ratio_quartiles"]
     assert q1 <= out["time_target"]["ratio"] <= q3  # the median ratio lies between its rounds' quartiles
 
 
 # -- step-time levers: prefetch, reshard_last, blocks_per_unit, reduce_dtype ------------------------------------
 CFG4 = GPTConfig(n_layer=4, n_head=2, n_embd=32, block_size=32)
-LEVER_CASES = [("full", None, {}), ("full", None, {"prefetch": 1}), ("full", None, {"prefetch": 2}),
-               ("full", None, {"reshard_last": True}), ("full", None, {"blocks_per_unit": 2}),
+PLAIN = {"prefetch": 0, "reshard_last": False, "blocks_per_unit": 1}  # every lever off; None (the default) = auto
+LEVER_CASES = [("full", None, PLAIN), ("full", None, PLAIN | {"prefetch": 1}), ("full", None, PLAIN | {"prefetch": 2}),
+               ("full", None, PLAIN | {"reshard_last": True}), ("full", None, PLAIN | {"blocks_per_unit": 2}),
                ("full", None, {"blocks_per_unit": 2, "reshard_last": True, "prefetch": 1}),
                ("shard_grad_op", None, {"prefetch": 1, "blocks_per_unit": 3}),
-               ("full", "bf16", {}), ("full", "bf16", {"reduce_dtype": "bf16"})]
+               ("full", "bf16", {}), ("full", "bf16", {"reduce_dtype": "bf16"}), ("full", None, {})]
 
 
 def _gpt4():
@@ -315,6 +322,8 @@ def _lever_cases(rank, ws):
         out[("profile", sharding)] = _profiled_step(step)
     levers = {"sharding": "full", "fsdp_prefetch": 1, "fsdp_reshard_last": True, "fsdp_blocks_per_unit": 2}
     out["from_config"] = _fsdp_structure(DistributedOptimizer.from_config(levers, _gpt4(), lr=LR).model)
+    plain = {"sharding": "full"} | {f"fsdp_{k}": v for k, v in PLAIN.items()}
+    out["from_config_plain"] = _fsdp_structure(DistributedOptimizer.from_config(plain, _gpt4(), lr=LR).model)
     return out
 
 
@@ -337,6 +346,8 @@ def test_levers_are_applied_to_the_blocks_they_name(lever_ranks):
     assert s[6]["unit_of"] == [0, 0, 0, 3] and s[6]["reshards"] == [False] * 4 and s[6]["fwd"][0] == [3]
     assert s[7]["reduce_dtype"] == "torch.float32" and s[8]["reduce_dtype"] == "torch.bfloat16"
     assert lever_ranks[0]["from_config"] == s[5]  # parallel.fsdp_* keys reach wrap (parallelize uses from_config)
+    assert lever_ranks[0]["from_config_plain"] == s[0]
+    assert s[9] == s[5]  # the default (auto) on 4 blocks: 2 blocks per unit, the last kept, prefetch 1
 
 
 def test_levers_hold_what_they_say_between_forward_and_backward(lever_ranks):
@@ -345,7 +356,7 @@ def test_levers_hold_what_they_say_between_forward_and_backward(lever_ranks):
     block = 4 * sum(p.numel() for p in m.blocks[0].parameters())
     held = [lever_ranks[0][i]["held"] for i in range(len(LEVER_CASES))]
     assert held[0] == held[1] == held[4] == root          # every block resharded after its forward
-    assert held[3] == root + block and held[5] == root + 2 * block  # the last unit kept gathered
+    assert held[3] == root + block and held[5] == held[9] == root + 2 * block  # the last unit kept gathered
     assert held[6] == root + 4 * block                    # shard_grad_op keeps everything
 
 
@@ -384,13 +395,15 @@ def test_profile_split_classifies_by_the_issuing_op():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"prefetch": -1}, r"^prefetch must be an int >= 0, got -1$"),
+    ({"prefetch": -1}, r"^prefetch must be an int >= 0 or None \(auto\), got -1$"),
     ({"prefetch": True}, r"^prefetch must be an int >= 0"),
-    ({"prefetch": 4}, r"^prefetch=4 exceeds the 3 FSDP units"),
+    ({"prefetch": 4, "blocks_per_unit": 1}, r"^prefetch=4 exceeds the 3 FSDP units"),
+    ({"prefetch": 2}, r"^prefetch=2 exceeds the 1 FSDP units that can follow one \(4 blocks, blocks_per_unit=2 "
+                      r"\(auto\)\): use 0..1$"),
     ({"prefetch": 2, "blocks_per_unit": 2}, r"^prefetch=2 exceeds the 1 FSDP units"),
     ({"blocks_per_unit": 0}, r"^blocks_per_unit must be an int >= 1"),
     ({"blocks_per_unit": 5}, r"^blocks_per_unit=5 exceeds the model's 4 blocks$"),
-    ({"reshard_last": "yes"}, r"^reshard_last must be true or false"),
+    ({"reshard_last": "yes"}, r"^reshard_last must be true, false or None \(auto\)"),
     ({"sharding": "shard_grad_op", "reshard_last": True}, r"^reshard_last=True .* sharding='full'"),
     ({"reshard_last": True, "reshard_after_forward": False}, r"^reshard_last=True"),
     ({"reduce_dtype": "fp16"}, r"^reduce_dtype must be one of"),
@@ -430,9 +443,12 @@ def test_sharding_bench_refuses_what_the_machine_cannot_run(monkeypatch):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (["parallel.fsdp_prefetch=-1"], r"^parallel.fsdp_prefetch must be an int >= 0, got -1$"),
+    (["parallel.fsdp_prefetch=-1"], r"^parallel.fsdp_prefetch must be an int >= 0 or None \(auto\), got -1$"),
     (["parallel.fsdp_prefetch=1"], r"^parallel.fsdp_prefetch=1 applies to FSDP2 shardings"),
-    (["parallel.sharding=full", "parallel.fsdp_prefetch=4"], r"^parallel.fsdp_prefetch=4 exceeds the 3 FSDP units"),
+    (["parallel.sharding=full", "parallel.fsdp_prefetch=4", "parallel.fsdp_blocks_per_unit=1"],
+     r"^parallel.fsdp_prefetch=4 exceeds the 3 FSDP units"),
+    (["parallel.sharding=full", "parallel.fsdp_prefetch=2"], r"^parallel.fsdp_prefetch=2 exceeds the 1 FSDP units "
+                                                             r".*parallel.fsdp_blocks_per_unit=2 \(auto\)"),
     (["parallel.sharding=full", "parallel.fsdp_blocks_per_unit=5"], r"^parallel.fsdp_blocks_per_unit=5 exceeds the "
                                                                     r"model's 4 blocks$"),
     (["parallel.sharding=shard_grad_op", "parallel.fsdp_reshard_last=true"], r"^parallel.fsdp_reshard_last=True"),

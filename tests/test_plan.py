@@ -109,7 +109,7 @@ def test_predicted_model_states_equal_memory_report_on_every_rank(rank_memory, w
     shape = Shape.from_model_config(RANKS_CFG)
     assert shape.params == GPT(RANKS_CFG).n_params()
     for sharding in SHARDINGS:
-        predicted = model_state_bytes(shape.params, ws, sharding, "fp32")
+        predicted = model_state_bytes(shape.params, ws, sharding, "fp32", n_layer=shape.n_layer)
         layout = Layout(ws, 1, 1, 1, sharding, "none", 1)
         assert estimate(shape, Hardware(gpus=ws), layout, ws * 32 * 2, "fp32").states_bytes == predicted
         for rank, report in enumerate(ranks):
@@ -120,6 +120,9 @@ def test_predicted_model_states_equal_memory_report_on_every_rank(rank_memory, w
             assert measured["unsharded_param_bytes"] == 0  # at rest
         if sharding == "shard_grad_op":  # held from forward to backward: the whole fp32 parameter set
             assert predicted["held_unsharded"] == 4 * shape.params
+        if sharding == "full":  # the default levers keep the last unit (2 blocks from 4 up, else 1) gathered
+            per_unit = 2 if shape.n_layer >= 4 else 1
+            assert predicted["held_unsharded"] == pytest.approx(4 * shape.params * per_unit / shape.n_layer)
 
 
 @pytest.mark.parametrize("mode", ["none", "selective", "full"])

@@ -21,7 +21,8 @@ checkpointing) -> ``torch.compile`` -> data-parallel sharding.
    parameter names). Per block, as torchtitan does: blocks share one compiled graph.
 3. ``parallel.sharding`` (``no_shard`` | ``zero1`` | ``shard_grad_op`` | ``full``), ``parallel.mixed_precision``,
    ``parallel.cpu_offload``, the FSDP2 step-time levers ``parallel.fsdp_prefetch`` / ``fsdp_reshard_last`` /
-   ``fsdp_blocks_per_unit`` (``DistributedOptimizer.from_config``): DDP and ZeRO-1 over ``dp_group``, FSDP2 over
+   ``fsdp_blocks_per_unit`` (null = auto, ``primitives.fsdp_levers.resolve_levers``: bench sharding's fastest
+   combination) (``DistributedOptimizer.from_config``): DDP and ZeRO-1 over ``dp_group``, FSDP2 over
    ``fsdp_mesh`` (``ParallelState.fsdp_mesh``: dp x cp, 1-D; or ``(dp_replicate, dp_shard x cp)``, 2-D: HSDP,
    shard within a replica, replicate across). Last, because FSDP2 shards whatever the steps before made: with
    ``tp > 1`` the parameters become dp x tp DTensors. In one process without torch.distributed, ``no_shard`` leaves

@@ -54,6 +54,7 @@ from dataclasses import asdict, dataclass, field
 from .plan_inputs import Shape, in_flight_stages, model_overrides, pipeline_bubble, with_experts
 from .primitives._checks import positive_float, positive_int
 from .primitives.distributed_optimizer import BYTES_PER_PARAM, SHARDINGS, zero_bytes_per_rank
+from .primitives.fsdp_levers import resolve_levers
 from .primitives.pipeline.sim import KINDS, default_stages_per_rank, normalize_kind
 
 __all__ = ["Shape", "Hardware", "Layout", "Estimate", "model_state_bytes", "activation_bytes", "estimate", "plan",
@@ -108,13 +109,16 @@ class Estimate:
 
 
 def model_state_bytes(params: float, dp: int, sharding: str, precision: str = "mixed", tp: int = 1, pp: int = 1,
-                      expert_params: float = 0.0, ep: int = 1, rank_params: float | None = None) -> dict:
+                      expert_params: float = 0.0, ep: int = 1, rank_params: float | None = None,
+                      n_layer: int | None = None) -> dict:
     """One rank's bytes as ``DistributedOptimizer.memory_report()`` counts them after a step: params, grads,
-    optimizer_state, total (the module docstring's formula), plus ``held_unsharded``, the parameters FSDP2's
-    ``shard_grad_op`` keeps gathered from forward to backward (it shards parameters at rest too, unlike DeepSpeed's
-    ZeRO-2: ``memory_report``'s ``unsharded_param_bytes``), and ``peak = total + held_unsharded``.
-    ``rank_params``: the dense parameters the fullest rank holds (``Shape.rank_params``: replicated norms and
-    embeddings, the ends of the pipeline) instead of ``(params - expert_params) / (tp pp)``."""
+    optimizer_state, total (the module docstring's formula), plus ``held_unsharded``, the parameters FSDP2 keeps
+    gathered from forward to backward (``memory_report``'s ``unsharded_param_bytes``), and ``peak = total +
+    held_unsharded``. Held: all of the rank's under ``shard_grad_op`` (it shards parameters at rest too, unlike
+    DeepSpeed's ZeRO-2) and under any FSDP2 mode with pp > 1 (stages keep their blocks gathered); under ``full``
+    with the default levers, the last unit (2 of ``n_layer`` blocks from 4 blocks up, else 1; 0 when ``n_layer``
+    is None). ``rank_params``: the dense parameters the fullest rank holds (``Shape.rank_params``: replicated norms
+    and embeddings, the ends of the pipeline) instead of ``(params - expert_params) / (tp pp)``."""
     at_rest = "full" if sharding == "shard_grad_op" else sharding
     dense_rank, expert_rank = (params - expert_params) / (tp * pp), expert_params / (tp * pp * ep)
     if rank_params is not None:
@@ -123,7 +127,13 @@ def model_state_bytes(params: float, dp: int, sharding: str, precision: str = "m
     if expert_params:
         experts = zero_bytes_per_rank(expert_rank, dp // ep, at_rest, precision)
         parts = {k: parts[k] + experts[k] for k in parts}
-    held = BYTES_PER_PARAM[precision][0] * (dense_rank + expert_rank) if sharding == "shard_grad_op" else 0.0
+    gathered = BYTES_PER_PARAM[precision][0] * (dense_rank + expert_rank)
+    if sharding == "shard_grad_op" or (sharding == "full" and pp > 1):
+        held = gathered
+    elif sharding == "full" and n_layer:
+        held = gathered * resolve_levers("full", n_layer)["blocks_per_unit"] / n_layer
+    else:
+        held = 0.0
     return {**parts, "held_unsharded": held, "peak": parts["total"] + held}
 
 
@@ -195,7 +205,7 @@ def estimate(shape: Shape, hw: Hardware, layout: Layout, global_batch_tokens: in
     rank = shape.rank_params(L.tp, L.pp, L.schedule in ("zbv", "dualpipev")) if shape.positions else None
     # ZeRO-1 and FSDP2 shard over dp x cp (the cp ranks of a replica hold the same weights: ParallelState.fsdp_mesh)
     est.states_bytes = model_state_bytes(shape.params, L.dp * L.cp, L.sharding, precision, L.tp, L.pp,
-                                         shape.expert_params, L.ep, rank_params=rank)
+                                         shape.expert_params, L.ep, rank_params=rank, n_layer=shape.n_layer)
     layers = shape.n_layer / stages
     value_bytes = 2 if precision == "mixed" else 4
     est.activation_bytes = activation_bytes(shape, L.micro_batch, layers, est.in_flight, L.tp, L.cp, L.recompute,

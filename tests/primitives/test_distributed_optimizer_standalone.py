@@ -58,7 +58,8 @@ def _train(rank, world_size, sharding, precision, **levers):
     return {"losses": losses, "memory": d.memory_report(), "levers": _lever_state(d.model) if levers else None}
 
 
-LEVERS = [{"prefetch": 1}, {"reshard_last": True}, {"blocks_per_unit": 2}]
+PLAIN = {"prefetch": 0, "reshard_last": False, "blocks_per_unit": 1}  # wrap's default (None) is auto: resolve_levers
+LEVERS = [PLAIN | {"prefetch": 1}, PLAIN | {"reshard_last": True}, PLAIN | {"blocks_per_unit": 2}, {"prefetch": None}]
 
 
 def _lever_state(model):
@@ -73,8 +74,8 @@ def _lever_state(model):
              s._fsdp_param_groups[0].unshard_async_op) for s in states]
 
 
-def _held_between_forward_and_backward(rank, world_size, sharding):
-    d = DistributedOptimizer.wrap(tiny_decoder(), sharding, lr=LR)
+def _held_between_forward_and_backward(rank, world_size, sharding, **levers):
+    d = DistributedOptimizer.wrap(tiny_decoder(), sharding, lr=LR, **levers)
     x, y = (t.chunk(world_size)[rank] for t in _batch(0))
     loss_sum, _ = token_loss(d.model(x), y)
     held = d.memory_report()["unsharded_param_bytes"]
@@ -87,6 +88,7 @@ def _every_sharding(rank, world_size):
     out["levers"] = [_train(rank, world_size, "full", None, **levers) for levers in LEVERS]
     for sharding in ("shard_grad_op", "full"):
         out[("held", sharding)] = _held_between_forward_and_backward(rank, world_size, sharding)
+    out[("held", "full", "plain")] = _held_between_forward_and_backward(rank, world_size, "full", **PLAIN)
     out["types"] = {s: type(DistributedOptimizer.wrap(tiny_decoder(), s, lr=LR).optimizer).__name__ for s in SHARDINGS}
     return out
 
@@ -138,13 +140,16 @@ def test_per_rank_bytes_match_the_zero_formulas(ranks):
 @pytest.mark.timeout(300)
 def test_only_shard_grad_op_keeps_the_whole_model_gathered_until_backward(ranks):
     """ZeRO-2-like: every parameter unsharded from forward to backward (the ZeRO-2 formula's params). ZeRO-3
-    (full): only the root module's own parameters (embeddings, final norm, output). Nothing after backward."""
+    (full) without levers: only the root module's own parameters (embeddings, final norm, output); with the default
+    levers the last layer too. Nothing after backward."""
     model = tiny_decoder()
     psi = sum(p.numel() for p in model.parameters())
     root = sum(p.numel() for m in (model.tok_embeddings, model.norm, model.output) for p in m.parameters())
     for r in ranks:
         assert r[("held", "shard_grad_op")] == (zero_bytes_per_rank(psi, WS, "shard_grad_op")["params"], 0)
-        assert r[("held", "full")] == (4 * root, 0)
+        assert r[("held", "full", "plain")] == (4 * root, 0)
+        last = sum(p.numel() for p in list(model.layers.values())[-1].parameters())
+        assert r[("held", "full")] == (4 * (root + last), 0)
 
 
 @pytest.mark.timeout(300)
@@ -152,10 +157,11 @@ def test_step_time_levers_are_applied_and_change_no_loss(ranks):
     """prefetch=1: each layer prefetches its neighbour (async unshard on CPU); reshard_last: the last layer stays
     gathered after forward; blocks_per_unit=2: both layers are one FSDP unit. Losses equal plain full to 1e-6."""
     for r in ranks:
-        prefetch, last, grouped = (x["levers"] for x in r["levers"])
+        prefetch, last, grouped, default = (x["levers"] for x in r["levers"])
         assert prefetch == [(0, True, [1], [], True), (1, True, [], [0], True)]
         assert last == [(0, True, [], [], False), (1, False, [], [], False)]
         assert grouped == [(0, True, [], [], False), (0, True, [], [], False)]
+        assert default == [(0, True, [1], [], True), (1, False, [], [0], True)]  # 2 layers: prefetch 1, last kept
         base = r[("full", None)]["losses"]
         for x in r["levers"]:
             assert max(abs(a - b) for a, b in zip(x["losses"], base)) <= 1e-6, (x["losses"], base)
@@ -191,7 +197,7 @@ def test_bad_options_fail_in_one_process_before_any_launch():
         (dict(sharding="no_shard", reshard_after_forward=True), "reshard_after_forward applies to FSDP2"),
         (dict(sharding="full", backward_prefetch="backward_post"), "set_modules_to_backward_prefetch"),
         (dict(sharding="full", use_orig_params=False), "use_orig_params=False"),
-        (dict(sharding="full", prefetch=-1), r"^prefetch must be an int >= 0, got -1$"),
+        (dict(sharding="full", prefetch=-1), r"^prefetch must be an int >= 0 or None \(auto\), got -1$"),
         (dict(sharding="full", prefetch=2), r"^prefetch=2 exceeds the 1 FSDP units"),
         (dict(sharding="no_shard", prefetch=1), "prefetch=1 applies to FSDP2 shardings"),
         (dict(sharding="full", blocks_per_unit=3), r"^blocks_per_unit=3 exceeds the model's 2 blocks$"),

@@ -179,13 +179,15 @@ class ParallelConfig:
     """null (fp32) | bf16; with pp > 1 bf16 needs sharding=full|shard_grad_op (FSDP2 stages)."""
     cpu_offload: bool = False
     """Offload FSDP2 parameters and optimizer state to CPU (shard_grad_op, full only)."""
-    fsdp_prefetch: int = 0
+    fsdp_prefetch: Optional[int] = None
     """FSDP2 explicit all-gather prefetch depth, 0..units-1: each unit prefetches the next N in forward and the
-    previous N in backward (DistributedOptimizer.wrap prefetch; bench sharding measures it)."""
-    fsdp_reshard_last: bool = False
-    """sharding=full: keep the last FSDP2 unit gathered from forward to backward (one all-gather saved per step)."""
-    fsdp_blocks_per_unit: int = 1
-    """Consecutive blocks per FSDP2 unit, 1..model.n_layer: fewer, bigger all-gathers and reduce-scatters."""
+    previous N in backward (DistributedOptimizer.wrap prefetch). null = auto: 1 where there are >= 2 units."""
+    fsdp_reshard_last: Optional[bool] = None
+    """sharding=full: keep the last FSDP2 unit gathered from forward to backward (one all-gather saved per step).
+    null = auto: on under full with >= 2 units, without pp (pp stages keep every unit gathered already)."""
+    fsdp_blocks_per_unit: Optional[int] = None
+    """Consecutive blocks per FSDP2 unit, 1..model.n_layer: fewer, bigger all-gathers and reduce-scatters.
+    null = auto: 2 where there are >= 4 blocks. The three autos are bench sharding's fastest combination."""
     pp_schedule: str = "1f1b"
     """gpipe | 1f1b | interleaved | looped_bfs | zb | zbv | dualpipev (used when pp > 1)."""
     n_microbatches: int = 4

@@ -44,12 +44,12 @@ import torch.nn as nn
 
 from ._config import config_getter
 from .blocks import NoBlocksError, find_blocks, require_blocks
+from .fsdp_levers import FSDP_MODES, check_lever_limits, check_levers, fully_shard_blocks, resolve_levers
 
 SHARDINGS = ("no_shard", "zero1", "shard_grad_op", "full")
 ALIASES = {"ddp": "no_shard", "zero1": "zero1", "zero2": "shard_grad_op", "zero3": "full", "fsdp": "full",
            "full_shard": "full", "no_shard": "no_shard", "shard_grad_op": "shard_grad_op", "full": "full"}
 PRECISIONS = (None, "fp32", "bf16")
-FSDP_MODES = ("shard_grad_op", "full")
 
 # bytes per parameter: (params, grads, optimizer state) for Adam; see the module docstring.
 BYTES_PER_PARAM = {"fp32": (4, 4, 8), "mixed": (2, 2, 12)}
@@ -82,8 +82,8 @@ def normalize_sharding(sharding) -> str:
 
 
 def check_options(sharding, mixed_precision=None, cpu_offload=False, reshard_after_forward=None,
-                  use_orig_params=None, backward_prefetch=None, prefetch=0, reshard_last=False, reduce_dtype=None,
-                  blocks_per_unit=1, lever_prefix="") -> tuple[str, str | None]:
+                  use_orig_params=None, backward_prefetch=None, prefetch=None, reshard_last=None, reduce_dtype=None,
+                  blocks_per_unit=None, lever_prefix="") -> tuple[str, str | None]:
     """Validate ``wrap``'s options without a model or a process group; returns (sharding, mixed_precision)
     normalised. Call it before ``init_process_group`` to fail in one process with one message. The block count
     limits (``prefetch``, ``blocks_per_unit``) are checked by ``wrap``, which sees the model."""
@@ -108,47 +108,9 @@ def check_options(sharding, mixed_precision=None, cpu_offload=False, reshard_aft
             "block's all-gather in backward (= 'backward_pre'). For explicit control pass prefetch=k (which calls "
             "FSDPModule.set_modules_to_backward_prefetch on the wrapped blocks)"
         )
-    _check_levers(sharding, mixed_precision, reshard_after_forward, prefetch, reshard_last, reduce_dtype,
+    check_levers(sharding, mixed_precision, reshard_after_forward, prefetch, reshard_last, reduce_dtype,
                   blocks_per_unit, lever_prefix)
     return sharding, mixed_precision
-
-
-def check_lever_limits(n_blocks: int, prefetch: int = 0, blocks_per_unit: int = 1, prefix: str = "") -> None:
-    """``blocks_per_unit`` <= ``n_blocks`` and ``prefetch`` <= the FSDP units after the first,
-    ``ceil(n_blocks / blocks_per_unit) - 1``; ``prefix`` goes before the names in the message (config keys)."""
-    units = -(-n_blocks // blocks_per_unit)
-    if blocks_per_unit > n_blocks:
-        raise ValueError(f"{prefix}blocks_per_unit={blocks_per_unit} exceeds the model's {n_blocks} blocks")
-    if prefetch > units - 1:
-        raise ValueError(f"{prefix}prefetch={prefetch} exceeds the {units - 1} FSDP units that can follow one "
-                         f"({n_blocks} blocks, {prefix}blocks_per_unit={blocks_per_unit}): use 0..{units - 1}")
-
-
-def _check_levers(sharding, mixed_precision, reshard_after_forward, prefetch, reshard_last, reduce_dtype,
-                  blocks_per_unit, prefix="") -> None:
-    """The FSDP2 step-time levers (``wrap``'s docstring): one ``ValueError`` line per bad value, each naming
-    ``prefix`` + the argument (``prefix="fsdp_"`` for the ``parallel.fsdp_*`` config keys)."""
-    fsdp = sharding in FSDP_MODES
-    for name, value, low in (("prefetch", prefetch, 0), ("blocks_per_unit", blocks_per_unit, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{prefix}{name} must be an int >= {low}, got {value!r}")
-    for name, value, on in (("prefetch", prefetch, prefetch > 0), ("blocks_per_unit", blocks_per_unit,
-                                                                     blocks_per_unit > 1)):
-        if on and not fsdp:
-            raise ValueError(f"{prefix}{name}={value} applies to FSDP2 shardings {FSDP_MODES}, not {sharding!r}")
-    if not isinstance(reshard_last, bool):
-        raise ValueError(f"{prefix}reshard_last must be true or false, got {reshard_last!r}")
-    if reshard_last and (sharding != "full" or reshard_after_forward is False):
-        raise ValueError(f"{prefix}reshard_last=True keeps the last block gathered after forward; it applies to "
-                         f"sharding='full' with resharding blocks, not sharding={sharding!r}, reshard_after_forward="
-                         f"{reshard_after_forward!r} (which already keeps every block gathered)")
-    if reduce_dtype not in (None, "fp32", "bf16"):
-        raise ValueError(f"reduce_dtype must be one of (None, 'fp32', 'bf16'), got {reduce_dtype!r}")
-    if reduce_dtype is not None and not fsdp:
-        raise ValueError(f"reduce_dtype applies to FSDP2 shardings {FSDP_MODES}, not {sharding!r}")
-    if reduce_dtype == "bf16" and mixed_precision != "bf16":
-        raise ValueError("reduce_dtype='bf16' needs mixed_precision='bf16' (gradients already computed in bf16); "
-                         f"got mixed_precision={mixed_precision!r}")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -217,10 +179,10 @@ class DistributedOptimizer:
         param_groups=None,
         backward_prefetch: str | None = None,
         use_orig_params: bool | None = None,
-        prefetch: int = 0,
-        reshard_last: bool = False,
+        prefetch: int | None = None,
+        reshard_last: bool | None = None,
         reduce_dtype: str | None = None,
-        blocks_per_unit: int = 1,
+        blocks_per_unit: int | None = None,
         blocks_optional: bool = False,
         **optimizer_kwargs,
     ) -> "DistributedOptimizer":
@@ -245,7 +207,8 @@ class DistributedOptimizer:
           unless ``blocks_optional`` (a pipeline stage holding only the embedding or the head: one unit, the root).
 
         Step-time levers (FSDP2 modes; ``bench sharding`` measures each against DDP, skill
-        ``primitive-distributed-optimizer``):
+        ``primitive-distributed-optimizer``). ``None`` (the default) is auto, ``resolve_levers``: 2 blocks per unit,
+        prefetch 1 and the last unit kept gathered under ``full``, where the model has the blocks for them:
 
         * ``blocks_per_unit`` (>= 1, <= the block count): consecutive blocks sharded as one FSDP unit
           (``fully_shard([b_i, ..., b_i+k-1])``): one all-gather and one reduce-scatter per unit instead of per
@@ -289,6 +252,10 @@ class DistributedOptimizer:
                 require_blocks(model, block_types, purpose=f"sharding={sharding!r} (FSDP2 shards each block)")
             if blocks:
                 check_lever_limits(len(blocks), prefetch, blocks_per_unit)
+            levers = resolve_levers(sharding, len(blocks), prefetch, reshard_last, blocks_per_unit,
+                                    reshard_after_forward)
+            prefetch, reshard_last, blocks_per_unit = (levers[k] for k in ("prefetch", "reshard_last",
+                                                                            "blocks_per_unit"))
         device = next(iter(model.parameters()), torch.zeros(0)).device
         if mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError(f"mixed_precision='bf16' but {torch.cuda.get_device_name(device)} has no bf16 support; "
@@ -308,7 +275,7 @@ class DistributedOptimizer:
                        process_group, mixed_precision, cpu_offload)
 
         if fsdp:
-            wrapped = _fully_shard(model, blocks, sharding, mixed_precision, cpu_offload, reshard_after_forward,
+            wrapped = fully_shard_blocks(model, blocks, sharding, mixed_precision, cpu_offload, reshard_after_forward,
                                    process_group, device, mesh, prefetch=prefetch, reshard_last=reshard_last,
                                    reduce_dtype=reduce_dtype, blocks_per_unit=blocks_per_unit)
         else:
@@ -333,7 +300,7 @@ class DistributedOptimizer:
         ``blocks_per_unit``) read from ``cfg`` (any mapping or attribute object, e.g. Hydra's ``cfg.parallel``);
         ``kwargs`` go to ``wrap`` (optimizer settings)."""
         get = config_getter(cfg)
-        levers = {k: get(f"fsdp_{k}", d) for k, d in (("prefetch", 0), ("reshard_last", False), ("blocks_per_unit", 1))}
+        levers = {k: get(f"fsdp_{k}", None) for k in ("prefetch", "reshard_last", "blocks_per_unit")}
         try:
             check_options(get("sharding", "no_shard"), get("mixed_precision", None), bool(get("cpu_offload", False)),
                           lever_prefix="fsdp_", **levers)
@@ -404,34 +371,3 @@ def _build_optimizer(model, optimizer_class, param_groups, kwargs):
 
 def _autocast_forward(model: nn.Module, device: torch.device) -> None:
     model.forward = torch.autocast(device_type=device.type, dtype=torch.bfloat16)(model.forward)
-
-
-def _fully_shard(model, blocks, sharding, mixed_precision, cpu_offload, reshard_after_forward, group, device,
-                 mesh=None, *, prefetch=0, reshard_last=False, reduce_dtype=None, blocks_per_unit=1):
-    from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
-    if mesh is None:
-        mesh_device = "cuda" if (device.type == "cuda" or (cpu_offload and torch.cuda.is_available())) else "cpu"
-        mesh = DeviceMesh.from_group(group if group is not None else dist.group.WORLD, mesh_device)
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16,
-                               reduce_dtype=torch.bfloat16 if reduce_dtype == "bf16" else torch.float32)
-          if mixed_precision == "bf16" else MixedPrecisionPolicy())
-    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
-    block_reshard = (sharding == "full") if reshard_after_forward is None else reshard_after_forward
-    kw = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
-    units = [blocks[i:i + blocks_per_unit] for i in range(0, len(blocks), blocks_per_unit)]
-    for j, unit in enumerate(units):
-        keep = reshard_last and j == len(units) - 1
-        fully_shard(unit if len(unit) > 1 else unit[0], reshard_after_forward=False if keep else block_reshard, **kw)
-    # Root (embeddings, final norm, tied head): FSDP2's default for the root is not to reshard after forward,
-    # since backward needs it first; under shard_grad_op nothing is resharded after forward.
-    fully_shard(model, reshard_after_forward=None if sharding == "full" else False, **kw)
-    if prefetch and units:
-        heads = [unit[0] for unit in units]  # a unit's modules share one FSDP state
-        for i, head in enumerate(heads):
-            head.set_modules_to_forward_prefetch(heads[i + 1:i + 1 + prefetch])
-            head.set_modules_to_backward_prefetch(heads[max(i - prefetch, 0):i][::-1])
-        if mesh.device_type == "cpu":  # no streams: only an async unshard overlaps (wrap's docstring)
-            model._set_unshard_async_op(True)
-    return model
