@@ -48,6 +48,10 @@ RESERVE_S = 5.0  # of the budget, kept for the report
 NO_CUDA = "torch.cuda.is_available() is False"
 
 
+class CheckSkipped(Exception):
+    """Raised by a check that cannot run here at all; the message is the one-line reason."""
+
+
 def environment(force_cpu: bool) -> dict:
     """The machine and software the report names."""
     import platform
@@ -58,7 +62,8 @@ def environment(force_cpu: bool) -> dict:
     env = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []}
     if cuda:
-        env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        version = torch.cuda.nccl.version()  # a tuple on torch 2.x
+        env["nccl"] = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
         env["cudnn"] = torch.backends.cudnn.version()
     return env
 
@@ -84,9 +89,8 @@ def _child(argv: list[str]) -> int:
         module, fn = target.split(":")
         out = {"status": "ok", **getattr(importlib.import_module(module), fn)(ctx)}
     except Exception as e:  # noqa: BLE001 - any failure is the check's one line
-        from .gpu_checks import CheckSkipped
-
-        out = {"status": "skipped", "reason": str(e)} if isinstance(e, CheckSkipped) else \
+        skipped = importlib.import_module("curry_train.bench.gpu_check").CheckSkipped  # not __main__'s copy
+        out = {"status": "skipped", "reason": str(e)} if isinstance(e, skipped) else \
             {"status": "failed", "reason": one_line(e)}
     _write(result, json.dumps(out, default=str))
     sys.stdout.flush()

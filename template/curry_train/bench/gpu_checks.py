@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import launch, resolve_device
+from .gpu_check import CheckSkipped
 
 MIB = 2**20
 BASE = ["train.warmup_steps=1", "train.progress=false", "train.log_every=0", "model.dropout=0.0"]
@@ -29,10 +30,6 @@ ROUNDS = {True: ["bench.burn_in=1", "bench.repeats=2", "bench.steps_per_repeat=1
           False: ["bench.burn_in=3", "bench.repeats=10", "bench.steps_per_repeat=5"]}
 TRAIN = ["model.n_layer=2", "model.n_embd=64", "model.n_head=4", "train.seq_len=64"]  # nccl-train, both devices
 STEPS, EVERY, SIGNAL_AT = 6, 2, 2  # nccl-train: steps, checkpoint interval, rank 0's SIGTERM after this step
-
-
-class CheckSkipped(Exception):
-    """The whole check cannot run here; the message is the one-line reason."""
 
 
 def _overrides(ctx, *extra, rounds=False) -> list[str]:
