@@ -40,8 +40,8 @@ CHECKS = [  # (name, "module:function", share of the budget, what it runs)
     ("recompute-memory", "curry_train.bench.gpu_checks:check_recompute", 1,
      "bench recompute: activation and peak memory (CUDA max_memory_allocated) of none, full, selective, every 2nd"),
     ("compose-memory", "curry_train.bench.gpu_checks:check_compose", 2,
-     "one composed layout (FSDP2 full + bf16 + selective recompute + ga 2) through train: per-rank model-state "
-     "bytes against /plan, CUDA peak per rank"),
+     "one composed layout (FSDP2 full, no_shard on one GPU, + bf16 + selective recompute + ga 2) through train: "
+     "per-rank model-state bytes against /plan, CUDA peak per rank"),
 ]
 STANDIN_RANKS = 2  # --force-cpu: gloo ranks standing in for the GPUs
 RESERVE_S = 5.0  # of the budget, kept for the report

@@ -247,16 +247,17 @@ def _compose_rank(rank, ws, runs, base):
 
 
 def check_compose(ctx) -> dict:
-    """One composed layout on the largest power of two <= N (at most 8) ranks: FSDP2 full + bf16 + selective
-    recompute + gradient accumulation 2, through ``train`` (``compose.run_layouts``): the fullest rank's model-state
-    bytes against ``/plan``'s and, on CUDA, each rank's ``max_memory_allocated`` over the run."""
+    """One composed layout on the largest power of two <= N (at most 8) ranks: FSDP2 full (no_shard on one rank)
+    + bf16 + selective recompute + gradient accumulation 2, through ``train`` (``compose.run_layouts``): the fullest
+    rank's model-state bytes against ``/plan``'s and, on CUDA, each rank's ``max_memory_allocated`` over the run."""
     from .compose import predicted_bytes
 
     ws = 1
     while ws * 2 <= min(ctx["ranks"], 8):
         ws *= 2
-    name = f"dp{ws} FSDP2 full + bf16 + selective recompute + ga 2"
-    layout = ["parallel.sharding=full", "parallel.mixed_precision=bf16", "train.recompute=selective",
+    sharding = "full" if ws > 1 else "no_shard"  # config.validate refuses FSDP2 in one process
+    name = f"dp{ws} {'FSDP2 full' if ws > 1 else 'no_shard'} + bf16 + selective recompute + ga 2"
+    layout = [f"parallel.sharding={sharding}", "parallel.mixed_precision=bf16", "train.recompute=selective",
               "train.gradient_accumulation_steps=2"]
     base = _overrides(ctx, f"train.batch_size={4 * ws}", "train.steps=3")
     ranks = _launch(_compose_rank, ctx, {name: layout}, base, ranks=ws)
@@ -271,4 +272,5 @@ def check_compose(ctx) -> dict:
            "loss first": losses[0], "loss last": losses[-1]}
     skipped = {} if peak is not None else {"CUDA peak": "no CUDA device in the ranks (CPU stand-in)"}
     return {"rows": [row], "skipped": skipped,
-            "notes": [f"{len(losses)} steps of train; block weights laid out as {per[0]['layouts'][0][1:]}"]}
+            "notes": [f"{len(losses)} steps of train; a block weight's mesh dims and placements: "
+                      f"{per[0]['layouts'][0][1:] if ws > 1 else 'plain tensors (one rank)'}"]}
