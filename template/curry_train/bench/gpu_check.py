@@ -82,7 +82,7 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _child(argv: list[str]) -> int:
+def _child(argv: list[str]) -> None:
     """In the check's own process: ``TARGET CTX_JSON RESULT_PATH``; the result JSON is written however it ends."""
     target, ctx, result = argv[0], json.loads(argv[1]), Path(argv[2])
     try:
