@@ -5,6 +5,9 @@
 #                smoke test per primitive (a few minutes on 2 cores)
 #   make test-all  every test (what CI runs through .ci/run)
 #   make check-latest  the Claude Code tests against today's @latest release as well as the pinned one
+#   make gpu-check  on a GPU machine: every path only a GPU exercises (nccl ranks, bf16 FSDP2 vs DDP, MFU vs the bf16
+#                peak, PyTorch's CP path, CUDA memory), at most 8 minutes, one report bench-results/gpu-check.md;
+#                without CUDA it says it skipped (GPU_CHECK="--force-cpu" runs the checks on CPU as a test)
 # make bench-full runs the full settings; BENCH="mfu ga model=small" picks benches and overrides for either.
 # Re-running skips the install unless template/pyproject.toml or this Makefile changed.
 
@@ -13,8 +16,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.curry-train-installed
 BENCH  ?=
+GPU_CHECK ?=
 
-.PHONY: bench bench-full test test-all check-latest train setup clean
+.PHONY: bench bench-full gpu-check test test-all check-latest train setup clean
 
 setup: $(STAMP)
 
@@ -30,6 +34,9 @@ bench: $(STAMP)
 
 bench-full: $(STAMP)
 	$(PY) -m curry_train bench $(BENCH)
+
+gpu-check: $(STAMP)
+	$(PY) -m curry_train gpu-check $(GPU_CHECK)
 
 test: $(STAMP)
 	$(PY) -m pytest -m 'not slow'

@@ -16,6 +16,7 @@ EPILOG = """examples:
   python -m curry_train bench                                  # every benchmark -> bench-results/<time>/report.md
   python -m curry_train bench --quick                          # every benchmark, reduced settings (make bench)
   python -m curry_train bench loop ga                          # only these
+  python -m curry_train gpu-check                              # every GPU-only path, one report (make gpu-check)
   python -m curry_train train model._target_=my_pkg.build model.n_layer=8   # your nn.Module: factory + its kwargs
   python -m curry_train train model._target_=my_pkg.build train.loss._target_=my_pkg.loss   # ... and your loss
   python -m curry_train bench loop ga model._target_=my_pkg.build           # the benches on your model
@@ -142,8 +143,10 @@ WORKFLOW = {  # subcommands with their own argument parsing: name -> (module, fu
     "sample": ("run_cli", "sample_main"),
     "export": ("run_cli", "export_main"),
     "plot": ("run_cli", "plot_main"),
+    "gpu-check": ("bench.gpu_check", "gpu_check_main"),
 }
-COMMANDS = "{train,bench,config,add,scaffold,preflight,lr-range,plan,ablate,tokenizer,prepare,sample,export,plot}"
+COMMANDS = ("{train,bench,gpu-check,config,add,scaffold,preflight,lr-range,plan,ablate,tokenizer,prepare,sample,export,"
+            "plot}")
 
 
 def _main(argv: list[str] | None) -> int:
@@ -168,6 +171,9 @@ def _main(argv: list[str] | None) -> int:
                                 "with the torchrun command (plan.py; plan --help)")
     sub.add_parser("ablate", help="arms x seeds of short runs, mean +- std and a yes / no / inconclusive verdict per "
                                   "arm (workflow/ablate_cli.py; ablate --help)")
+    sub.add_parser("gpu-check", help="every path only a GPU exercises (nccl ranks, bf16 FSDP2 vs DDP, MFU vs the "
+                                     "bf16 peak, PyTorch's CP, CUDA memory), one report (bench/gpu_check.py; "
+                                     "gpu-check --help)")
     sub.add_parser("lr-range", help="exponential LR sweep and a suggested LR with its plot (workflow/lr_range.py; "
                                     "lr-range --help)")
     p_train = sub.add_parser("train", help="train the configured model", epilog=EPILOG,

@@ -21,7 +21,8 @@ MFU = (model FLOPs per step / seconds per step) / peak FLOP/s, three numbers mea
   (``MatmulPeak``: two warm-ups, CUDA synchronised before and after each), sampled ``peak_repeats`` times first
   and once more in every timing round, so that a load spike from another process (a shared machine) cannot lower
   it while the steps run quiet: fp32 (the dtype the step runs in, which MFU divides by), and bf16 too on CUDA
-  (``mfu_bf16_peak``: the ceiling a bf16 step would be held to).
+  (``mfu_bf16_peak``: the ceiling a bf16 step would be held to). With ``mixed_precision="bf16"`` (``make
+  gpu-check``) the steps run under ``torch.autocast(bf16)`` and MFU divides by the bf16 peak, measured on any device.
   ``n`` (``peak_size``): 2048 on CPU, 8192 on CUDA (halved until three matrices fit in a quarter of free memory).
 * **Step time**: (a) the curry_train loop (``run_training_steps``: gradient-accumulation planning at K=1, token-
   normalised loss, clipping, AdamW, scheduler, metrics) and (b) a plain PyTorch loop (loss, ``backward``, clip,
@@ -42,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..loop import run_training_steps
 from ..primitives import GradientAccumulation
+from ..primitives.distributed_optimizer import _autocast_forward
 from ..primitives.model_io import forward_loss_sum
 from ..user_model import model_name
 from .common import build_model_and_batches, interleaved_rounds, training_sides, user_loss
@@ -175,8 +177,14 @@ def _plain_steps(model, optimizer, scheduler, batches, device, start: int, n: in
         scheduler.step()
 
 
-def bench_mfu(cfg, peak_size: int | None = None, peak_repeats: int = 5, repeats: int | None = None) -> dict:
-    """``repeats``: timing rounds (None = ``bench.repeats``); ``peak_size``, ``peak_repeats``: the matmul peak's."""
+def bench_mfu(cfg, peak_size: int | None = None, peak_repeats: int = 5, repeats: int | None = None,
+              mixed_precision: str | None = None) -> dict:
+    """``repeats``: timing rounds (None = ``bench.repeats``); ``peak_size``, ``peak_repeats``: the matmul peak's;
+    ``mixed_precision="bf16"``: both loops run their forward under ``torch.autocast(bf16)`` (what
+    ``parallel.mixed_precision=bf16`` does without FSDP2) and MFU divides by the bf16 peak, measured on any device."""
+    if mixed_precision not in (None, "bf16"):
+        raise ValueError(f"bench mfu: mixed_precision must be None (fp32) or 'bf16', got {mixed_precision!r}")
+    step_dtype = mixed_precision or "fp32"
     device = bench_device(cfg)
     model, batches = build_model_and_batches(cfg)
     model.to(device)
@@ -192,7 +200,7 @@ def bench_mfu(cfg, peak_size: int | None = None, peak_repeats: int = 5, repeats:
 
     n = matrix_size(device, peak_size)
     dtypes = {"fp32": torch.float32}
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if (device.type == "cuda" and torch.cuda.is_bf16_supported()) or mixed_precision == "bf16":
         dtypes["bf16"] = torch.bfloat16
     peak = {name: MatmulPeak(device, dtype, n) for name, dtype in dtypes.items()}
     for _ in range(peak_repeats):
@@ -200,6 +208,9 @@ def bench_mfu(cfg, peak_size: int | None = None, peak_repeats: int = 5, repeats:
             p.sample()
 
     sides = training_sides(model, cfg)
+    if mixed_precision == "bf16":
+        for s in sides.values():
+            _autocast_forward(s["model"], device)
     ga = GradientAccumulation(1)
 
     def run(name, steps):
@@ -225,13 +236,13 @@ def bench_mfu(cfg, peak_size: int | None = None, peak_repeats: int = 5, repeats:
     for name in sides:
         step_s = statistics.median(seconds[name]) / b.steps_per_repeat
         row = {"loop": name, "step_ms": 1e3 * step_s, "tokens_per_s": tokens / step_s,
-               "achieved_flops_per_s": flops / step_s, "mfu": flops / step_s / peaks["fp32"]}
+               "achieved_flops_per_s": flops / step_s, "mfu": flops / step_s / peaks[step_dtype]}
         if "bf16" in peaks:
             row["mfu_bf16_peak"] = flops / step_s / peaks["bf16"]
         rows.append(row)
 
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    print(f"MFU of {model_name(cfg)}: batch {t.batch_size}x{t.seq_len} = {tokens} tokens per step, fp32, device "
+    print(f"MFU of {model_name(cfg)}: batch {t.batch_size}x{t.seq_len} = {tokens} tokens per step, {step_dtype}, device "
           f"{device}{threads}; step time: median of {repeats} interleaved rounds of {b.steps_per_repeat} steps")
     print(f"  model FLOPs per step (FlopCounterMode, fwd+bwd, causal attention halved): {flops:.4g}")
     if formula is not None:
@@ -247,7 +258,7 @@ def bench_mfu(cfg, peak_size: int | None = None, peak_repeats: int = 5, repeats:
         print(f"  {r['loop']:12s} {r['step_ms']:9.2f} {r['tokens_per_s']:10.0f} {r['achieved_flops_per_s'] / 1e9:9.2f} "
               f"{100 * r['mfu']:6.2f}%" + (f" {100 * r['mfu_bf16_peak']:13.2f}%" if "bf16" in peaks else ""))
     return {
-        "model": model_name(cfg), "device": str(device), "dtype": "fp32", "tokens_per_step": tokens,
+        "model": model_name(cfg), "device": str(device), "dtype": step_dtype, "tokens_per_step": tokens,
         "flops_per_step": flops, "flops_by_op": counted["by_op"],
         "flops_formula": formula["formula"] if formula else None,
         "flops_formula_matmul_only": formula["matmul_only"] if formula else None,

@@ -138,7 +138,11 @@ def profiler_events(prof) -> list[tuple[str, float, float]]:
             and not getattr(e, "is_hidden_event", lambda: False)()]
 
 
-def _sharding_rank(rank, ws, cfg, backend="gloo"):
+def _sharding_rank(rank, ws, cfg, backend="gloo", specs=None, profiled=PROFILED):
+    """``launch`` target: every side of ``specs`` (label -> (sharding, precision, levers); default: every
+    ``SHARDING_MODES`` side as ``"sharding|precision"`` and the ``LEVERS``) trained on this rank's share of the batch,
+    interleaved; per side its ``memory_report``, the bytes held from forward to backward, the seconds per round and,
+    with ``profiled`` > 0, the fastest of that many profiled steps (``profile_split``)."""
     cfg = OmegaConf.create(cfg)  # launched with the plain, resolved dict
     device = machine.rank_device(backend, rank)
     model, batches = build_model_and_batches(cfg)
@@ -148,7 +152,7 @@ def _sharding_rank(rank, ws, cfg, backend="gloo"):
     b = cfg.bench
     n_blocks = len(require_blocks(model))
     sides, skipped = {}, {}
-    specs = {f"{s}|{p}": (s, p, {}) for s, p in SHARDING_MODES} | LEVERS
+    specs = specs if specs is not None else {f"{s}|{p}": (s, p, {}) for s, p in SHARDING_MODES} | LEVERS
     for key, (sharding, precision, levers) in specs.items():
         levers = {k: n_blocks if v == "B" else v for k, v in levers.items()}
         try:  # a lever the model cannot take (prefetch past a 2-block model's last unit) fails before any collective
@@ -176,9 +180,9 @@ def _sharding_rank(rank, ws, cfg, backend="gloo"):
             step(key)
     seconds = interleaved_rounds(timed, list(sides), b.repeats)
     out = {k: {"memory": v["d"].memory_report(), "held": v["held"], "seconds": seconds[k]} for k, v in sides.items()}
-    for key in sides:  # PROFILED steps each, keep the fastest: one load spike on a shared machine skews one step
+    for key in sides if profiled else ():  # profiled steps each, keep the fastest: one load spike skews one step
         profiles = []
-        for _ in range(PROFILED):
+        for _ in range(profiled):
             torch.distributed.barrier()
             profiles.append(_profiled_step(lambda: step(key, after=False)))
         out[key]["profile"] = min(profiles, key=lambda p: p["step"])
