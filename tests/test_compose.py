@@ -164,10 +164,43 @@ def test_mixture_of_experts_in_pipeline_stages_and_expert_parallel_under_fsdp2()
     })
 
 
+# The balancing loss in pipeline stages: each MoE layer puts its own into the backward through its output
+# (primitives.moe.attach_aux_losses). A pipeline micro-batch is a forward of its own, its balancing loss over its
+# rows and weighted 1 / (K * m), so pp x dp with K accumulation steps and m micro-batches equals one process with
+# K * m * dp accumulation steps (the same rows per forward). Run name -> (overrides, the reference's K).
+AUX = ["model=moe", "model.moe_experts=4", "model.moe_capacity_factor=100", "model.moe_aux_loss_weight=0.05"]
+GA2 = ["train.gradient_accumulation_steps=2"]
+AUX_PP2 = {  # world size 2; zb and zbv split the backward (stage_backward_input / stage_backward_weight)
+    "moe aux pp2, 1f1b, ga 2": ([*AUX, *PP, *GA2], 4),
+    "moe aux pp2, zb": ([*AUX, "parallel.pp=2", "parallel.pp_schedule=zb", "parallel.n_microbatches=2"], 2),
+    "moe aux pp2, zbv": ([*AUX, "parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.n_microbatches=2"], 2),
+}
+AUX_PP2_DP2 = {  # world size 4
+    "moe aux pp2 x dp2 (plain stages)": ([*AUX, *PP], 4),
+    "moe aux pp2 x dp2, FSDP2 full, ga 2": ([*AUX, *PP, "parallel.sharding=full", *GA2], 8),
+}
+
+
+def _check_aux(runs, ranks):
+    for name, (overrides, k) in runs.items():
+        single = _single([*AUX, f"train.gradient_accumulation_steps={k}"])
+        for rank, result in enumerate(ranks):
+            assert _losses(result[name]["history"]) == pytest.approx(single, rel=TOL), f"{name}, rank {rank}"
+
+
+@pytest.mark.slow
+def test_the_moe_balancing_loss_in_pipeline_stages_equals_one_process():
+    """pp2 (1F1B with gradient accumulation, and the split-backward zero-bubble kinds) and pp2 x dp2 (plain and
+    FSDP2 stages) with the balancing loss on equal one process over 3 steps; without it the losses differ."""
+    _check_aux(AUX_PP2, launch(_train_each, 2, {k: v for k, (v, _) in AUX_PP2.items()}, timeout=600))
+    _check_aux(AUX_PP2_DP2, launch(_train_each, 4, {k: v for k, (v, _) in AUX_PP2_DP2.items()}, timeout=600))
+    with_aux, without = _single([*AUX, "train.gradient_accumulation_steps=4"]), _single(
+        [*AUX, "train.gradient_accumulation_steps=4", "model.moe_aux_loss_weight=0"])
+    assert with_aux[-1] != pytest.approx(without[-1], rel=10 * TOL)  # the parity above sees the balancing loss
+
+
 @pytest.mark.parametrize("overrides,world_size,message", [
     (["model=moe", "parallel.tp=2"], 2, "model.moe_experts=8 with parallel.tp=2: tensor parallelism shards dense MLPs"),
-    (["model=moe", "parallel.pp=2", "parallel.n_microbatches=2"], 2,
-     "model.moe_aux_loss_weight=0.01 with parallel.pp=2: the balancing loss is added to the loss of a whole forward"),
     (["parallel.pp=2", "parallel.cp=2", "model._target_=foreign_models.tiny_llama", "train.seq_len=16"], 4,
      "parallel.cp=2 with parallel.pp=2: the global positions reach the first pipeline stage of the reference GPT"),
     (["parallel.pp=2", "parallel.sharding=full", "parallel.fsdp_reshard_last=true"], 4,

@@ -60,10 +60,6 @@ def check_parallel(cfg, world_size: int, n_layer: int) -> None:
             raise ValueError(f"model.moe_experts={cfg.model.moe_experts} with parallel.tp={p.tp}: tensor parallelism "
                              "shards dense MLPs (fc, proj), not expert banks; shard the experts with parallel.ep, or "
                              "use parallel.tp=1")
-        if p.pp > 1 and cfg.model.moe_aux_loss_weight > 0:
-            raise ValueError(f"model.moe_aux_loss_weight={cfg.model.moe_aux_loss_weight} with parallel.pp={p.pp}: the "
-                             "balancing loss is added to the loss of a whole forward, which no pipeline stage has; "
-                             "balance with model.moe_bias_balancing=true and model.moe_aux_loss_weight=0")
     check_batch_split(cfg.train.batch_size, dp, cfg.train.gradient_accumulation_steps)
     check_parallelize_config(cfg, world_size)
     if n_layer and normalize_sharding(p.sharding) in FSDP_MODES:  # the FSDP2 levers against the block count

@@ -88,7 +88,8 @@ def accumulate_gradients(model, microbatches, ga: GradientAccumulation, dp_group
     Mixture of experts: a model with ``primitives.moe.MoEMLP`` layers adds their balancing losses
     (``moe_aux_loss``, each a mean over the micro-batch's tokens) to every micro-batch's backward, divided by K: the
     step back-propagates the token loss plus the mean over micro-batches of the aux loss (averaged over ranks by
-    the data-parallel wrapper like every gradient).
+    the data-parallel wrapper like every gradient). With ``schedule`` no forward has the whole loss: ``train``
+    attaches each stage's MoE layers' balancing losses to their outputs (``primitives.moe.attach_aux_losses``).
     """
     loss_fn = forward_loss_sum if loss_fn is None else loss_fn
     moe = any(isinstance(m, MoEMLP) for m in model.modules())
