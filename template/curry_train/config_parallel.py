@@ -202,12 +202,6 @@ def pipeline_settings(cfg, world_size: int, dp_size: int = 1, n_layer: int | Non
     except ValueError as e:
         raise ValueError(f"parallel.pp_schedule={kind}, parallel.pp={p.pp}, parallel.n_microbatches="
                          f"{p.n_microbatches}: {e}") from None
-    sharding, precision = check_options(get("sharding", "no_shard"), get("mixed_precision", None),
-                                        get("cpu_offload", False))
-    if sharding in ("no_shard", "zero1") and precision is not None:
-        raise ValueError(f"parallel.sharding={sharding} with parallel.mixed_precision={precision} and parallel.pp="
-                         f"{p.pp}: bf16 pipeline stages are FSDP2's (MixedPrecisionPolicy); use parallel.sharding="
-                         "full or shard_grad_op, or parallel.mixed_precision=null")
     if get("fsdp_reshard_last", False):
         raise ValueError(f"parallel.fsdp_reshard_last=true with parallel.pp={p.pp}: FSDP2 stages keep every unit "
                          "gathered from forward to backward already; use parallel.fsdp_reshard_last=false")

@@ -303,7 +303,7 @@ class DistributedOptimizer:
                     "torch.distributed.init_process_group first); in one process use sharding='no_shard'"
                 )
             if mixed_precision == "bf16":
-                _autocast_forward(model, device)
+                autocast_forward(model, device)
             return cls(model, _build_optimizer(model, optimizer_class, param_groups, optimizer_kwargs), sharding,
                        process_group, mixed_precision, cpu_offload)
 
@@ -315,7 +315,7 @@ class DistributedOptimizer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             if mixed_precision == "bf16":
-                _autocast_forward(model, device)
+                autocast_forward(model, device)
             device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
                 if device.type == "cuda" else None
             wrapped = DDP(model, process_group=process_group, device_ids=device_ids)
@@ -402,7 +402,10 @@ def _build_optimizer(model, optimizer_class, param_groups, kwargs):
     return optimizer_class(groups, **kwargs)
 
 
-def _autocast_forward(model: nn.Module, device: torch.device) -> None:
+def autocast_forward(model: nn.Module, device: torch.device) -> None:
+    """``mixed_precision='bf16'`` without FSDP2 (DDP, ZeRO-1, one process, plain pipeline stages): ``model``'s
+    forward runs under ``torch.autocast(device.type, bfloat16)``; parameters, gradients and their reduction stay
+    fp32 (autocast casts each op's inputs, its backward returns fp32 gradients for fp32 parameters)."""
     model.forward = torch.autocast(device_type=device.type, dtype=torch.bfloat16)(model.forward)
 
 
