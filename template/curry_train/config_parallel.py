@@ -157,15 +157,11 @@ def check_tensor_parallel_config(cfg, world_size: int) -> None:
 def check_context_parallel_config(cfg) -> None:
     """``parallel.cp > 1`` against the rest of the config and the model, with no process group: the sequence splits
     into ``2 * cp`` chunks, attention is ring attention (no dropout inside it), the model must take global positions
-    (``context_batches.position_keyword``); with pp the model is the reference GPT (its first stage takes them)."""
+    (``context_batches.position_keyword``); with pp every stage gets them (``stages``)."""
     p = cfg.parallel
     cp = positive_int("parallel.cp", p.cp)
     if cp == 1:
         return
-    if p.pp > 1 and user_target(cfg.model) is not None:
-        raise ValueError(f"parallel.cp={cp} with parallel.pp={p.pp}: the global positions reach the first pipeline "
-                         "stage of the reference GPT only (other models' stages take one tensor); use parallel.pp=1 "
-                         "or parallel.cp=1")
     if cfg.train.seq_len % (2 * cp):
         raise ValueError(f"parallel.cp={cp} cuts each sequence into 2 * cp = {2 * cp} chunks (causal load balancing): "
                          f"train.seq_len={cfg.train.seq_len} must be divisible by {2 * cp}")
