@@ -34,14 +34,22 @@ def _losses(history):
     return [h["loss"] for h in history]
 
 
+def _losses_and_val(history):
+    return [v for h in history for v in (h["loss"], h.get("val_loss")) if v is not None]
+
+
 def _train_each(rank, world_size, runs):
     """Each run's history, what ``parallelize`` made of each module it got, the bytes held after the last step."""
     return run_layouts(rank, world_size, runs, SMALL)
 
 
-def _single(overrides):
+def _single_history(overrides):
     keep = [o for o in overrides if o.startswith(("train.", "data.", "model", "~model."))]
-    return _losses(train(load_config([*SMALL, *keep])))
+    return train(load_config([*SMALL, *keep]))
+
+
+def _single(overrides):
+    return _losses(_single_history(overrides))
 
 
 def _check(runs, ranks, layouts, rel=TOL):
@@ -126,7 +134,8 @@ FOUR = {  # world size 4, slow
     "pp2 x dp2, ZeRO-1": [*PP, "parallel.sharding=zero1"],
     # every stage of a Hugging Face Llama gets the global position_ids of its tokens (RoPE), not arange; at lr 1e-2
     # stages that used arange(T) instead would miss one process by 1e-4 (measured), at the default lr by 1e-5
-    "tiny HF Llama pp2 x cp2, plain stages": [*PP, "parallel.cp=2", *LLAMA, "train.lr=1e-2"],
+    # (and its validation loss: each evaluation batch sharded, every stage given the positions, as in training)
+    "tiny HF Llama pp2 x cp2, plain stages": [*PP, "parallel.cp=2", *LLAMA, "train.lr=1e-2", "train.eval_every=1"],
     "pp2 x dp2, FSDP2 full + CPU offload": [*PP, "parallel.sharding=full", "parallel.cpu_offload=true"],
     "pp2 x dp2, FSDP2 full, a stage of embeddings only": [*PP, "parallel.sharding=full",
                                                           "parallel.layers_per_stage=[0,4]"],
@@ -151,9 +160,10 @@ def test_four_rank_layouts_equal_one_process():
         "pp2 x dp2, FSDP2 full + CPU offload": (True, ("dp_shard_cp",), ("S(0)",)),
     })
     for name in losses_only:
-        single = _single(FOUR[name])
+        single = _losses_and_val(_single_history(FOUR[name]))
         for rank, result in enumerate(ranks):
-            assert _losses(result[name]["history"]) == pytest.approx(single, rel=TOL), f"{name}, rank {rank}"
+            got = _losses_and_val(result[name]["history"])
+            assert got == pytest.approx(single, rel=TOL), f"{name}, rank {rank}"
 
 
 # Each data-parallel rank routes its own tokens: parity with one process holds without a capacity limit or aux loss
