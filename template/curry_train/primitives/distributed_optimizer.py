@@ -403,9 +403,7 @@ def _build_optimizer(model, optimizer_class, param_groups, kwargs):
 
 
 def autocast_forward(model: nn.Module, device: torch.device) -> None:
-    """``mixed_precision='bf16'`` without FSDP2 (DDP, ZeRO-1, one process, plain pipeline stages): ``model``'s
-    forward runs under ``torch.autocast(device.type, bfloat16)``; parameters, gradients and their reduction stay
-    fp32 (autocast casts each op's inputs, its backward returns fp32 gradients for fp32 parameters)."""
+    """bf16 without FSDP2 (DDP, ZeRO-1, one process, plain pipeline stages): the forward under autocast; fp32 weights."""
     model.forward = torch.autocast(device_type=device.type, dtype=torch.bfloat16)(model.forward)
 
 
