@@ -110,6 +110,26 @@ def test_tied_head_is_one_parameter_in_first_and_last_stage():
     assert last.lm_head.weight is first.transformer.wte.weight is model.transformer.wte.weight
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_every_stage_places_tokens_at_the_position_ids_it_is_given(name):
+    """Context parallelism hands every stage the global positions of its tokens (``position_ids``, split by rows
+    like the batch): the chained stages equal the model's forward with the same ``position_ids``, not arange's.
+    A layout whose model takes no positions (torchtitan, nanoGPT) refuses them."""
+    model = MODELS[name](n_layer=4)
+    x = _batches(1, rows=2)[0][0][:, :8]
+    pos = torch.tensor([0, 1, 2, 3, 12, 13, 14, 15]).expand(2, -1)  # cp 2, rank 0 of a 16-token row: head and tail
+    with torch.no_grad():
+        ref = logits_of(model(x, position_ids=pos))
+        h = x
+        for stage in split_model(model, 2):
+            h = stage(h, position_ids=pos)
+        assert (h - ref).abs().max().item() <= TOL
+        assert (h - logits_of(model(x))).abs().max().item() > 100 * TOL  # the positions changed the logits
+    for other in ("titan", "nanogpt"):
+        with pytest.raises(ValueError, match="places tokens by their index in the sequence: it takes no position_ids"):
+            split_model(MODELS[other](n_layer=2), 2)[0](x, position_ids=pos)
+
+
 def test_unknown_layout_and_wrong_block_types_raise():
     with pytest.raises(ValueError, match=r"layout of Sequential; it splits gpt, hf-llama, hf-gpt2, nanogpt, "
                                          r"torchtitan .*pass the list to PipelineSchedule"):

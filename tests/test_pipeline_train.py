@@ -46,13 +46,33 @@ def test_pp2_training_losses_and_grad_norms_match_single_process():
     (["parallel.pp_schedule=zigzag"], r"unknown pipeline schedule kind 'zigzag'; choose from gpipe, 1f1b"),
     (["parallel.pp_schedule=gpipe", "parallel.n_microbatches=3"], r"8 rows per pipeline step, not divisible by parallel.n_microbatches=3"),
     (["parallel.pp_schedule=interleaved", "model.n_layer=6"], r"model.n_layer=6 is not divisible by the number of pipeline stages 4"),
-    (["parallel.mixed_precision=bf16"], r"parallel.sharding=no_shard with parallel.mixed_precision=bf16 and "
-                                        r"parallel.pp=2: bf16 pipeline stages are FSDP2's"),
 ])
 def test_pipeline_config_errors_name_the_numbers(overrides, message):
     cfg = load_config([*SMALL, "parallel.pp=2", *overrides])
     with pytest.raises(ValueError, match=message):
         pipeline_settings(cfg, 2)
+
+
+@pytest.mark.parametrize("sharding", ["no_shard", "zero1"])
+def test_plain_bf16_stages_compute_under_autocast_and_keep_fp32_weights(sharding):
+    """``parallel.mixed_precision=bf16`` with plain (unwrapped) stages is DDP's bf16: the stage's forward under
+    autocast (its matmuls in bf16: the last stage's logits), fp32 parameters and gradients. Parity:
+    tests/test_compose.py."""
+    import torch
+
+    from curry_train.model import GPT, GPTConfig
+    from curry_train.parallelize import parallelize
+    from curry_train.stages import split_model
+
+    cfg = load_config([*SMALL, "parallel.pp=2", f"parallel.sharding={sharding}", "parallel.mixed_precision=bf16"])
+    pipeline_settings(cfg, 4, dp_size=2)
+    first, last = split_model(GPT(GPTConfig.from_config(cfg.model)), 2)
+    for stage in (first, last):
+        assert parallelize(stage, cfg, pipeline_stage=True) == (stage, None)
+    logits = last(first(torch.randint(0, 256, (2, 32))))
+    logits.float().sum().backward()
+    assert logits.dtype == torch.bfloat16
+    assert all(p.dtype == p.grad.dtype == torch.float32 for p in [*first.parameters(), *last.parameters()])
 
 
 def _train_dp_pp(rank, world_size, overrides):

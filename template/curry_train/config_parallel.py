@@ -60,10 +60,6 @@ def check_parallel(cfg, world_size: int, n_layer: int) -> None:
             raise ValueError(f"model.moe_experts={cfg.model.moe_experts} with parallel.tp={p.tp}: tensor parallelism "
                              "shards dense MLPs (fc, proj), not expert banks; shard the experts with parallel.ep, or "
                              "use parallel.tp=1")
-        if p.pp > 1 and cfg.model.moe_aux_loss_weight > 0:
-            raise ValueError(f"model.moe_aux_loss_weight={cfg.model.moe_aux_loss_weight} with parallel.pp={p.pp}: the "
-                             "balancing loss is added to the loss of a whole forward, which no pipeline stage has; "
-                             "balance with model.moe_bias_balancing=true and model.moe_aux_loss_weight=0")
     check_batch_split(cfg.train.batch_size, dp, cfg.train.gradient_accumulation_steps)
     check_parallelize_config(cfg, world_size)
     if n_layer and normalize_sharding(p.sharding) in FSDP_MODES:  # the FSDP2 levers against the block count
@@ -161,15 +157,11 @@ def check_tensor_parallel_config(cfg, world_size: int) -> None:
 def check_context_parallel_config(cfg) -> None:
     """``parallel.cp > 1`` against the rest of the config and the model, with no process group: the sequence splits
     into ``2 * cp`` chunks, attention is ring attention (no dropout inside it), the model must take global positions
-    (``context_batches.position_keyword``); with pp the model is the reference GPT (its first stage takes them)."""
+    (``context_batches.position_keyword``); with pp every stage gets them (``stages``)."""
     p = cfg.parallel
     cp = positive_int("parallel.cp", p.cp)
     if cp == 1:
         return
-    if p.pp > 1 and user_target(cfg.model) is not None:
-        raise ValueError(f"parallel.cp={cp} with parallel.pp={p.pp}: the global positions reach the first pipeline "
-                         "stage of the reference GPT only (other models' stages take one tensor); use parallel.pp=1 "
-                         "or parallel.cp=1")
     if cfg.train.seq_len % (2 * cp):
         raise ValueError(f"parallel.cp={cp} cuts each sequence into 2 * cp = {2 * cp} chunks (causal load balancing): "
                          f"train.seq_len={cfg.train.seq_len} must be divisible by {2 * cp}")
@@ -206,12 +198,6 @@ def pipeline_settings(cfg, world_size: int, dp_size: int = 1, n_layer: int | Non
     except ValueError as e:
         raise ValueError(f"parallel.pp_schedule={kind}, parallel.pp={p.pp}, parallel.n_microbatches="
                          f"{p.n_microbatches}: {e}") from None
-    sharding, precision = check_options(get("sharding", "no_shard"), get("mixed_precision", None),
-                                        get("cpu_offload", False))
-    if sharding in ("no_shard", "zero1") and precision is not None:
-        raise ValueError(f"parallel.sharding={sharding} with parallel.mixed_precision={precision} and parallel.pp="
-                         f"{p.pp}: bf16 pipeline stages are FSDP2's (MixedPrecisionPolicy); use parallel.sharding="
-                         "full or shard_grad_op, or parallel.mixed_precision=null")
     if get("fsdp_reshard_last", False):
         raise ValueError(f"parallel.fsdp_reshard_last=true with parallel.pp={p.pp}: FSDP2 stages keep every unit "
                          "gathered from forward to backward already; use parallel.fsdp_reshard_last=false")

@@ -10,7 +10,8 @@ so every rank gets the same number. Tensor-parallel ranks of one group read the 
 
 Pipeline parallelism: the stages run one evaluation batch at a time, forward only (``pipeline_forward_loss``): each
 rank runs its stages in stage order, receiving the activations from the previous stage's rank and sending its output
-on (their shape first); the last stage computes the loss, which is broadcast over the pipeline group.
+on (their shape first); the last stage computes the loss, which is broadcast over the pipeline group. With context
+parallelism each batch is this rank's shard first (``prepare``) and every stage gets its global positions.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .data import Batches
+from .loop import pipeline_inputs
 from .model import token_loss
 from .primitives.model_io import forward_loss_sum
 from .primitives.tensor_parallel import local_value, loss_parallel_context
@@ -54,10 +56,10 @@ class Evaluator:
             for i in range(self.n_batches):
                 for x, y in self.batches.microbatches(i, self.dp_rank, self.dp_size, self.n_micro):
                     mb = (x.to(self.device), y.to(self.device))
+                    mb = self.prepare(mb) if self.prepare is not None else mb
                     if self.schedule is not None:
-                        loss_sum, n = pipeline_forward_loss(self.schedule, *mb)
+                        loss_sum, n = pipeline_forward_loss(self.schedule, *pipeline_inputs(mb))
                     else:
-                        mb = self.prepare(mb) if self.prepare is not None else mb
                         with loss_parallel_context(self.loss_parallel):
                             loss_sum, n = self.loss_fn(model, mb)
                     total[0] += local_value(loss_sum.detach()).double().to(self.device)
@@ -70,9 +72,11 @@ class Evaluator:
         return (total[0] / total[1].clamp(min=1.0)).item()
 
 
-def pipeline_forward_loss(schedule, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+def pipeline_forward_loss(schedule, x: torch.Tensor, y: torch.Tensor, stage_kwargs: dict | None = None
+                          ) -> tuple[torch.Tensor, int]:
     """``(summed token loss, valid targets)`` of ``(x, y)`` through every pipeline stage, forward only (collective
-    over ``schedule.group``): stage ``s`` runs on the rank ``schedule.placement`` gives it, in stage order."""
+    over ``schedule.group``): stage ``s`` runs on the rank ``schedule.placement`` gives it, in stage order, each
+    called with ``stage_kwargs`` (context parallelism's global positions, as in training)."""
     group, device = schedule.group, schedule.device
     owner = {s: r for r, ids in enumerate(schedule.placement) for s in ids}
     rank = schedule.rank
@@ -91,7 +95,7 @@ def pipeline_forward_loss(schedule, x: torch.Tensor, y: torch.Tensor) -> tuple[t
             h = torch.empty(shape.tolist(), dtype=torch.float32, device=device)
             dist.recv(h, src=global_rank(prev), group=group)
         if mine:
-            h = schedule.modules[s](h)
+            h = schedule.modules[s](h, **(stage_kwargs or {}))
             nxt = owner.get(s + 1)
             if nxt is not None and nxt != rank:
                 out = h.float().contiguous()

@@ -88,7 +88,8 @@ def accumulate_gradients(model, microbatches, ga: GradientAccumulation, dp_group
     Mixture of experts: a model with ``primitives.moe.MoEMLP`` layers adds their balancing losses
     (``moe_aux_loss``, each a mean over the micro-batch's tokens) to every micro-batch's backward, divided by K: the
     step back-propagates the token loss plus the mean over micro-batches of the aux loss (averaged over ranks by
-    the data-parallel wrapper like every gradient).
+    the data-parallel wrapper like every gradient). With ``schedule`` no forward has the whole loss: ``train``
+    attaches each stage's MoE layers' balancing losses to their outputs (``primitives.moe.attach_aux_losses``).
     """
     loss_fn = forward_loss_sum if loss_fn is None else loss_fn
     moe = any(isinstance(m, MoEMLP) for m in model.modules())
@@ -98,7 +99,7 @@ def accumulate_gradients(model, microbatches, ga: GradientAccumulation, dp_group
     loss_total = torch.zeros((), dtype=torch.float64)
     for i, mb in enumerate(microbatches):
         if schedule is not None:
-            x, y, stage_kwargs = _pipeline_inputs(mb)
+            x, y, stage_kwargs = pipeline_inputs(mb)
             loss_sum = schedule.train_step(x, y, loss_divisor=ga.sum_divisor(i, counts[i]), broadcast_loss=True,
                                            sync_tied=False, stage_kwargs=stage_kwargs)
         else:
@@ -118,7 +119,7 @@ def accumulate_gradients(model, microbatches, ga: GradientAccumulation, dp_group
     return loss_total, sum(counts)
 
 
-def _pipeline_inputs(mb) -> tuple:
+def pipeline_inputs(mb) -> tuple:
     """``(x, y, stage_kwargs)`` of a micro-batch for ``PipelineSchedule.train_step``: an ``(x, y)`` pair, or a dict
     ``{input: x, "targets": y, **keywords}`` (``context_batches.cp_microbatch``), each keyword given one row per
     row of ``x`` (the schedule splits keyword inputs by rows into its micro-batches)."""

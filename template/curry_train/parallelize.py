@@ -39,7 +39,8 @@ blocks are already tensor- / context-parallel; steps 1 to 3 run on the stage as 
 as it is by 1 and 2, and is one FSDP2 unit in 3). Step 3 under pp: the FSDP2 modes shard each stage (its blocks, then the stage as root) with
 ``reshard_after_forward=False``, and PyTorch's pipelining runtime drives their gradient sync (off for every
 micro-batch but the last, then one reduce-scatter: ``PipelineStage.perform_reduce_grad``); ``no_shard`` leaves
-the stage unwrapped and ``loop.accumulate_gradients`` averages its gradients over ``dp_group`` once per step.
+the stage unwrapped (with ``mixed_precision=bf16`` its forward runs under autocast, as DDP's does) and
+``loop.accumulate_gradients`` averages its gradients over ``dp_group`` once per step.
 
 ``config.validate`` finds every error of these keys before a process group exists.
 Returns ``(model, dist_opt)``, ``dist_opt`` None for an unwrapped pipeline stage. Build the optimizer on the returned model,
@@ -53,7 +54,8 @@ import torch
 import torch.distributed as dist
 
 from .primitives.blocks import find_blocks
-from .primitives.distributed_optimizer import FSDP_MODES, DistributedOptimizer, check_options, normalize_sharding
+from .primitives.distributed_optimizer import (FSDP_MODES, DistributedOptimizer, autocast_forward, check_options,
+                                               normalize_sharding)
 from .primitives.recompute import apply_recompute_from_config
 from .primitives.context_parallel import apply_context_parallel
 from .primitives.tensor_parallel import apply_tensor_parallel
@@ -106,6 +108,9 @@ def parallelize(model: torch.nn.Module, cfg, dp_group=None, *, tp_mesh=None, fsd
         # last micro-batch, which fails with gradient accumulation (several train_steps per optimizer step: DDP's
         # bucket rebuild asserts) and with the split-backward schedules (zb: weight gradients never averaged; zbv,
         # dualpipev: error). A plain all-reduce over dp_group once per optimizer step works for every schedule.
+        # bf16 as DDP takes it: the stage's forward under autocast, fp32 weights, gradients and all-reduce.
+        if check_options(p.sharding, p.mixed_precision)[1] == "bf16":
+            autocast_forward(model, next(model.parameters()).device)
         return model, None
     # A pipeline stage under FSDP2 keeps its blocks gathered from forward to backward (torchtitan's choice for pp:
     # resharding would all-gather every block again for each micro-batch); PyTorch's pipelining runtime turns the

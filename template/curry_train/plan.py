@@ -294,8 +294,6 @@ def command(e: Estimate, hw: Hardware, shape: Shape, overrides=()) -> str:
     recompute = {"none": "false", "selective": "selective", "full": "full"}[L.recompute]
     extra = "".join(f" {o}" for o in (overrides or model_overrides(shape)))
     extra += f" parallel.ep={L.ep}" if L.ep > 1 else ""
-    if shape.experts and L.pp > 1:  # no stage has the whole forward the aux loss needs: aux-free balancing instead
-        extra += " model.moe_aux_loss_weight=0 model.moe_bias_balancing=true"
     return (f"torchrun --nnodes {nodes} --nproc-per-node {per_node} -m curry_train train{extra} parallel.dp={L.dp} "
             f"parallel.tp={L.tp} parallel.pp={L.pp} parallel.cp={L.cp} parallel.sharding={L.sharding} "
             f"train.recompute={recompute} train.batch_size={rows} train.seq_len={shape.seq} {steps}")

@@ -19,7 +19,12 @@ logits. Layouts (``LAYOUTS``):
 Each stage takes one tensor and returns one tensor (what ``PipelineSchedule`` sends between ranks): token ids into
 the first, hidden states ``(B, T, D)`` between stages, logits out of the last. Everything else a block needs is
 rebuilt inside every stage from the hidden state's shape, as the model's own forward builds it: positions
-``arange(T)``, rotary ``(cos, sin)`` from the model's ``rotary_emb``, and the causal mask from Hugging Face's
+``arange(T)`` (or the ``position_ids`` keyword, ``(B, T)``, where the model's forward takes it: Hugging Face
+Llama and GPT-2; ``PipelineSchedule`` passes keyword inputs to every stage, split by rows like the batch, so with
+context parallelism every stage places its tokens at their global positions, ``context_batches``), rotary
+``(cos, sin)`` from the model's ``rotary_emb`` at those positions, and the causal mask of the local tokens in order
+(built from ``arange(T)``: jumps in ``position_ids``, a context-parallel shard's head and tail chunks, are not
+packed sequences; the model's own forward under its default ``use_cache`` masks them the same) from Hugging Face's
 ``create_causal_mask`` / ``create_sliding_window_causal_mask`` with the model's config (``None`` under SDPA without
 padding, which SDPA runs as ``is_causal``; an explicit mask under eager attention). No KV cache
 (``use_cache=False``). Hence no padding mask and no packed-sequence positions: a batch is full rows of token ids.
@@ -117,22 +122,36 @@ class DecoderStage(nn.Module):
     def stage_blocks(self) -> list[nn.Module]:
         return list(_get(self, self.BLOCKS).values())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    takes_positions = True  # the model's forward takes ``position_ids`` (False: blocks place tokens by index)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``position_ids``: each token's position, ``(B, T)`` or ``(T,)``, as the model's forward takes it (None:
+        ``arange(T)``)."""
+        if position_ids is not None and not self.takes_positions:
+            raise ValueError(f"{type(self).__name__} places tokens by their index in the sequence: it takes no "
+                             "position_ids")
+        pos = self._positions(x, position_ids)
         if self.first:
-            x = self.embed(x)
+            x = self.embed(x, pos)
         if self.block_ids:
-            context = self.context(x)
+            context = self.context(x, pos)
             for index, block in zip(self.block_ids, self.stage_blocks()):
                 x = self.run_block(block, index, x, context)
         if self.last:
             x = self.head(x)
         return x
 
-    def _positions(self, h: torch.Tensor, limit: int | None = None) -> torch.Tensor:
-        T = h.shape[1]
-        if limit is not None and T > limit:
-            raise ValueError(f"sequence length {T} exceeds the model's {limit} positions")
-        return torch.arange(T, device=h.device).unsqueeze(0)
+    @staticmethod
+    def _positions(x: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        """``(B or 1, T)``: ``position_ids`` (``(T,)`` gets a batch dim), else ``arange(T)``; ``x``: token ids or
+        hidden states, ``T = x.shape[1]``."""
+        T = x.shape[1]
+        if position_ids is None:
+            return torch.arange(T, device=x.device).unsqueeze(0)
+        pos = position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
+        if pos.shape[-1] != T:
+            raise ValueError(f"position_ids of {pos.shape[-1]} positions for a sequence of {T} tokens")
+        return pos.to(x.device)
 
 
 class HFLlamaStage(DecoderStage):
@@ -146,16 +165,16 @@ class HFLlamaStage(DecoderStage):
         sliding = "sliding_attention" if getattr(self.config, "sliding_window", None) else "full_attention"
         self.mask_kinds = {i: types[i] if types else sliding for i in self.block_ids}
 
-    def embed(self, idx):
+    def embed(self, idx, position_ids):
         return _get(self, "model.embed_tokens")(idx)
 
-    def context(self, h):
+    def context(self, h, position_ids):
         from transformers import masking_utils
 
         makers = {"full_attention": masking_utils.create_causal_mask,
                   "sliding_attention": masking_utils.create_sliding_window_causal_mask}
-        position_ids = self._positions(h)
-        masks = {kind: makers[kind](config=self.config, inputs_embeds=h, attention_mask=None, position_ids=position_ids,
+        order = self._positions(h, None)  # the mask of one causal sequence: the module docstring
+        masks = {kind: makers[kind](config=self.config, inputs_embeds=h, attention_mask=None, position_ids=order,
                                     **_no_cache(makers[kind])) for kind in set(self.mask_kinds.values())}
         return position_ids, _get(self, "model.rotary_emb")(h, position_ids), masks
 
@@ -176,22 +195,23 @@ class GPT2Stage(DecoderStage):
 
     def __init__(self, model, block_ids, first, last, hf: bool = True):
         super().__init__(model, block_ids, first, last)
-        self.config, self.hf = model.config, hf
+        self.config, self.hf, self.takes_positions = model.config, hf, hf  # nanoGPT: wpe(arange(T))
         self.n_positions = getattr(model.config, "n_positions", None) or getattr(model.config, "block_size", None)
 
-    def embed(self, idx):
-        pos = self._positions(idx, self.n_positions)
+    def embed(self, idx, position_ids):
+        T = idx.shape[1]
+        if self.n_positions is not None and T > self.n_positions:
+            raise ValueError(f"sequence length {T} exceeds the model's {self.n_positions} positions")
         t = self.transformer
-        return t.drop(t.wte(idx) + t.wpe(pos if self.hf else pos[0]))
+        return t.drop(t.wte(idx) + t.wpe(position_ids if self.hf else position_ids[0]))
 
-    def context(self, h):
+    def context(self, h, position_ids):
         if not self.hf:
             return None
         from transformers.masking_utils import create_causal_mask
 
-        position_ids = self._positions(h)
         return position_ids, create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=None,
-                                                position_ids=position_ids, **_no_cache(create_causal_mask))
+                                                position_ids=self._positions(h, None), **_no_cache(create_causal_mask))
 
     def run_block(self, block, index, h, context):
         if not self.hf:
@@ -205,6 +225,7 @@ class GPT2Stage(DecoderStage):
 
 class TitanStage(DecoderStage):
     FIRST, BLOCKS, LAST = ("tok_embeddings",), "layers", ("norm", "output")
+    takes_positions = False  # blocks apply freqs_cis[:T]
 
     def __init__(self, model, block_ids, first, last):
         super().__init__(model, block_ids, first, last)
@@ -212,10 +233,10 @@ class TitanStage(DecoderStage):
             self.register_buffer("freqs_cis", model.freqs_cis,
                                  persistent="freqs_cis" not in model._non_persistent_buffers_set)
 
-    def embed(self, idx):
+    def embed(self, idx, position_ids):
         return self.tok_embeddings(idx)
 
-    def context(self, h):
+    def context(self, h, position_ids):
         return self.freqs_cis
 
     def run_block(self, block, index, h, freqs_cis):

@@ -9,7 +9,11 @@ GPT-2, torchtitan, nanoGPT), this rank's stages go through the same ``paralleliz
 gets their ``PipelineSchedule``: the same optimizer step, its pipeline branch open in ``loop.accumulate_gradients``.
 With ``parallel.tp > 1`` the model is tensor-parallel over the rank grid's ``tp`` dim (``parallelize``); the ranks
 of a tp group read the same rows (batches are split by ``dp_rank``) and losses and token counts are reduced over
-``dp`` only. With ``parallel.ep > 1`` (model=moe, DDP) each MoE layer keeps this rank's slice of its experts
+``dp`` only. With MoE stages each MoE layer's balancing loss
+enters the backward through its output (``primitives.moe.attach_aux_losses``, Megatron's ``MoEAuxLossAutoScaler``):
+a pipeline micro-batch is one forward, weighted ``1 / (K * n_microbatches)``, so pp equals one process with
+``gradient_accumulation_steps = K * n_microbatches`` (x dp); the logged loss is the token loss, as without pp.
+With ``parallel.ep > 1`` (model=moe, DDP) each MoE layer keeps this rank's slice of its experts
 (``parallelize.ExpertParallel``: left out of DDP, its grads reduced over the ranks holding the same experts).
 With ``train.spike.enabled`` a sustained loss spike (``primitives.loss_spike``) rolls the run back to the last good
 checkpoint and skips the spiking steps' data (``loop.SpikeRollback``).
@@ -31,6 +35,7 @@ from .primitives import GradientAccumulation, ParallelState, PipelineSchedule
 from .primitives.blocks import find_blocks
 from .primitives.distributed_optimizer import DistributedOptimizer, normalize_sharding
 from .primitives.loss_spike import LossSpikeWatchdog
+from .primitives.moe import attach_aux_losses
 from .run_logging import TensorBoardLog, with_tensorboard
 from .stages import StageModules, split_model
 from .user_model import build_loss, build_model, model_name, n_params
@@ -97,6 +102,9 @@ def _train(cfg, world_size, ckpt, fault_step, corrupt_steps, signal_at, sigterm,
                                     device=device)
         for stage in schedule.modules.values():  # recompute, compile, FSDP2 per stage (no_shard: the loop averages)
             parallelize(stage, cfg, dp_group=dp_group, fsdp_mesh=ps.fsdp_mesh, pipeline_stage=True)
+            # MoE balancing loss: no stage has the whole loss, so each MoE layer puts its own into the backward,
+            # weighted 1 / (forwards per step) as the loop weights it (K * n_microbatches forwards here)
+            attach_aux_losses(stage, 1.0 / (ga.steps * s["n_microbatches"]))
         model = StageModules(schedule.modules.values())  # the full model's parameter names, for checkpoints
         optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2))
         if normalize_sharding(cfg.parallel.sharding) == "zero1":  # plain stages, grads averaged by the loop

@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from curry_train.primitives.moe import Experts, MoEMLP, RouteInfo, TopKRouter, moe_aux_loss, update_moe_biases
+from curry_train.primitives.moe import (Experts, MoEMLP, RouteInfo, TopKRouter, attach_aux_losses, moe_aux_loss,
+                                       update_moe_biases)
 from standalone_helpers import spawn
 
 LN3 = math.log(3.0)
@@ -212,6 +213,33 @@ def test_top1_router_learns_from_the_main_loss_and_the_aux_loss_reaches_the_rout
     moe(torch.randn(2, 8, 16))
     moe.aux_loss.backward()
     assert moe.router.weight.grad.abs().max() > 0 and moe.experts.w1.grad is None
+
+
+def test_attached_aux_losses_back_propagate_like_the_added_loss():
+    """``attach_aux_losses(model, 1/K)``: K forwards whose backward starts from the output alone give the gradient of
+    K backwards of ``loss + moe_aux_loss(model) / K`` (the loop's sum); split into two modules (two pipeline stages:
+    the first one's backward starts from its output's gradient), the same. Under ``no_grad`` the output is
+    untouched; ``scale`` must be > 0."""
+    torch.manual_seed(0)
+    kw = dict(capacity_factor=None, aux_loss_weight=0.1, z_loss_weight=0.01)
+    added = torch.nn.Sequential(MoEMLP(16, 32, 4, **kw), torch.nn.Linear(16, 16), MoEMLP(16, 32, 4, **kw))
+    attached = copy.deepcopy(added)
+    handles = attach_aux_losses(attached, 1 / 3)
+    first, second = attached[:2], attached[2:]
+    xs = torch.randn(3, 2, 8, 16)
+    for x in xs:
+        (added(x).square().mean() + moe_aux_loss(added) / 3).backward()
+        h = first(x)
+        hd = h.detach().requires_grad_()
+        second(hd).square().mean().backward()
+        h.backward(hd.grad)
+    for (name, a), b in zip(added.named_parameters(), attached.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), name
+    assert len(handles) == 2 and moe_aux_loss(added).item() > 0
+    with torch.no_grad():
+        assert torch.equal(attached(xs[0]), added(xs[0]))
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        attach_aux_losses(attached, 0.0)
 
 
 def test_shared_expert_is_added_to_every_token():

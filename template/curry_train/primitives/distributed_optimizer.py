@@ -270,7 +270,7 @@ class DistributedOptimizer:
                     "torch.distributed.init_process_group first); in one process use sharding='no_shard'"
                 )
             if mixed_precision == "bf16":
-                _autocast_forward(model, device)
+                autocast_forward(model, device)
             return cls(model, _build_optimizer(model, optimizer_class, param_groups, optimizer_kwargs), sharding,
                        process_group, mixed_precision, cpu_offload)
 
@@ -282,7 +282,7 @@ class DistributedOptimizer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             if mixed_precision == "bf16":
-                _autocast_forward(model, device)
+                autocast_forward(model, device)
             device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
                 if device.type == "cuda" else None
             wrapped = DDP(model, process_group=process_group, device_ids=device_ids)
@@ -369,5 +369,6 @@ def _build_optimizer(model, optimizer_class, param_groups, kwargs):
     return optimizer_class(groups, **kwargs)
 
 
-def _autocast_forward(model: nn.Module, device: torch.device) -> None:
+def autocast_forward(model: nn.Module, device: torch.device) -> None:
+    """bf16 without FSDP2 (DDP, ZeRO-1, one process, plain pipeline stages): the forward under autocast; fp32 weights."""
     model.forward = torch.autocast(device_type=device.type, dtype=torch.bfloat16)(model.forward)

@@ -51,6 +51,13 @@ The training-loop contract (``MoEMLP``): each forward stores ``aux_loss = route.
 the module; the model's loss must add the sum over its MoE layers, ``loss = ce + moe_aux_loss(model)`` (with
 gradient accumulation, scale it like the main loss of a micro-batch), and, with bias balancing,
 ``update_moe_biases(model, group)`` runs after ``optimizer.step()``.
+
+Where no forward has the whole loss (pipeline stages: the last stage's loss sees only the logits),
+``attach_aux_losses(model, scale)`` puts the balancing loss into the backward instead (Megatron-LM's
+``MoEAuxLossAutoScaler``, which its router applies to the routing probabilities): every ``MoEMLP`` output passes
+through ``AuxLossScaler``, the identity in forward whose backward also gives that layer's ``aux_loss`` the
+gradient ``scale``. Whatever back-propagates through the layer's output then back-propagates ``scale * aux_loss``
+too: ``scale = 1 / forwards per optimizer step`` is the loop's ``moe_aux_loss(model) / K``.
 """
 
 from __future__ import annotations
@@ -65,7 +72,8 @@ import torch.nn.functional as F
 from ._checks import boolean, choice, positive_int
 from .router import RouteInfo, TopKRouter, _check_d
 
-__all__ = ["Experts", "MoEMLP", "RouteInfo", "TopKRouter", "moe_aux_loss", "update_moe_biases"]
+__all__ = ["AuxLossScaler", "Experts", "MoEMLP", "RouteInfo", "TopKRouter", "attach_aux_losses", "moe_aux_loss",
+           "update_moe_biases"]
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 IMPLS = ("auto", "grouped_mm", "bmm", "loop")
@@ -308,6 +316,40 @@ def moe_aux_loss(model: nn.Module) -> torch.Tensor:
     """Sum of ``aux_loss`` over ``model``'s ``MoEMLP`` layers (their last forward); add it to the training loss."""
     losses = [m.aux_loss for m in model.modules() if isinstance(m, MoEMLP)]
     return torch.stack(losses).sum() if losses else torch.zeros(())
+
+
+class AuxLossScaler(torch.autograd.Function):
+    """``AuxLossScaler.apply(output, aux_loss, scale)``: ``output`` unchanged in forward; in backward ``output``'s
+    gradient passes through and ``aux_loss`` receives ``d(total)/d(aux_loss) = scale``, so the backward of any loss
+    computed from ``output`` is the backward of ``loss + scale * aux_loss`` (Megatron-LM's ``MoEAuxLossAutoScaler``
+    with its ``main_loss_backward_scale`` fixed per call)."""
+
+    @staticmethod
+    def forward(ctx, output, aux_loss, scale: float):
+        ctx.scale, ctx.aux = float(scale), (aux_loss.shape, aux_loss.dtype, aux_loss.device)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        shape, dtype, device = ctx.aux
+        return grad_output, torch.full(shape, ctx.scale, dtype=dtype, device=device), None
+
+
+def attach_aux_losses(model: nn.Module, scale: float) -> list:
+    """Forward hooks on every ``MoEMLP`` of ``model``: its output becomes ``AuxLossScaler.apply(output,
+    layer.aux_loss, scale)`` whenever that loss needs a gradient (training; not under ``torch.no_grad``). Returns
+    the hook handles (``handle.remove()`` undoes it). Use it instead of adding ``moe_aux_loss`` to the loss, not
+    with it: the step would count the balancing loss twice."""
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0 (1 / forwards per optimizer step), got {scale}")
+
+    def hook(layer, args, output):
+        aux = layer.aux_loss
+        if torch.is_grad_enabled() and aux.requires_grad:
+            return AuxLossScaler.apply(output, aux, scale)
+        return None
+
+    return [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, MoEMLP)]
 
 
 def update_moe_biases(model: nn.Module, group=None) -> int:
