@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..loop import run_training_steps
 from ..primitives import GradientAccumulation
-from ..primitives.distributed_optimizer import _autocast_forward
+from ..primitives.distributed_optimizer import autocast_forward
 from ..primitives.model_io import forward_loss_sum
 from ..user_model import model_name
 from .common import build_model_and_batches, interleaved_rounds, training_sides, user_loss
@@ -210,7 +210,7 @@ def bench_mfu(cfg, peak_size: int | None = None, peak_repeats: int = 5, repeats:
     sides = training_sides(model, cfg)
     if mixed_precision == "bf16":
         for s in sides.values():
-            _autocast_forward(s["model"], device)
+            autocast_forward(s["model"], device)
     ga = GradientAccumulation(1)
 
     def run(name, steps):
