@@ -328,7 +328,7 @@ def _save_ws4(rank, world, root):
 
 
 def _load_ws2(rank, world, root):
-    ref = torch.load(root / "reference.pt", weights_only=False)
+    ref = torch.load(root / "reference.pt", weights_only=True)
     model, opt, sched = _build_fsdp(123)  # different init: everything must come from the checkpoint
     meta = Checkpointer(root / "ckpt").load(model, opt, sched)
     full = _full_state(model, opt)
@@ -368,7 +368,7 @@ def _load_ws2(rank, world, root):
 def test_reshard_fsdp2_4_to_2_to_1_is_exact(tmp_path):
     rows4 = launch(_save_ws4, 4, tmp_path, timeout=300)
     assert rows4 == [64] * 4  # 256-row embedding in 4 shards
-    ref = torch.load(tmp_path / "reference.pt", weights_only=False)
+    ref = torch.load(tmp_path / "reference.pt", weights_only=True)
     two = launch(_load_ws2, 2, tmp_path, timeout=300)
     assert [r["shard_rows"] for r in two] == [128, 128]
     assert two[0]["diff"] == 0.0, "params and AdamW state must be bit-identical after resharding 4 -> 2"

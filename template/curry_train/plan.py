@@ -11,7 +11,8 @@ experts), pipeline schedule, sharding mode, recompute mode and micro-batch size,
   expert ``Psi_e / (tp pp ep)`` over the ``dp / ep`` ranks holding the same experts (mixed precision: 2 + 2 + 12
   bytes per parameter; ``--precision fp32``: 4 + 4 + 8, which is also what curry_train's bf16 keeps: fp32 shards).
   FSDP2's ``shard_grad_op`` shards the parameters at rest as well and holds them whole from forward to backward:
-  ``16 Psi / N`` at rest + ``Psi`` parameter bytes at its peak. Checked against ``memory_report()`` on gloo ranks,
+  ``16 Psi / N`` at rest + ``Psi`` parameter bytes at its peak; so does any FSDP2 pipeline stage; ``full`` with
+  its default levers holds its last unit (2 of the layers). Checked against ``memory_report()`` on gloo ranks,
   every sharding mode, N = 2 and 4 (tests/test_plan.py);
 * **activations** per transformer layer and micro-batch, in bytes at 2-byte activations (Korthikanti et al. 2022,
   TP with sequence parallelism): ``34 s b h / t`` without recompute for fused attention (SDPA/flash: the
@@ -52,9 +53,9 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from .plan_inputs import Shape, in_flight_stages, model_overrides, pipeline_bubble, with_experts
+from .plan_memory import activation_bytes, activation_bytes_per_layer, model_state_bytes
 from .primitives._checks import positive_float, positive_int
-from .primitives.distributed_optimizer import BYTES_PER_PARAM, SHARDINGS, zero_bytes_per_rank
-from .primitives.fsdp_levers import resolve_levers
+from .primitives.distributed_optimizer import SHARDINGS, zero_bytes_per_rank
 from .primitives.pipeline.sim import KINDS, default_stages_per_rank, normalize_kind
 
 __all__ = ["Shape", "Hardware", "Layout", "Estimate", "model_state_bytes", "activation_bytes", "estimate", "plan",
@@ -106,63 +107,6 @@ class Estimate:
     microbatches: int = 0
     excluded: str | None = None
     unsupported: str | None = None  # why ``python -m curry_train train`` cannot run it yet (other frameworks can)
-
-
-def model_state_bytes(params: float, dp: int, sharding: str, precision: str = "mixed", tp: int = 1, pp: int = 1,
-                      expert_params: float = 0.0, ep: int = 1, rank_params: float | None = None,
-                      n_layer: int | None = None) -> dict:
-    """One rank's bytes as ``DistributedOptimizer.memory_report()`` counts them after a step: params, grads,
-    optimizer_state, total (the module docstring's formula), plus ``held_unsharded``, the parameters FSDP2 keeps
-    gathered from forward to backward (``memory_report``'s ``unsharded_param_bytes``), and ``peak = total +
-    held_unsharded``. Held: all of the rank's under ``shard_grad_op`` (it shards parameters at rest too, unlike
-    DeepSpeed's ZeRO-2) and under any FSDP2 mode with pp > 1 (stages keep their blocks gathered); under ``full``
-    with the default levers, the last unit (2 of ``n_layer`` blocks from 4 blocks up, else 1; 0 when ``n_layer``
-    is None). ``rank_params``: the dense parameters the fullest rank holds (``Shape.rank_params``: replicated norms
-    and embeddings, the ends of the pipeline) instead of ``(params - expert_params) / (tp pp)``."""
-    at_rest = "full" if sharding == "shard_grad_op" else sharding
-    dense_rank, expert_rank = (params - expert_params) / (tp * pp), expert_params / (tp * pp * ep)
-    if rank_params is not None:
-        dense_rank = rank_params
-    parts = zero_bytes_per_rank(dense_rank, dp, at_rest, precision)
-    if expert_params:
-        experts = zero_bytes_per_rank(expert_rank, dp // ep, at_rest, precision)
-        parts = {k: parts[k] + experts[k] for k in parts}
-    gathered = BYTES_PER_PARAM[precision][0] * (dense_rank + expert_rank)
-    if sharding == "shard_grad_op" or (sharding == "full" and pp > 1):
-        held = gathered
-    elif sharding == "full" and n_layer:
-        held = gathered * resolve_levers("full", n_layer)["blocks_per_unit"] / n_layer
-    else:
-        held = 0.0
-    return {**parts, "held_unsharded": held, "peak": parts["total"] + held}
-
-
-def activation_bytes_per_layer(shape: Shape, micro_batch: int, tp: int = 1, cp: int = 1, recompute: str = "none",
-                               bytes_per_value: int = 2, attention: str = "sdpa", moe: bool = False) -> float:
-    """Bytes one layer keeps for backward per micro-batch (the module docstring gives the terms)."""
-    s, b, h, a = shape.seq / cp, micro_batch, shape.d_model, shape.n_head
-    per_value = bytes_per_value / 2  # the coefficients count 2-byte activations
-    mlp = {"full": 0, "selective": 10, "none": 19}[recompute]
-    rest = {"full": 2, "selective": 12, "none": 15}[recompute]
-    if moe:
-        mlp *= shape.top_k * shape.expert_hidden / (4 * h)
-    scores = 5 * a * s * s * b if attention == "eager" and recompute == "none" else 0
-    return ((rest + mlp) * s * b * h + scores) / tp * per_value
-
-
-def activation_bytes(shape: Shape, micro_batch: int, layers: int, in_flight: int = 1, tp: int = 1, cp: int = 1,
-                     recompute: str = "none", bytes_per_value: int = 2, attention: str = "sdpa",
-                     moe_layers: float = 0.0) -> float:
-    """A rank's activation bytes: ``in_flight`` micro-batch stages of ``layers`` layers (``moe_layers`` of them MoE),
-    the final norm and the logits."""
-    s = shape.seq / cp
-    kw = dict(micro_batch=micro_batch, tp=tp, cp=cp, recompute=recompute, bytes_per_value=bytes_per_value,
-              attention=attention)
-    per_stage = activation_bytes_per_layer(shape, **kw) * (layers - moe_layers) \
-        + activation_bytes_per_layer(shape, moe=True, **kw) * moe_layers
-    final_norm = 2 * s * micro_batch * shape.d_model * bytes_per_value
-    logits = 4 * s * micro_batch * shape.vocab / tp
-    return per_stage * in_flight + final_norm + logits
 
 
 def _crosses_nodes(L: Layout, hw: Hardware) -> list[str]:

@@ -223,4 +223,17 @@ def spawn(fn, world_size: int, *args, timeout: float = 120.0, backend: str = "gl
                 if p.is_alive():
                     p.kill()
                     p.join(5)
-        return [torch.load(os.path.join(result_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+        return [_load_result(os.path.join(result_dir, f"rank{r}.pt"), r) for r in range(world_size)]
+
+
+def _load_result(path: str, rank: int):
+    """A rank's result, read with ``weights_only=True`` (nothing read from disk runs code): tensors, numbers,
+    strings and containers of them come back; another type is one error line naming it."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), type(e).__name__)
+        raise SpawnError(f"rank {rank}'s result holds a type torch.load(weights_only=True) refuses ({first}); return "
+                     "tensors, numbers, strings, and dicts, lists or tuples of them") from None
