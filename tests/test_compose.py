@@ -172,8 +172,6 @@ def test_mixture_of_experts_in_pipeline_stages_and_expert_parallel_under_fsdp2()
      "parallel.cp=2 with parallel.pp=2: the global positions reach the first pipeline stage of the reference GPT"),
     (["parallel.pp=2", "parallel.sharding=full", "parallel.fsdp_reshard_last=true"], 4,
      "parallel.fsdp_reshard_last=true with parallel.pp=2"),
-    (["model=moe", "parallel.ep=2", "parallel.sharding=full", "checkpoint.dir=/tmp/nowhere", "checkpoint.every=1"], 2,
-     "parallel.ep=2 with parallel.sharding=full and checkpoint.dir: checkpoints of FSDP2-sharded expert slices"),
 ])
 def test_what_composition_still_refuses_is_one_line_before_any_process_group(overrides, world_size, message,
                                                                             monkeypatch, no_launch):

@@ -43,10 +43,6 @@ def _check_expert_parallel(cfg, dp: int) -> None:
     if sharding == "zero1":
         raise ValueError(f"parallel.ep={ep} with parallel.sharding=zero1: ZeRO-1 broadcasts each updated parameter "
                          "from one rank, but expert slices differ per rank; use no_shard, shard_grad_op or full")
-    if sharding in FSDP_MODES and cfg.checkpoint.dir is not None:
-        raise ValueError(f"parallel.ep={ep} with parallel.sharding={sharding} and checkpoint.dir: checkpoints of "
-                         "FSDP2-sharded expert slices are not written yet (primitives.checkpoint_experts takes plain "
-                         "slices); use parallel.sharding=no_shard to checkpoint, or checkpoint.dir=null")
 
 
 def check_parallel(cfg, world_size: int, n_layer: int) -> None:
