@@ -9,8 +9,9 @@ GPT-2, torchtitan, nanoGPT), this rank's stages go through the same ``paralleliz
 gets their ``PipelineSchedule``: the same optimizer step, its pipeline branch open in ``loop.accumulate_gradients``.
 With ``parallel.tp > 1`` the model is tensor-parallel over the rank grid's ``tp`` dim (``parallelize``); the ranks
 of a tp group read the same rows (batches are split by ``dp_rank``) and losses and token counts are reduced over
-``dp`` only. With ``parallel.ep > 1`` (model=moe, DDP) each MoE layer keeps this rank's slice of its experts
-(``parallelize.ExpertParallel``: left out of DDP, its grads reduced over the ranks holding the same experts).
+``dp`` only. With ``parallel.ep > 1`` (model=moe; DDP, FSDP2, plain or FSDP2 pipeline stages) each MoE layer keeps this rank's
+slice of its experts (``parallelize.ExpertParallel``: left out of DDP and of the stages' dp average, its grads
+reduced over the ranks holding the same experts; under pp the ep ranks are cut from each stage's dp ranks).
 With ``train.spike.enabled`` a sustained loss spike (``primitives.loss_spike``) rolls the run back to the last good
 checkpoint and skips the spiking steps' data (``loop.SpikeRollback``).
 Ctrl-C, SIGTERM and a full disk stop the run in one line each (``stopping``); rank 0 owns ``checkpoint.dir`` from
@@ -95,8 +96,11 @@ def _train(cfg, world_size, ckpt, fault_step, corrupt_steps, signal_at, sigterm,
         stages = split_model(model, s["pp"] * s["v"], s["layers_per_stage"])  # same seed: tied copies start equal
         schedule = PipelineSchedule(s["kind"], s["n_microbatches"], stages, ps.pp_group, token_loss_sum,
                                     device=device)
+        if expert_parallel is not None:  # the banks of this rank's stages (ep cut from the stage's dp ranks)
+            expert_parallel.keep_only(schedule.modules.values())
         for stage in schedule.modules.values():  # recompute, compile, FSDP2 per stage (no_shard: the loop averages)
-            parallelize(stage, cfg, dp_group=dp_group, fsdp_mesh=ps.fsdp_mesh, pipeline_stage=True)
+            parallelize(stage, cfg, dp_group=dp_group, fsdp_mesh=ps.fsdp_mesh, pipeline_stage=True,
+                        expert_parallel=expert_parallel, expert_fsdp_mesh=ps.expert_fsdp_mesh)
         model = StageModules(schedule.modules.values())  # the full model's parameter names, for checkpoints
         optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2))
         if normalize_sharding(cfg.parallel.sharding) == "zero1":  # plain stages, grads averaged by the loop
