@@ -190,13 +190,17 @@ EP_PP_RUNS = {  # world size 4: each stage's 2 dp ranks are its ep group (2 of t
     "moe pp2 x dp2 x ep2, FSDP2 full, ga 2": [*EP_PP, "parallel.sharding=full"],
     "moe pp2 x dp2 x ep2, zbv": [*MOE, "parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.n_microbatches=2",
                                  "parallel.ep=2"],
+    # ep carved from dp x cp: a token is routed alone, wherever its sequence's other tokens are
+    "moe dp2 x cp2, ep4 (DDP)": [*MOE, "parallel.cp=2", "parallel.ep=4"],
+    "moe dp2 x cp2 x ep2, FSDP2 full": [*MOE, "parallel.cp=2", "parallel.ep=2", "parallel.sharding=full"],
 }
 
 
 @pytest.mark.slow
-def test_expert_parallel_inside_pipeline_stages_and_its_checkpoint_resumes_in_one_process(tmp_path):
+def test_expert_parallel_inside_pipeline_stages_and_over_cp_ranks_and_its_checkpoint_resumes(tmp_path):
     """ep 2 inside each pipeline stage (the all-to-all pairs the stage's dp ranks; zbv splits the backward) equals
-    one process, plain stages and FSDP2 stages; a checkpoint of the FSDP2 layout resumes in one process."""
+    one process, plain stages and FSDP2 stages, and so does ep carved from dp x cp (DDP, FSDP2); a checkpoint of the
+    FSDP2 pipeline layout resumes in one process."""
     from curry_train.primitives.checkpoint_layout import step_dirname
 
     save = [*EP_PP_RUNS["moe pp2 x dp2 x ep2, FSDP2 full, ga 2"], "train.steps=4", f"checkpoint.dir={tmp_path}",
@@ -206,6 +210,8 @@ def test_expert_parallel_inside_pipeline_stages_and_its_checkpoint_resumes_in_on
         "moe pp2 x dp2 x ep2 (plain stages), ga 2": (False, None, ()),
         "moe pp2 x dp2 x ep2, FSDP2 full, ga 2": (True, ("dp_shard_cp",), ("S(0)",), 1, ("S(0)",)),  # banks: 1 rank
         "moe pp2 x dp2 x ep2, zbv": (False, None, ()),
+        "moe dp2 x cp2, ep4 (DDP)": (False, None, ()),
+        "moe dp2 x cp2 x ep2, FSDP2 full": (True, ("dp_shard_cp",), ("S(0)",), 2, ("S(0)",)),  # banks over 2 of 4
     })
     straight = _losses(ranks[0]["save"]["history"])
     for later in tmp_path.glob("step-*"):

@@ -143,7 +143,9 @@ class ExpertParallel:
     the all-to-all, already sums the contributions of every rank of its ep group: ``N / T * sum_{s in ep} dL_s``.
     Summing that over the expert-data-parallel group (the ``N / ep`` ranks holding the same experts, one per ep
     group) gives ``N / T * sum_s dL_s``, so the exact gradient is that sum divided by ``N`` (not ``N / ep``). With
-    ``ga.mode = microbatches`` the divisor is per rank and the same argument gives the same ``N``.
+    ``ga.mode = microbatches`` the divisor is per rank and the same argument gives the same ``N``. With context
+    parallelism the ``N`` ranks are dp x cp (each holds a different part of every row; ``ParallelState.ep_ranks``
+    cuts ep from them, the loss divisor and DDP/FSDP2 already count them all), and the same argument holds.
 
     ``norm_square()``: this rank's expert-grad squared norm summed over the ep group (each rank holds a different
     slice), so ``loop.clip_grad_norm`` clips by the whole model's norm.
@@ -162,7 +164,8 @@ class ExpertParallel:
 
         from .primitives.moe import MoEMLP
 
-        self.ep_group, self.expert_dp_group, self.dp_size, self.ep = ps.ep_group, ps.expert_dp_group, ps.dp, ps.ep
+        self.ep_group, self.expert_dp_group, self.ep = ps.ep_group, ps.expert_dp_group, ps.ep
+        self.dp_size = ps.dp * ps.cp  # the ranks holding different tokens (class docstring: N)
         layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoEMLP)]
         if not layers:
             raise ValueError(f"parallel.ep={ps.ep}: the model has no MoEMLP layer to shard")

@@ -20,9 +20,8 @@ Under FSDP2 each slice is itself sharded: the bank parameter (and its AdamW stat
 whose local tensor is chunk ``d`` of the slice. That chunk is presented as a DTensor of the whole bank on the 2-D
 mesh ``(ep, m)`` with placements ``[Shard(0), Shard(0)]`` (dim 0 split over ep, each piece split over m, as
 ``torch.chunk`` splits: FSDP2's own chunking), so every rank writes its own rows once. The 2-D mesh wraps the two
-existing groups; its rank at ``(e, d)`` is ``ep_ranks[e] + inner_ranks[d] - rank`` (the data-parallel ranks are an
-arithmetic progression of the rank grid, the ep group a block of consecutive ones, the inner group every ep-th).
-``as_local`` gives the loaded chunk back the parameter's own FSDP2 placement.
+existing groups; its row ``e`` is the inner mesh of the ep group's rank ``e`` (one ``all_gather_object`` over the
+ep group per save or load). ``as_local`` gives the loaded chunk back the parameter's own FSDP2 placement.
 """
 
 from __future__ import annotations
@@ -56,14 +55,14 @@ def _mesh(experts: torch.nn.Module, inner, device_type: str, meshes: dict):
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
 
-    key = (id(experts.ep_group), None if inner is None else id(inner), device_type)
+    inner_ranks = None if inner is None else tuple(inner.mesh.flatten().tolist())
+    key = (id(experts.ep_group), inner_ranks, device_type)
     if key not in meshes:
         if inner is None:
             meshes[key] = DeviceMesh.from_group(experts.ep_group, device_type)
-        else:
-            ep_ranks, rank = dist.get_process_group_ranks(experts.ep_group), dist.get_rank()
-            inner_ranks = inner.mesh.flatten().tolist()
-            grid = [[e + d - rank for d in inner_ranks] for e in ep_ranks]
+        else:  # every rank of the ep group holds banks of the same layers, so each gathers the same number of times
+            grid = [None] * dist.get_world_size(experts.ep_group)
+            dist.all_gather_object(grid, list(inner_ranks), group=experts.ep_group)
             meshes[key] = DeviceMesh.from_group([experts.ep_group, inner.get_group()], device_type, grid,
                                                 mesh_dim_names=("ep", "expert_fsdp"))
     return meshes[key]
