@@ -6,6 +6,8 @@ over dp 2, with gradient accumulation); the 8-rank layouts and bf16 are ``slow``
 checks several layouts in turn.
 """
 
+import shutil
+
 import pytest
 
 from curry_train.bench.compose import run_layouts
@@ -70,11 +72,14 @@ def test_composed_grid_smoke_at_world_size_4():
     })
 
 
+# Each data-parallel rank routes its own tokens: parity with one process holds without a capacity limit or aux loss
+MOE = ["model=moe", "model.moe_experts=4", "model.moe_capacity_factor=100", "model.moe_aux_loss_weight=0"]
 EIGHT = {  # world size 8
     "dp2 x pp2 x tp2, FSDP2 full, ga 2": [*PP, "parallel.tp=2", "parallel.sharding=full",
                                          "train.gradient_accumulation_steps=2"],
     "hsdp 2x2 x tp2": ["parallel.tp=2", "parallel.sharding=full", "parallel.dp_replicate=2"],
     "hsdp 2x2 x pp2": [*PP, "parallel.sharding=full", "parallel.dp_replicate=2"],
+    "moe pp2 x dp4 x ep2, FSDP2 full": [*MOE, *PP, "parallel.ep=2", "parallel.sharding=full"],
 }
 SAVE_AT = 2  # the dp2 x pp2 x tp2 run of 4 steps saves after step 2; dp4 and one process resume there
 
@@ -85,11 +90,9 @@ def _resume(rank, world_size, overrides):
 
 @pytest.mark.slow
 def test_eight_rank_layouts_equal_one_process_and_checkpoints_cross_layouts(tmp_path):
-    """Tensor parallelism inside FSDP2 pipeline stages (each block's weights dp x tp DTensors), and HSDP x tp.
-    A DCP checkpoint saved at dp2 x pp2 x tp2 (stages FSDP2-sharded, blocks tp-sharded, the tied embedding on two
+    """Tensor parallelism inside FSDP2 pipeline stages (each block's weights dp x tp DTensors), HSDP x tp, and
+    expert parallelism inside FSDP2 pipeline stages of dp 4. A DCP checkpoint saved at dp2 x pp2 x tp2 (stages FSDP2-sharded, blocks tp-sharded, the tied embedding on two
     ranks) resumes at dp4 (FSDP2) and in one process to the uninterrupted run's losses."""
-    import shutil
-
     from curry_train.primitives.checkpoint_layout import step_dirname
 
     four_steps = ["train.steps=4", f"checkpoint.dir={tmp_path}/saved", f"checkpoint.every={SAVE_AT}",
@@ -100,6 +103,8 @@ def test_eight_rank_layouts_equal_one_process_and_checkpoints_cross_layouts(tmp_
         "dp2 x pp2 x tp2, FSDP2 full, ga 2": (True, ("dp_shard_cp", "tp"), ("_S(0, 2)", "S(0)")),
         "hsdp 2x2 x tp2": (True, ("dp_replicate", "dp_shard_cp", "tp"), ("R", "_S(0, 2)", "S(0)")),
         "hsdp 2x2 x pp2": (True, ("dp_replicate", "dp_shard_cp"), ("R", "S(0)")),
+        # ep 2 cut from each stage's 4 dp ranks: the banks sharded over the stage's 2 ranks holding the same experts
+        "moe pp2 x dp4 x ep2, FSDP2 full": (True, ("dp_shard_cp",), ("S(0)",), 2, ("S(0)",)),
     })
     # per-rank bytes of dp2 x pp2 x tp2 against /plan's prediction (fp32: 4 + 4 + 8 bytes per parameter)
     shape = Shape.from_model_config(load_config(SMALL).model, seq=32)
@@ -166,8 +171,6 @@ def test_four_rank_layouts_equal_one_process():
             assert got == pytest.approx(single, rel=TOL), f"{name}, rank {rank}"
 
 
-# Each data-parallel rank routes its own tokens: parity with one process holds without a capacity limit or aux loss
-MOE = ["model=moe", "model.moe_experts=4", "model.moe_capacity_factor=100", "model.moe_aux_loss_weight=0"]
 MOE_RUNS = {  # world size 4
     "moe pp2 x dp2 (plain stages)": [*MOE, *PP],
     "moe pp2 x dp2, FSDP2 full": [*MOE, *PP, "parallel.sharding=full"],
@@ -225,8 +228,6 @@ def test_the_moe_balancing_loss_in_pipeline_stages_equals_one_process():
     (["model=moe", "parallel.tp=2"], 2, "model.moe_experts=8 with parallel.tp=2: tensor parallelism shards dense MLPs"),
     (["parallel.pp=2", "parallel.sharding=full", "parallel.fsdp_reshard_last=true"], 4,
      "parallel.fsdp_reshard_last=true with parallel.pp=2"),
-    (["model=moe", "parallel.ep=2", "parallel.sharding=full", "checkpoint.dir=/tmp/nowhere", "checkpoint.every=1"], 2,
-     "parallel.ep=2 with parallel.sharding=full and checkpoint.dir: checkpoints of FSDP2-sharded expert slices"),
 ])
 def test_what_composition_still_refuses_is_one_line_before_any_process_group(overrides, world_size, message,
                                                                             monkeypatch, no_launch):
@@ -234,3 +235,42 @@ def test_what_composition_still_refuses_is_one_line_before_any_process_group(ove
     with pytest.raises(ValueError) as error:
         train(load_config([*(o for o in SMALL if not o.startswith("model.")), *overrides]))
     assert message in str(error.value) and len(str(error.value).splitlines()) == 1, str(error.value)
+
+
+EP_PP = [*MOE, *PP, "parallel.ep=2", "train.gradient_accumulation_steps=2"]
+EP_PP_RUNS = {  # world size 4: each stage's 2 dp ranks are its ep group (2 of the 4 experts each)
+    "moe pp2 x dp2 x ep2 (plain stages), ga 2": EP_PP,
+    "moe pp2 x dp2 x ep2, FSDP2 full, ga 2": [*EP_PP, "parallel.sharding=full"],
+    "moe pp2 x dp2 x ep2, zbv": [*MOE, "parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.n_microbatches=2",
+                                 "parallel.ep=2"],
+    # ep carved from dp x cp: a token is routed alone, wherever its sequence's other tokens are
+    "moe dp2 x cp2, ep4 (DDP)": [*MOE, "parallel.cp=2", "parallel.ep=4"],
+    "moe dp2 x cp2 x ep2, FSDP2 full": [*MOE, "parallel.cp=2", "parallel.ep=2", "parallel.sharding=full"],
+}
+
+
+@pytest.mark.slow
+def test_expert_parallel_inside_pipeline_stages_and_over_cp_ranks_and_its_checkpoint_resumes(tmp_path):
+    """ep 2 inside each pipeline stage (the all-to-all pairs the stage's dp ranks; zbv splits the backward) equals
+    one process, plain stages and FSDP2 stages, and so does ep carved from dp x cp (DDP, FSDP2); a checkpoint of the
+    FSDP2 pipeline layout resumes in one process."""
+    from curry_train.primitives.checkpoint_layout import step_dirname
+
+    save = [*EP_PP_RUNS["moe pp2 x dp2 x ep2, FSDP2 full, ga 2"], "train.steps=4", f"checkpoint.dir={tmp_path}",
+            f"checkpoint.every={SAVE_AT}", "checkpoint.keep_last=0"]
+    ranks = launch(_train_each, 4, {**EP_PP_RUNS, "save": save}, timeout=900)
+    _check(EP_PP_RUNS, ranks, {
+        "moe pp2 x dp2 x ep2 (plain stages), ga 2": (False, None, ()),
+        "moe pp2 x dp2 x ep2, FSDP2 full, ga 2": (True, ("dp_shard_cp",), ("S(0)",), 1, ("S(0)",)),  # banks: 1 rank
+        "moe pp2 x dp2 x ep2, zbv": (False, None, ()),
+        "moe dp2 x cp2, ep4 (DDP)": (False, None, ()),
+        "moe dp2 x cp2 x ep2, FSDP2 full": (True, ("dp_shard_cp",), ("S(0)",), 2, ("S(0)",)),  # banks over 2 of 4
+    })
+    straight = _losses(ranks[0]["save"]["history"])
+    for later in tmp_path.glob("step-*"):
+        if later.name != step_dirname(SAVE_AT):
+            shutil.rmtree(later)
+    (tmp_path / "latest").write_text(step_dirname(SAVE_AT))
+    one = _resume(0, 1, [*MOE, "train.gradient_accumulation_steps=2", "train.steps=4", f"checkpoint.dir={tmp_path}",
+                         f"checkpoint.every={SAVE_AT}"])
+    assert [s for s, _ in one] == [2, 3] and [v for _, v in one] == pytest.approx(straight[SAVE_AT:], rel=TOL)

@@ -220,7 +220,8 @@ def test_expert_parallel_groups_are_blocks_of_the_dp_groups():
     (2, ["parallel.ep=3"], "parallel.ep=3 must divide the data-parallel size 2"),
     (4, ["parallel.ep=4", "model.moe_experts=6"], "parallel.ep=4 must divide model.moe_experts=6"),
     (2, ["parallel.ep=2", "parallel.sharding=zero1"], "parallel.ep=2 with parallel.sharding=zero1: ZeRO-1 broadcasts"),
-    (4, ["parallel.ep=2", "parallel.pp=2"], "parallel.ep=2 with parallel.pp=2"),
+    (4, ["parallel.ep=4", "parallel.dp=1", "parallel.cp=2", "parallel.pp=2", "parallel.n_microbatches=2"],
+     "parallel.ep=4 must divide the data x context-parallel size dp * cp = 1 * 2 = 2"),
 ])
 def test_bad_expert_parallel_is_one_line(world_size, overrides, message, capsys, no_launch, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
@@ -238,3 +239,53 @@ def test_bad_moe_settings_are_one_line(overrides, message, capsys, no_launch):
     assert main(["train", *RUN, *overrides]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+
+
+def _copy_checkpoint(saved, step, *names):
+    """``saved``'s ``step`` checkpoint copied alone into a folder of its own per name (beside ``saved``)."""
+    from curry_train.primitives.checkpoint_layout import step_dirname
+
+    for name in names:
+        (saved.parent / name).mkdir()
+        shutil.copytree(saved / step_dirname(step), saved.parent / name / step_dirname(step))
+        (saved.parent / name / "latest").write_text(step_dirname(step))
+
+
+EP_FSDP = ["parallel.ep=2", "parallel.sharding=full"]
+
+
+def _ep_fsdp_save_and_resume(rank, ws, tmp):
+    """ep 2 in dp 4, FSDP2 full: 4 steps saving at 2 and 4; then from the step-2 checkpoint at the same layout and
+    at ep 1 under DDP (plain [E, ...] banks), each to step 4."""
+    def run(*overrides):
+        return [(m["step"], m["loss"], m["grad_norm"]) for m in train(load_config(EP_CKPT + list(overrides)))]
+
+    straight = run(*EP_FSDP, f"checkpoint.dir={tmp / 'saved'}")
+    torch.distributed.barrier()
+    if rank == 0:
+        _copy_checkpoint(tmp / "saved", 2, "same", "ep1", "one")
+    torch.distributed.barrier()
+    return straight, run(*EP_FSDP, f"checkpoint.dir={tmp / 'same'}"), run(f"checkpoint.dir={tmp / 'ep1'}")
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.slow
+def test_expert_parallel_fsdp2_checkpoints_cross_layouts(tmp_path):
+    """ep 2 in dp 4 under FSDP2: each rank holds half of its 2-expert slice. The checkpoint stores every bank and its
+    AdamW moments whole ([4, ...], each row written once) and resumes at the same layout, at ep 1 under DDP and in
+    one process to the uninterrupted run's losses and grad norms."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    ranks = launch(_ep_fsdp_save_and_resume, 4, tmp_path, timeout=380)
+    straight = ranks[0][0]
+    assert all(r[0] == straight for r in ranks) and [s for s, *_ in straight] == [0, 1, 2, 3]
+    stored = FileSystemReader(str(tmp_path / "saved" / "step-00000002")).read_metadata().state_dict_metadata
+    name = next(k[len("model."):] for k in stored if k.endswith(".experts.w1"))
+    assert list(stored[f"model.{name}"].size)[0] == list(stored[f"optim.state.{name}.exp_avg"].size)[0] == 4
+    assert len(stored[f"model.{name}"].chunks) == 4  # one chunk of one expert per rank
+    one = [(m["step"], m["loss"], m["grad_norm"]) for m in train(load_config(EP_CKPT + [
+        f"checkpoint.dir={tmp_path / 'one'}"]))]
+    for resumed in (*(r[1] for r in ranks), *(r[2] for r in ranks), one):
+        assert [s for s, *_ in resumed] == [2, 3]
+        for (_, loss, norm), (_, ref_loss, ref_norm) in zip(resumed, straight[2:], strict=True):
+            assert loss == pytest.approx(ref_loss, rel=1e-5) and norm == pytest.approx(ref_norm, rel=1e-5)

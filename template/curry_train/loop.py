@@ -66,7 +66,7 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def accumulate_gradients(model, microbatches, ga: GradientAccumulation, dp_group=None, schedule=None, loss_fn=None,
-                         loss_parallel: bool = False):
+                         loss_parallel: bool = False, sharded=None):
     """Forward + backward of one optimizer step's K micro-batches; returns (summed token loss, local valid tokens).
 
     A micro-batch is an ``(x, y)`` pair or a dict of keyword inputs with ``labels`` (shifted, Hugging Face style)
@@ -78,7 +78,8 @@ def accumulate_gradients(model, microbatches, ga: GradientAccumulation, dp_group
     afterwards, once per step, tied-weight gradients are summed over the pipeline group and, unless the stages
     reduce their own (FSDP2 stages: ``PipelineSchedule.reduces_grads``), every gradient of ``model`` (this rank's
     stages) is averaged over ``dp_group``: with divisor ``T / dp`` the average is the gradient of the global mean
-    token loss, as DDP gives the plain path.
+    token loss, as DDP gives the plain path. ``sharded`` (``parallelize.ExpertParallel``): its expert slices differ
+    across the dp ranks, so they are left out of that average (``sharded.reduce_grads()`` reduces them).
 
     ``loss_fn(model, microbatch) -> (loss_sum, n_valid)`` replaces ``forward_loss_sum`` for a model whose forward
     is not ``(inputs) -> logits`` (``train.loss._target_``); its ``n_valid`` must equal ``count_target_tokens``.
@@ -112,8 +113,9 @@ def accumulate_gradients(model, microbatches, ga: GradientAccumulation, dp_group
         schedule.sync_tied_grads()
         dp_size = dist.get_world_size(dp_group)
         if dp_size > 1 and not schedule.reduces_grads:  # FSDP2 stages: PyTorch's pipelining runtime reduced them
+            own = {id(p) for p in sharded.params} if sharded is not None else set()
             for p in model.parameters():
-                if p.grad is not None:
+                if p.grad is not None and id(p) not in own:
                     dist.all_reduce(p.grad, group=dp_group)
                     p.grad.div_(dp_size)
     return loss_total, sum(counts)
@@ -326,7 +328,8 @@ def run_training_steps(
         ]
         if prepare is not None:
             micro = [prepare(mb) for mb in micro]
-        loss_sum, n_tokens = accumulate_gradients(model, micro, ga, dp_group, schedule, loss_fn, loss_parallel)
+        loss_sum, n_tokens = accumulate_gradients(model, micro, ga, dp_group, schedule, loss_fn, loss_parallel,
+                                                  sharded=expert_parallel)
         if expert_parallel is not None:
             expert_parallel.reduce_grads()
         norm = clip_grad_norm(model.parameters(), grad_clip, pp_group, owns, sharded=expert_parallel)

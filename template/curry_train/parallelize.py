@@ -91,8 +91,8 @@ def parallelize(model: torch.nn.Module, cfg, dp_group=None, *, tp_mesh=None, fsd
     attention becomes ring attention over it, before recompute; ``dp_group`` is then the dp x cp group,
     ``ParallelState.dp_cp_group``). ``pipeline_stage``: ``model`` is one stage whose blocks ``apply_model_parallel``
     already sharded. ``block_types``: the model's block classes, when ``primitives.blocks.find_blocks`` cannot find
-    them. ``expert_parallel`` (``ExpertParallel``, ``parallel.ep > 1``): under FSDP2 its banks are sharded first,
-    over ``expert_fsdp_mesh`` (``ParallelState.expert_fsdp_mesh``)."""
+    them. ``expert_parallel`` (``ExpertParallel``, ``parallel.ep > 1``): under FSDP2 its banks inside ``model`` are
+    sharded first, over ``expert_fsdp_mesh`` (``ParallelState.expert_fsdp_mesh``)."""
     t, p = cfg.train, cfg.parallel
     if not pipeline_stage:
         apply_model_parallel(model, cfg, tp_mesh=tp_mesh, cp_group=cp_group)
@@ -118,7 +118,8 @@ def parallelize(model: torch.nn.Module, cfg, dp_group=None, *, tp_mesh=None, fsd
     stage_kw = {"reshard_after_forward": False, "blocks_optional": True} if pipeline_stage else {}
     if expert_parallel is not None and fsdp:  # banks first: the blocks' units then take what is left
         expert_parallel.fully_shard(expert_fsdp_mesh, check_options(p.sharding, p.mixed_precision)[1],
-                                    bool(p.cpu_offload))
+                                    bool(p.cpu_offload), within=model,
+                                    reshard_after_forward=stage_kw.get("reshard_after_forward", True))
     dist_opt = DistributedOptimizer.from_config(p, model, process_group=dp_group, optimizer_class=None,
                                                 block_types=block_types, mesh=fsdp_mesh if fsdp else None,
                                                 **stage_kw)
@@ -148,10 +149,20 @@ class ExpertParallel:
     the all-to-all, already sums the contributions of every rank of its ep group: ``N / T * sum_{s in ep} dL_s``.
     Summing that over the expert-data-parallel group (the ``N / ep`` ranks holding the same experts, one per ep
     group) gives ``N / T * sum_s dL_s``, so the exact gradient is that sum divided by ``N`` (not ``N / ep``). With
-    ``ga.mode = microbatches`` the divisor is per rank and the same argument gives the same ``N``.
+    ``ga.mode = microbatches`` the divisor is per rank and the same argument gives the same ``N``. With context
+    parallelism the ``N`` ranks are dp x cp (each holds a different part of every row; ``ParallelState.ep_ranks``
+    cuts ep from them, the loss divisor and DDP/FSDP2 already count them all), and the same argument holds.
 
     ``norm_square()``: this rank's expert-grad squared norm summed over the ep group (each rank holds a different
     slice), so ``loop.clip_grad_norm`` clips by the whole model's norm.
+
+    Pipeline stages (``parallel.pp > 1``): built on the whole model before the split (the stages share its
+    modules, as ``apply_model_parallel``'s), then ``keep_only(stages)`` keeps the banks of this rank's stages. The ep
+    and expert-dp groups are cut from the stage's own dp ranks (``ParallelState.ep_ranks``), every dp replica of a
+    stage runs the same schedule, so each all-to-all pairs; a split backward (zb, zbv, dualpipev) runs them in the
+    input-gradient half (the weight half starts from the expert matmuls). Plain stages: the loop's dp average of the
+    stage gradients leaves the banks out (``loop.accumulate_gradients(sharded=)``) and ``reduce_grads`` reduces
+    them as above; FSDP2 stages: each bank a unit inside the stage, reduce-scattered with it once per step.
     """
 
     def __init__(self, model: torch.nn.Module, ps):
@@ -159,7 +170,8 @@ class ExpertParallel:
 
         from .primitives.moe import MoEMLP
 
-        self.ep_group, self.expert_dp_group, self.dp_size, self.ep = ps.ep_group, ps.expert_dp_group, ps.dp, ps.ep
+        self.ep_group, self.expert_dp_group, self.ep = ps.ep_group, ps.expert_dp_group, ps.ep
+        self.dp_size = ps.dp * ps.cp  # the ranks holding different tokens (class docstring: N)
         layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoEMLP)]
         if not layers:
             raise ValueError(f"parallel.ep={ps.ep}: the model has no MoEMLP layer to shard")
@@ -170,24 +182,36 @@ class ExpertParallel:
         self.model, self.banks = model, [f"{name}.experts" for name, _ in layers]
         self.names = [f"{name}.experts.{w}" for name, _ in layers for w in ("w1", "w3", "w2")
                       if getattr(model.get_submodule(name).experts, w) is not None]
-        self.fsdp = False
+        self.fsdp, self.device = False, next(model.parameters()).device
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, self.names)
+
+    def keep_only(self, modules) -> None:
+        """Keep the banks inside ``modules`` (this rank's pipeline stages, which share the model's modules)."""
+        inside = {id(m) for module in modules for m in module.modules()}
+        self.banks = [b for b in self.banks if id(self.model.get_submodule(b)) in inside]
+        self.names = [n for n in self.names if n.rpartition(".")[0] in self.banks]
 
     @property
     def params(self) -> list:
         """The bank slices, looked up by name (FSDP2 swaps in sharded parameters under the same names)."""
         return [self.model.get_parameter(n) for n in self.names]
 
-    def fully_shard(self, mesh, mixed_precision: str | None = None, cpu_offload: bool = False) -> None:
-        """Each bank an FSDP2 unit over ``mesh`` (``ParallelState.expert_fsdp_mesh``), its gradients averaged over it
-        (class docstring); ``mixed_precision``/``cpu_offload`` as the rest of the model."""
+    def fully_shard(self, mesh, mixed_precision: str | None = None, cpu_offload: bool = False, within=None,
+                    reshard_after_forward: bool = True) -> None:
+        """Each bank (inside ``within``, default every bank) an FSDP2 unit over ``mesh``
+        (``ParallelState.expert_fsdp_mesh``), its gradients averaged over it (class docstring);
+        ``mixed_precision``/``cpu_offload``/``reshard_after_forward`` as the rest of the model or stage."""
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if mixed_precision == "bf16" else MixedPrecisionPolicy())
         offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
+        inside = None if within is None else {id(m) for m in within.modules()}
         for name in self.banks:
-            fully_shard(self.model.get_submodule(name), mesh=mesh, mp_policy=mp, offload_policy=offload)
+            bank = self.model.get_submodule(name)
+            if inside is None or id(bank) in inside:
+                fully_shard(bank, mesh=mesh, mp_policy=mp, offload_policy=offload,
+                            reshard_after_forward=reshard_after_forward)
         self.fsdp = True
 
     def reduce_grads(self) -> None:
@@ -221,6 +245,7 @@ class ExpertParallel:
         if norm is not None and hasattr(norm, "full_tensor"):  # FSDP2: the bank's shards over the expert-dp mesh
             norm = norm.full_tensor()
         sq = (norm.double().square() if norm is not None
-              else torch.zeros((), dtype=torch.float64, device=params[0].device))
-        dist.all_reduce(sq, group=self.ep_group)
+              else torch.zeros((), dtype=torch.float64, device=self.device))
+        if params:  # a pipeline stage without MoE layers has none, and so has every rank of its ep group
+            dist.all_reduce(sq, group=self.ep_group)
         return sq

@@ -180,7 +180,6 @@ def estimate(shape: Shape, hw: Hardware, layout: Layout, global_batch_tokens: in
 def train_support(L: Layout, experts: int = 0) -> str | None:
     """Why ``curry_train train`` refuses this layout today (the same rules as ``config.validate``), or None."""
     rules = [(experts > 0 and L.tp > 1, "MoE with tp (tp shards dense MLPs)"),
-             (L.ep > 1 and (L.pp > 1 or L.tp > 1 or L.cp > 1), "ep with pp, tp or cp"),
              (L.ep > 1 and L.sharding == "zero1", "ep with ZeRO-1 (expert slices differ per rank)")]
     return next((why for bad, why in rules if bad), None)
 

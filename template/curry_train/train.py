@@ -13,8 +13,9 @@ of a tp group read the same rows (batches are split by ``dp_rank``) and losses a
 enters the backward through its output (``primitives.moe.attach_aux_losses``, Megatron's ``MoEAuxLossAutoScaler``):
 a pipeline micro-batch is one forward, weighted ``1 / (K * n_microbatches)``, so pp equals one process with
 ``gradient_accumulation_steps = K * n_microbatches`` (x dp); the logged loss is the token loss, as without pp.
-With ``parallel.ep > 1`` (model=moe, DDP) each MoE layer keeps this rank's slice of its experts
-(``parallelize.ExpertParallel``: left out of DDP, its grads reduced over the ranks holding the same experts).
+With ``parallel.ep > 1`` (model=moe; DDP, FSDP2, plain or FSDP2 pipeline stages) each MoE layer keeps this rank's
+slice of its experts (``parallelize.ExpertParallel``: left out of DDP and of the stages' dp average, its grads
+reduced over the ranks holding the same experts; under pp the ep ranks are cut from each stage's dp ranks).
 With ``train.spike.enabled`` a sustained loss spike (``primitives.loss_spike``) rolls the run back to the last good
 checkpoint and skips the spiking steps' data (``loop.SpikeRollback``).
 Ctrl-C, SIGTERM and a full disk stop the run in one line each (``stopping``); rank 0 owns ``checkpoint.dir`` from
@@ -100,8 +101,11 @@ def _train(cfg, world_size, ckpt, fault_step, corrupt_steps, signal_at, sigterm,
         stages = split_model(model, s["pp"] * s["v"], s["layers_per_stage"])  # same seed: tied copies start equal
         schedule = PipelineSchedule(s["kind"], s["n_microbatches"], stages, ps.pp_group, token_loss_sum,
                                     device=device)
+        if expert_parallel is not None:  # the banks of this rank's stages (ep cut from the stage's dp ranks)
+            expert_parallel.keep_only(schedule.modules.values())
         for stage in schedule.modules.values():  # recompute, compile, FSDP2 per stage (no_shard: the loop averages)
-            parallelize(stage, cfg, dp_group=dp_group, fsdp_mesh=ps.fsdp_mesh, pipeline_stage=True)
+            parallelize(stage, cfg, dp_group=dp_group, fsdp_mesh=ps.fsdp_mesh, pipeline_stage=True,
+                        expert_parallel=expert_parallel, expert_fsdp_mesh=ps.expert_fsdp_mesh)
             # MoE balancing loss: no stage has the whole loss, so each MoE layer puts its own into the backward,
             # weighted 1 / (forwards per step) as the loop weights it (K * n_microbatches forwards here)
             attach_aux_losses(stage, 1.0 / (ga.steps * s["n_microbatches"]))

@@ -161,9 +161,9 @@ class ParallelConfig:
     model whose forward takes positions (the GPT) or position_ids (Hugging Face); with pp, the reference GPT."""
     ep: int = 1
     """Expert-parallel size, > 0 (1 = off): the experts of every MoE layer are sharded over ep ranks of the
-    data-parallel group (ep within dp: the grid's sizes do not change); must divide the dp size and
-    model.moe_experts; sharding=no_shard (DDP) or full/shard_grad_op (FSDP2: each bank sharded over the ranks
-    holding the same experts; no checkpoint.dir yet), not zero1; no pp, tp or cp yet."""
+    data-parallel group (x the cp group when cp > 1; per pipeline stage: the grid's sizes do not change); must
+    divide dp * cp and model.moe_experts; sharding=no_shard (DDP, or plain pipeline stages) or full/shard_grad_op
+    (FSDP2: each bank sharded over the ranks holding the same experts), not zero1; checkpoints hold whole banks."""
     sequence_parallel: bool = False
     """With tp > 1: norms and dropout run on seq_len / tp tokens per rank (reduce-scatter + all-gather instead of
     all-reduce); train.seq_len must be divisible by tp."""

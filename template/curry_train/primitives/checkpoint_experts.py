@@ -14,6 +14,14 @@ once, so the checkpoint holds every expert exactly once. The mesh wraps the exis
 no collective). On load the same wrapping tells DCP which rows this rank reads (any ``ep``: DCP reshards,
 and a model built with ``ep=1`` reads the full ``[E, ...]`` tensor), and ``as_local`` unwraps the DTensors before
 ``set_state_dict``. An ``ep=1`` checkpoint (plain ``[E, ...]`` tensors) loads at any ``ep`` the same way.
+
+Under FSDP2 each slice is itself sharded: the bank parameter (and its AdamW state) is a ``Shard(0)`` DTensor of the
+``[E/ep, ...]`` slice over the ranks holding the same experts (``ParallelState.expert_fsdp_mesh``, size ``m``),
+whose local tensor is chunk ``d`` of the slice. That chunk is presented as a DTensor of the whole bank on the 2-D
+mesh ``(ep, m)`` with placements ``[Shard(0), Shard(0)]`` (dim 0 split over ep, each piece split over m, as
+``torch.chunk`` splits: FSDP2's own chunking), so every rank writes its own rows once. The 2-D mesh wraps the two
+existing groups; its row ``e`` is the inner mesh of the ep group's rank ``e`` (one ``all_gather_object`` over the
+ep group per save or load). ``as_local`` gives the loaded chunk back the parameter's own FSDP2 placement.
 """
 
 from __future__ import annotations
@@ -41,17 +49,51 @@ def sharded_banks(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return banks
 
 
-def _global(local: torch.Tensor, experts: torch.nn.Module, meshes: dict):
+def _mesh(experts: torch.nn.Module, inner, device_type: str, meshes: dict):
+    """The ep group's 1-D mesh, or with ``inner`` (a 1-D FSDP2 mesh over the ranks holding the same experts) the
+    2-D ``(ep, inner)`` mesh of the module docstring."""
+    import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
+
+    inner_ranks = None if inner is None else tuple(inner.mesh.flatten().tolist())
+    key = (id(experts.ep_group), inner_ranks, device_type)
+    if key not in meshes:
+        if inner is None:
+            meshes[key] = DeviceMesh.from_group(experts.ep_group, device_type)
+        else:  # every rank of the ep group holds banks of the same layers, so each gathers the same number of times
+            grid = [None] * dist.get_world_size(experts.ep_group)
+            dist.all_gather_object(grid, list(inner_ranks), group=experts.ep_group)
+            meshes[key] = DeviceMesh.from_group([experts.ep_group, inner.get_group()], device_type, grid,
+                                                mesh_dim_names=("ep", "expert_fsdp"))
+    return meshes[key]
+
+
+def _global(value: torch.Tensor, experts: torch.nn.Module, meshes: dict):
     from torch.distributed.tensor import DTensor, Shard
 
-    key = (id(experts.ep_group), local.device.type)
-    if key not in meshes:
-        meshes[key] = DeviceMesh.from_group(experts.ep_group, local.device.type)
-    shape = torch.Size((experts.n_experts, *local.shape[1:]))
+    inner = None
+    if isinstance(value, DTensor):  # FSDP2: chunk d of this rank's slice
+        if value.device_mesh.ndim != 1 or tuple(value.placements) != (Shard(0),):
+            raise ValueError(f"an expert-parallel bank sharded as {value.placements} over a {value.device_mesh.ndim}"
+                             "-D mesh: checkpoints take Shard(0) over one mesh dim (FSDP2's)")
+        inner, value = value.device_mesh, value.to_local()
+    mesh = _mesh(experts, inner, value.device.type, meshes)
+    shape = torch.Size((experts.n_experts, *value.shape[1:]))
     stride = torch.empty(shape, device="meta").stride()  # contiguous global layout
-    return DTensor.from_local(local.contiguous(), meshes[key], [Shard(0)], run_check=False, shape=shape,
+    return DTensor.from_local(value.contiguous(), mesh, [Shard(0)] * mesh.ndim, run_check=False, shape=shape,
                               stride=stride)
+
+
+def _local(value, param):
+    """A loaded ``_global`` DTensor back to what ``param`` (the bank parameter) holds: its FSDP2 placement, or the
+    plain slice."""
+    from torch.distributed.tensor import DTensor
+
+    local = value.to_local()
+    if not isinstance(param, DTensor):
+        return local
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())
 
 
 def as_global(state: dict, model: torch.nn.Module) -> dict:
@@ -77,13 +119,21 @@ def as_global(state: dict, model: torch.nn.Module) -> dict:
 
 
 def as_local(state: dict, model: torch.nn.Module) -> dict:
-    """Undo ``as_global`` after ``dcp.load`` filled the DTensors: each becomes this rank's slice again."""
+    """Undo ``as_global`` after ``dcp.load`` filled the DTensors: each becomes this rank's slice again (under FSDP2,
+    the slice's ``Shard(0)`` DTensor over the expert-dp mesh, as the parameter is)."""
     banks = sharded_banks(model)
     if not banks:
         return state
+
+    def param(fqn):
+        return getattr(banks[fqn], fqn.rpartition(".")[2])
+
     out = dict(state)
-    out["model"] = {k: v.to_local() if k in banks else v for k, v in state["model"].items()}
+    out["model"] = {k: _local(v, param(k)) if k in banks else v for k, v in state["model"].items()}
     if "optim" in state:
-        out["optim"] = {k: v.to_local() if k.startswith("state.") and k[len("state."):].rpartition(".")[0] in banks
-                        and hasattr(v, "to_local") else v for k, v in state["optim"].items()}
+        optim = {}
+        for k, v in state["optim"].items():
+            fqn = k[len("state."):].rpartition(".")[0] if k.startswith("state.") else None
+            optim[k] = _local(v, param(fqn)) if fqn in banks and hasattr(v, "to_local") else v
+        out["optim"] = optim
     return out

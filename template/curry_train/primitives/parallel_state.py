@@ -26,11 +26,13 @@ coordinate is 0.
 ``ParallelState.resolve_sizes`` / ``resolve_data_parallel`` without any process group, so a bad grid fails
 before ranks start.
 
-Expert parallelism (``ep``) is not a dim of the grid: the ep ranks are a sub-group of the data-parallel ranks
-(Megatron's and torchtitan's ep within dp). Each dp group is cut into ``dp / ep`` blocks of ``ep`` consecutive dp
-ranks; ``ep_group`` is this rank's block (its MoE layers' experts are sharded over it) and ``expert_dp_group`` the
-dp ranks with the same ep coordinate (they hold the same experts, whose gradients are averaged over it; ``None``
-when ``ep == dp``). Both are built collectively when ``ep > 1``.
+Expert parallelism (``ep``) is not a dim of the grid: the ep ranks are a sub-group of the ranks that hold different
+tokens with the same weights, dp x cp (``dp_cp_ranks``; Megatron's and torchtitan's ep within dp, and within cp:
+a mixture of experts routes each token alone, so the cp ranks' tokens are routed like the dp ranks'). Each dp x cp
+group (ranks in ascending order) is cut into ``dp cp / ep`` blocks of ``ep`` consecutive ranks; ``ep_group`` is
+this rank's block (its MoE layers' experts are sharded over it) and ``expert_dp_group`` the ranks of its dp x cp
+group with the same ep coordinate (they hold the same experts, whose gradients are averaged over it; ``None`` when
+``ep == dp cp``). Both are built collectively when ``ep > 1``; with pp each stage has its own.
 No module-level state: build one object and pass it around.
 """
 
@@ -107,14 +109,15 @@ class ParallelState:
             # kept here, not sliced from the root by name again (PyTorch deprecates slicing flattened dims)
             self._flat = {name: self.mesh[tuple(sorted(dims, key=names.index))]._flatten(name)
                           for name, dims in FLATTENED.items()}
-        self.ep = self.check_ep(ep, self.sizes["dp"])
-        self.ep_rank = self.coords["dp"] % self.ep
+        self.ep = self.check_ep(ep, self.sizes["dp"], self.sizes["cp"])
+        self.ep_rank = 0 if self.ep == 1 else \
+            next(g.index(self.rank) for g in self.dp_cp_ranks() if self.rank in g) % self.ep
         self.ep_group = self.expert_dp_group = self._expert_dp = None
         self.device_type = device_type
         if distributed and self.ep > 1:
             self.ep_group, _ = dist.new_subgroups_by_enumeration(self.ep_ranks())  # collective: same order everywhere
             self._expert_dp, _ = dist.new_subgroups_by_enumeration(self.expert_dp_ranks())  # one rank when ep == dp
-            self.expert_dp_group = self._expert_dp if self.ep < self.sizes["dp"] else None
+            self.expert_dp_group = self._expert_dp if self.ep < self.sizes["dp"] * self.sizes["cp"] else None
 
     # -- sizes, without a process group -------------------------------------------------------------
     @staticmethod
@@ -162,12 +165,14 @@ class ParallelState:
         return rep, shard
 
     @staticmethod
-    def check_ep(ep, dp: int) -> int:
-        """``parallel.ep`` as a positive integer dividing the data-parallel size ``dp``."""
+    def check_ep(ep, dp: int, cp: int = 1) -> int:
+        """``parallel.ep`` as a positive integer dividing ``dp * cp`` (the ranks holding different tokens)."""
         ep = positive_int("parallel.ep", ep)
-        if dp % ep:
-            raise ValueError(f"parallel.ep={ep} must divide the data-parallel size {dp} (expert-parallel ranks are a "
-                             "sub-group of the data-parallel ranks)")
+        if (dp * cp) % ep:
+            size = f"data x context-parallel size dp * cp = {dp} * {cp} = {dp * cp}" if cp > 1 else \
+                f"data-parallel size {dp}"
+            raise ValueError(f"parallel.ep={ep} must divide the {size} (expert-parallel ranks are a sub-group of the "
+                             "ranks holding different tokens)")
         return ep
 
     @classmethod
@@ -185,7 +190,7 @@ class ParallelState:
         sizes = ParallelState.resolve_sizes(world_size, dp=get("dp", -1), pp=get("pp", 1), tp=get("tp", 1),
                                             cp=get("cp", 1), order=get("order", DEFAULT_ORDER))
         ParallelState.resolve_data_parallel(sizes["dp"], get("dp_replicate", 1), get("dp_shard", -1))
-        ParallelState.check_ep(get("ep", 1), sizes["dp"])
+        ParallelState.check_ep(get("ep", 1), sizes["dp"], sizes["cp"])
         return sizes
 
     # -- the grid ------------------------------------------------------------------------------------
@@ -220,20 +225,18 @@ class ParallelState:
     def dp_cp_ranks(self) -> list[list[int]]:
         """The groups of ranks that share pp and tp coordinates: every rank of a data-parallel replica of the
         sequence-sharded model (dp x cp). Gradients are averaged and tokens counted over these."""
-        others = [d for d in self.order if d not in ("dp", "cp")]
-        groups: dict[tuple, list[int]] = {}
-        for r in range(self.world_size):
-            c = self.coordinates(r)
-            groups.setdefault(tuple(c[d] for d in others), []).append(r)
-        return [sorted(g) for g in groups.values()]
+        dims = [d for d in self.order if d not in ("dp", "cp")] + [d for d in self.order if d in ("dp", "cp")]
+        moved = self.grid.permute([self._axis(d) for d in dims]).reshape(-1, self.sizes["dp"] * self.sizes["cp"])
+        return [sorted(row.tolist()) for row in moved]
 
     def ep_ranks(self) -> list[list[int]]:
-        """Every expert-parallel group: each dp group cut into blocks of ``ep`` consecutive dp ranks."""
-        return [g[i:i + self.ep] for g in self.group_ranks("dp") for i in range(0, len(g), self.ep)]
+        """Every expert-parallel group: each dp x cp group cut into blocks of ``ep`` consecutive ranks."""
+        return [g[i:i + self.ep] for g in self.dp_cp_ranks() for i in range(0, len(g), self.ep)]
 
     def expert_dp_ranks(self) -> list[list[int]]:
-        """Every expert-data-parallel group: the ranks of a dp group with the same ep coordinate (same experts)."""
-        return [g[i::self.ep] for g in self.group_ranks("dp") for i in range(self.ep)]
+        """Every expert-data-parallel group: the ranks of a dp x cp group with the same ep coordinate (same
+        experts)."""
+        return [g[i::self.ep] for g in self.dp_cp_ranks() for i in range(self.ep)]
 
     @property
     def dp_cp_group(self):
@@ -251,7 +254,7 @@ class ParallelState:
 
     @property
     def expert_fsdp_mesh(self):
-        """The 1-D mesh of ``expert_dp_ranks`` (one rank when ep == dp) that FSDP2 shards an expert-parallel bank's
+        """The 1-D mesh of ``expert_dp_ranks`` (one rank when ep == dp cp) that FSDP2 shards an expert-parallel bank's
         slices over (ranks holding the same experts); ``None`` unless ep > 1 in a process group."""
         if self._expert_dp is None:
             return None
