@@ -328,7 +328,7 @@ def _print_time_rows(timing: dict, model: str, backend: str = "gloo") -> dict:
     verdict = "PASS" if default["time_ratio"] <= TARGET_RATIO else "MISS"
     q1, q3 = quartiles(default["round_ratios"])
     print(f"  target: default full (auto levers) <= {TARGET_RATIO}x DDP at N=2 on {model}: "
-          f"{default['time_ratio']:.2f}x (full without levers {base['time_ratio']:.2f}x): {verdict}; its ratio per "
+          f"{default['time_ratio']:.3f}x (full without levers {base['time_ratio']:.3f}x): {verdict}; its ratio per "
           f"round: quartiles {q1:.2f}-{q3:.2f}, {sum(x <= TARGET_RATIO for x in default['round_ratios'])} of "
           f"{len(default['round_ratios'])} rounds <= {TARGET_RATIO}x; fastest fp32 full side: {best['mode']} "
           f"{best['time_ratio']:.2f}x{'' if best is default else ' (faster than the default: see the levers above)'}")
