@@ -273,3 +273,29 @@ def test_config_errors_are_printed_by_rank_0_only_and_check_validates_without_la
     assert capsys.readouterr().out == "config ok for world size 2\n"
     assert main(["config", "--check", "--world-size", "3", "parallel.dp=2", *TINY]) == 2
     assert capsys.readouterr().err.startswith("error: parallel")
+
+
+def _probe_many(directory: str, run: str, times: int, start) -> None:
+    from curry_train.primitives.checkpoint_layout import check_writable
+
+    start.wait()
+    for _ in range(times):
+        check_writable(Path(directory), "checkpoint.dir", run)
+
+
+def test_every_rank_probes_the_folder_at_once_without_tripping_over_another(tmp_path):
+    """All ranks of a run check ``checkpoint.dir`` before the process group exists, with the same run id: each
+    writes and removes its own probe (a shared name let one rank remove another's: 'No such file')."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    start = ctx.Event()
+    procs = [ctx.Process(target=_probe_many, args=(str(tmp_path), "samerun", 3000, start)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    time.sleep(1.0)  # every process imported and waiting
+    start.set()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert list(tmp_path.iterdir()) == []  # every probe removed

@@ -39,10 +39,11 @@ def complete_steps(directory: Path) -> list[int]:
 
 
 def check_writable(directory: Path, name: str, run: str) -> None:
-    """Create ``directory`` and write/remove a probe file; ``ValueError`` naming ``name`` if that fails."""
+    """Create ``directory`` and write/remove a probe file, one per process (every rank of a run probes the same
+    folder at once); ``ValueError`` naming ``name`` if that fails."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / temp_name(run, "write-test")
+        probe = directory / temp_name(run, f"write-test-{os.getpid()}")
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
