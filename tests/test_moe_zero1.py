@@ -19,6 +19,12 @@ BASE = ["model=moe", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "mo
         "train.progress=false", "train.log_every=0", "data.max_bytes=50000"]
 EP_ZERO1 = ["parallel.ep=2", "parallel.sharding=zero1"]
 CKPT = ["checkpoint.every=2", "checkpoint.keep_last=0"]
+COMPOSED = {  # world size 4, each against the same one process
+    # plain pipeline stages: ep2 is each stage's 2 dp ranks (one rank per slice: its state in a plain AdamW)
+    "pp2 x dp2 x ep2": ["parallel.pp=2", "parallel.pp_schedule=1f1b", "parallel.n_microbatches=2"],
+    # ep2 cut from dp2 x cp2: the slices' state over the 2 ranks holding them, the dense state over all 4
+    "dp2 x cp2 x ep2": ["parallel.cp=2"],
+}
 
 
 def _train_keeping_state(overrides):
@@ -46,10 +52,12 @@ def _train_keeping_state(overrides):
 
 
 def _ep_zero1(rank, ws, tmp):
-    """3 steps saving at 2; then the step-2 checkpoint resumed at ep 1 under DDP (plain [E, ...] banks)."""
+    """3 steps saving at 2; the ``COMPOSED`` layouts; then the step-2 checkpoint resumed at ep 1 under DDP (plain
+    [E, ...] banks)."""
     from curry_train.primitives.checkpoint_layout import step_dirname
 
     straight = _train_keeping_state(BASE + EP_ZERO1 + CKPT + [f"checkpoint.dir={tmp / 'saved'}"])
+    composed = {name: _train_keeping_state(BASE + EP_ZERO1 + extra)[0] for name, extra in COMPOSED.items()}
     torch.distributed.barrier()
     if rank == 0:
         for name in ("ep1", "one"):
@@ -58,7 +66,7 @@ def _ep_zero1(rank, ws, tmp):
     torch.distributed.barrier()
     at_ep1 = [(m["step"], m["loss"], m["grad_norm"]) for m in train(load_config(BASE + CKPT + [
         f"checkpoint.dir={tmp / 'ep1'}"]))]
-    return straight, at_ep1
+    return straight, at_ep1, composed
 
 
 def _close(run, reference):
@@ -77,6 +85,9 @@ def test_expert_parallel_zero1_matches_one_process_shards_state_and_resumes(tmp_
     assert all(r[0][2] == "ShardedOptimizers" for r in ranks)
     assert all(run == runs[0] for run in runs)
     _close(runs[0], reference)  # 3 optimizer steps, gradient accumulation 2, clipped by the whole model's norm
+    for name in COMPOSED:
+        for r in ranks:
+            _close(r[2][name], reference)
 
     held = [r[0][1] for r in ranks]
     experts = {n for n in full if ".experts.w" in n}
