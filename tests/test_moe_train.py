@@ -219,7 +219,6 @@ def test_expert_parallel_groups_are_blocks_of_the_dp_groups():
 @pytest.mark.parametrize("world_size,overrides,message", [
     (2, ["parallel.ep=3"], "parallel.ep=3 must divide the data-parallel size 2"),
     (4, ["parallel.ep=4", "model.moe_experts=6"], "parallel.ep=4 must divide model.moe_experts=6"),
-    (2, ["parallel.ep=2", "parallel.sharding=zero1"], "parallel.ep=2 with parallel.sharding=zero1: ZeRO-1 broadcasts"),
     (4, ["parallel.ep=4", "parallel.dp=1", "parallel.cp=2", "parallel.pp=2", "parallel.n_microbatches=2"],
      "parallel.ep=4 must divide the data x context-parallel size dp * cp = 1 * 2 = 2"),
 ])

@@ -23,9 +23,10 @@ from .user_model import user_target
 
 
 def _check_expert_parallel(cfg, dp: int) -> None:
-    """``parallel.ep > 1``: the reference GPT's MoE layers, experts divisible by ep, DDP or FSDP2 (not ZeRO-1), plain
-    or FSDP2 pipeline stages, with or without cp (ep cut from each stage's dp x cp ranks; MoE with tp:
-    ``check_parallel``; ep dividing dp x cp is checked with the grid, ``ParallelState.sizes_from_config``). Checkpoints store the whole expert bank
+    """``parallel.ep > 1``: the reference GPT's MoE layers, experts divisible by ep, DDP, ZeRO-1 (the slices' state
+    sharded over the ranks holding the same experts: ``primitives.zero1``) or FSDP2, plain or FSDP2 pipeline stages,
+    with or without cp (ep cut from each stage's dp x cp ranks; MoE with tp: ``check_parallel``; ep dividing dp x cp
+    is checked with the grid, ``ParallelState.sizes_from_config``). Checkpoints store the whole expert bank
     (``primitives.checkpoint_experts``, FSDP2-sharded slices included) and load at any layout."""
     p = cfg.parallel
     ep = positive_int("parallel.ep", p.ep)
@@ -37,10 +38,6 @@ def _check_expert_parallel(cfg, dp: int) -> None:
                          "or parallel.ep=1")
     if experts % ep:
         raise ValueError(f"parallel.ep={ep} must divide model.moe_experts={experts}")
-    sharding, _ = check_options(p.sharding, p.mixed_precision, p.cpu_offload)
-    if sharding == "zero1":
-        raise ValueError(f"parallel.ep={ep} with parallel.sharding=zero1: ZeRO-1 broadcasts each updated parameter "
-                         "from one rank, but expert slices differ per rank; use no_shard, shard_grad_op or full")
 
 
 def check_parallel(cfg, world_size: int, n_layer: int) -> None:

@@ -179,8 +179,7 @@ def estimate(shape: Shape, hw: Hardware, layout: Layout, global_batch_tokens: in
 
 def train_support(L: Layout, experts: int = 0) -> str | None:
     """Why ``curry_train train`` refuses this layout today (the same rules as ``config.validate``), or None."""
-    rules = [(experts > 0 and L.tp > 1, "MoE with tp (tp shards dense MLPs)"),
-             (L.ep > 1 and L.sharding == "zero1", "ep with ZeRO-1 (expert slices differ per rank)")]
+    rules = [(experts > 0 and L.tp > 1, "MoE with tp (tp shards dense MLPs)")]
     return next((why for bad, why in rules if bad), None)
 
 

@@ -13,9 +13,10 @@ of a tp group read the same rows (batches are split by ``dp_rank``) and losses a
 enters the backward through its output (``primitives.moe.attach_aux_losses``, Megatron's ``MoEAuxLossAutoScaler``):
 a pipeline micro-batch is one forward, weighted ``1 / (K * n_microbatches)``, so pp equals one process with
 ``gradient_accumulation_steps = K * n_microbatches`` (x dp); the logged loss is the token loss, as without pp.
-With ``parallel.ep > 1`` (model=moe; DDP, FSDP2, plain or FSDP2 pipeline stages) each MoE layer keeps this rank's
-slice of its experts (``parallelize.ExpertParallel``: left out of DDP and of the stages' dp average, its grads
-reduced over the ranks holding the same experts; under pp the ep ranks are cut from each stage's dp ranks).
+With ``parallel.ep > 1`` (model=moe; DDP, ZeRO-1, FSDP2, plain or FSDP2 pipeline stages) each MoE layer keeps this
+rank's slice of its experts (``parallelize.ExpertParallel``: left out of DDP and of the stages' dp average, its grads
+reduced over the ranks holding the same experts; under pp the ep ranks are cut from each stage's dp ranks); ZeRO-1
+shards the slices' optimizer state over those ranks (``primitives.zero1``).
 With ``train.spike.enabled`` a sustained loss spike (``primitives.loss_spike``) rolls the run back to the last good
 checkpoint and skips the spiking steps' data (``loop.SpikeRollback``).
 Ctrl-C, SIGTERM and a full disk stop the run in one line each (``stopping``); rank 0 owns ``checkpoint.dir`` from
@@ -40,6 +41,13 @@ from .primitives.moe import attach_aux_losses
 from .run_logging import TensorBoardLog, with_tensorboard
 from .stages import StageModules, split_model
 from .user_model import build_loss, build_model, model_name, n_params
+
+
+def _expert_zero1(expert_parallel, ps) -> dict:
+    """``shard_optimizer``'s expert arguments: under ZeRO-1 with ep the bank slices (this rank's, after
+    ``keep_only``) get their own optimizer, its state sharded over the ranks holding the same experts."""
+    return {} if expert_parallel is None else {"expert_params": expert_parallel.params,
+                                               "expert_group": ps.expert_dp_group}
 
 
 def train(cfg) -> list[dict]:
@@ -112,13 +120,15 @@ def _train(cfg, world_size, ckpt, fault_step, corrupt_steps, signal_at, sigterm,
         model = StageModules(schedule.modules.values())  # the full model's parameter names, for checkpoints
         optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2))
         if normalize_sharding(cfg.parallel.sharding) == "zero1":  # plain stages, grads averaged by the loop
-            optimizer = DistributedOptimizer(model, None, "zero1", dp_group).shard_optimizer(optimizer)
+            optimizer = DistributedOptimizer(model, None, "zero1", dp_group).shard_optimizer(
+                optimizer, **_expert_zero1(expert_parallel, ps))
     else:
         # tp > 1 / cp > 1: every rank of a tp or cp group reads the same rows (the batch is split by dp_rank only)
         model, dist_opt = parallelize(model, cfg, dp_group=dp_group, tp_mesh=ps.tp_mesh, fsdp_mesh=ps.fsdp_mesh,
                                       cp_group=ps.cp_group, expert_parallel=expert_parallel,
                                       expert_fsdp_mesh=ps.expert_fsdp_mesh)
-        optimizer = dist_opt.shard_optimizer(build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2)))
+        optimizer = dist_opt.shard_optimizer(build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2)),
+                                             **_expert_zero1(expert_parallel, ps))
     scheduler = build_scheduler(optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
     watchdog = LossSpikeWatchdog.from_config(t.spike) if t.spike.enabled else None  # needs ckpt (config.validate)
     spike = SpikeRollback(watchdog, ckpt, model, optimizer, scheduler, t.spike.max_rollbacks,

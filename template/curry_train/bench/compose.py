@@ -26,6 +26,7 @@ import statistics
 import torch
 
 from ..distributed import launch
+from ..primitives.zero1 import state_bytes
 
 BASE = ["model.n_layer=4", "model.n_embd=32", "model.n_head=4", "train.seq_len=32", "train.batch_size=8",
         "train.warmup_steps=1", "train.progress=false", "train.log_every=0", "data.max_bytes=50000",
@@ -72,9 +73,7 @@ def bytes_held(model, optimizer) -> dict:
         return sum(t.numel() * t.element_size() for t in local)
 
     params = list(model.parameters())
-    inner = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer keeps this rank's state in .optim
-    state = [v for st in inner.state.values() for v in st.values() if torch.is_tensor(v)]
-    return {"params": nbytes(params), "grads": nbytes(p.grad for p in params), "optimizer_state": nbytes(state)}
+    return {"params": nbytes(params), "grads": nbytes(p.grad for p in params), "optimizer_state": state_bytes(optimizer)}
 
 
 def run_layouts(rank, world_size, runs: dict, base=BASE) -> dict:

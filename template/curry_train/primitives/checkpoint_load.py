@@ -18,9 +18,10 @@ from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_st
 from .checkpoint_experts import as_local
 from .checkpoint_files import INTEGRITY, quiet_dcp, set_rng_state
 from .checkpoint_state import (
-    STATE_DICT_OPTIONS, CheckpointMismatchError, _zero1_inner, check_compatible, training_state,
+    STATE_DICT_OPTIONS, CheckpointMismatchError, check_compatible, training_state,
 )
 from .checkpoint_trust import SafeReader, load_tensors
+from .zero1 import local_optimizers, zero1_wrappers
 
 
 class CheckpointDamagedError(ValueError):
@@ -84,11 +85,10 @@ def load_one(path: Path, model, optimizer, scheduler, restore_rng: bool, group, 
     if optimizer is None:
         set_model_state_dict(model, state["model"], options=STATE_DICT_OPTIONS)
     else:
-        inner = _zero1_inner(optimizer)
-        set_state_dict(model, inner or optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=STATE_DICT_OPTIONS)
-        if inner is not None:
-            type(optimizer)._sync_param_groups(inner.param_groups, optimizer.param_groups)
+        set_state_dict(model, local_optimizers(optimizer), model_state_dict=state["model"],
+                       optim_state_dict=state["optim"], options=STATE_DICT_OPTIONS)
+        for zero in zero1_wrappers(optimizer):  # ZeRO-1: the loaded lr etc. back into the wrapper's param groups
+            type(zero)._sync_param_groups(zero.optim.param_groups, zero.param_groups)
     if scheduler_state is not None:
         scheduler.load_state_dict(scheduler_state)
     meta["path"] = str(path)

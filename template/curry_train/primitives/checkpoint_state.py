@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
 from .checkpoint_experts import as_global
+from .zero1 import local_optimizers, zero1_wrappers
 
 
 class CheckpointMismatchError(ValueError):
@@ -31,25 +32,21 @@ def _distributed() -> bool:
 STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
-def _zero1_inner(optimizer):
-    """``ZeroRedundancyOptimizer`` (ZeRO-1) keeps each parameter's state on one rank, in a plain optimizer
-    (``.optim``) over that rank's parameters; ``get_state_dict`` cannot read the wrapper, but the inner one is
-    checkpointed like a pipeline stage: FQN keys, union over ranks, re-partitioned at any world size."""
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else None
-
-
 def training_state(model, optimizer=None) -> dict:
     """``{"model": ..., "optim": ...}`` from ``get_state_dict``: wrapper-free FQNs, DTensor shards for FSDP2, and
     expert-parallel bank slices (and their optimizer state) as ``Shard(0)`` DTensors of the whole bank
-    (``checkpoint_experts.as_global``; ``as_local`` turns them back into slices after a load)."""
+    (``checkpoint_experts.as_global``; ``as_local`` turns them back into slices after a load).
+
+    The optimizer state comes from the plain optimizers that hold this rank's part (``zero1.local_optimizers``):
+    ZeRO-1 (``ZeroRedundancyOptimizer``, which ``get_state_dict`` cannot read) keeps each parameter's state on one
+    rank, in a plain optimizer (``.optim``) over that rank's parameters, checkpointed like a pipeline stage's: FQN
+    keys, union over ranks, re-partitioned at any world size; under expert parallelism two of them
+    (``zero1.ShardedOptimizers``: dense and expert partitions), read as one list."""
     if optimizer is None:
         return as_global({"model": get_model_state_dict(model, options=STATE_DICT_OPTIONS)}, model)
-    inner = _zero1_inner(optimizer)
-    if inner is not None:  # the wrapper copies lr etc. to the inner optimizer only at step(): copy them now
-        type(optimizer)._sync_param_groups(optimizer.param_groups, inner.param_groups)
-    msd, osd = get_state_dict(model, inner or optimizer, options=STATE_DICT_OPTIONS)
+    for zero in zero1_wrappers(optimizer):  # it copies lr etc. to its inner optimizer only at step(): copy them now
+        type(zero)._sync_param_groups(zero.param_groups, zero.optim.param_groups)
+    msd, osd = get_state_dict(model, local_optimizers(optimizer), options=STATE_DICT_OPTIONS)
     return as_global({"model": msd, "optim": osd}, model)
 
 

@@ -36,8 +36,6 @@ gradient scaler). Step-time levers of the FSDP2 modes (``prefetch``, ``reshard_l
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -45,6 +43,7 @@ import torch.nn as nn
 from ._config import config_getter
 from .blocks import NoBlocksError, find_blocks, require_blocks
 from .fsdp_levers import FSDP_MODES, check_lever_limits, check_levers, fully_shard_blocks, resolve_levers
+from .zero1 import state_bytes, zero1_optimizer
 
 SHARDINGS = ("no_shard", "zero1", "shard_grad_op", "full")
 ALIASES = {"ddp": "no_shard", "zero1": "zero1", "zero2": "shard_grad_op", "zero3": "full", "fsdp": "full",
@@ -313,27 +312,21 @@ class DistributedOptimizer:
             raise ValueError(f"parallel.{'fsdp_' if msg.startswith(('prefetch=', 'blocks_per_unit=')) else ''}{msg}") \
                 from None
 
-    def shard_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    def shard_optimizer(self, optimizer: torch.optim.Optimizer, expert_params=(),
+                        expert_group=None) -> torch.optim.Optimizer:
         """An optimizer built on ``self.model`` made right for this sharding: for ``zero1`` the same class,
         param groups and settings inside ``ZeroRedundancyOptimizer`` (each rank keeps state for ~1/N of the
-        parameters); otherwise ``optimizer`` itself (FSDP2 params are already shards). Becomes ``self.optimizer``."""
+        parameters; ``primitives.zero1``); otherwise ``optimizer`` itself (FSDP2 params are already shards).
+        ``expert_params`` (expert parallelism: this rank's bank slices) are sharded over ``expert_group`` (the ranks
+        holding the same experts) by a second optimizer instead (``zero1.zero1_optimizer``). Becomes
+        ``self.optimizer``."""
         if self.sharding == "zero1" and dist.is_available() and dist.is_initialized():
-            from torch.distributed.optim import ZeroRedundancyOptimizer
-
-            cls = type(optimizer)
-            accepted = inspect.signature(cls.__init__).parameters  # AdamW.defaults holds keys AdamW() rejects
-            defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
-            groups = [{k: v for k, v in g.items() if k == "params" or k in accepted} for g in optimizer.param_groups]
-            optimizer = ZeroRedundancyOptimizer(groups, optimizer_class=cls, process_group=self.group, **defaults)
+            optimizer = zero1_optimizer(optimizer, self.group, expert_params, expert_group)
         self.optimizer = optimizer
         return optimizer
 
     def optimizer_state_bytes(self) -> int:
-        opt = self.optimizer
-        if opt is None:
-            return 0
-        state = opt.optim.state if hasattr(opt, "optim") else opt.state  # ZeRO keeps the local optimizer in .optim
-        return sum(_nbytes(v for v in s.values() if torch.is_tensor(v)) for s in state.values())
+        return 0 if self.optimizer is None else state_bytes(self.optimizer)
 
     def memory_report(self) -> dict:
         """This rank's bytes of parameters, gradients and optimizer state, as held now.
