@@ -277,20 +277,26 @@ def test_config_errors_are_printed_by_rank_0_only_and_check_validates_without_la
 
 def _probe_many(directory: str, run: str, times: int, start) -> None:
     from curry_train.primitives.checkpoint_layout import check_writable
+    from curry_train.primitives.checkpoint_trust import remove_stale_temporaries
 
     start.wait()
+    if run == "rank0":  # what rank 0's Checkpointer.acquire does while the others probe, over and over
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            remove_stale_temporaries(Path(directory), run)
     for _ in range(times):
         check_writable(Path(directory), "checkpoint.dir", run)
 
 
 def test_every_rank_probes_the_folder_at_once_without_tripping_over_another(tmp_path):
-    """All ranks of a run check ``checkpoint.dir`` before the process group exists, with the same run id: each
-    writes and removes its own probe (a shared name let one rank remove another's: 'No such file')."""
+    """All ranks of a run check ``checkpoint.dir`` before the process group exists, each under its own run id,
+    while rank 0's ``acquire`` removes other runs' marked temporaries: a probe removed under a rank is not an error
+    (it was 'No such file', seen in CI), and no probe is left behind."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     start = ctx.Event()
-    procs = [ctx.Process(target=_probe_many, args=(str(tmp_path), "samerun", 3000, start)) for _ in range(3)]
+    procs = [ctx.Process(target=_probe_many, args=(str(tmp_path), run, 3000, start)) for run in ("rank0", "r1", "r2")]
     for p in procs:
         p.start()
     time.sleep(1.0)  # every process imported and waiting

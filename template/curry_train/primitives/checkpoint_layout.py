@@ -39,13 +39,15 @@ def complete_steps(directory: Path) -> list[int]:
 
 
 def check_writable(directory: Path, name: str, run: str) -> None:
-    """Create ``directory`` and write/remove a probe file, one per process (every rank of a run probes the same
-    folder at once); ``ValueError`` naming ``name`` if that fails."""
+    """Create ``directory`` and write/remove a probe file, one per process; ``ValueError`` naming ``name`` if that
+    fails. Every rank probes at once, before the process group, each under its own run id, while rank 0's
+    ``Checkpointer.acquire`` removes other runs' marked temporaries: a probe already removed is fine (it was
+    written)."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe = directory / temp_name(run, f"write-test-{os.getpid()}")
         probe.write_bytes(b"ok")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as e:
         raise ValueError(f"{name}={str(directory)!r} is not writable: {e}") from None
 
