@@ -225,7 +225,8 @@ def test_the_moe_balancing_loss_in_pipeline_stages_equals_one_process():
 
 
 @pytest.mark.parametrize("overrides,world_size,message", [
-    (["model=moe", "parallel.tp=2"], 2, "model.moe_experts=8 with parallel.tp=2: tensor parallelism shards dense MLPs"),
+    (["model=moe", "parallel.tp=2", "parallel.ep=2", "parallel.sharding=full"], 4,
+     "parallel.ep=2 with parallel.tp=2: expert parallelism is not combined with tensor parallelism"),
     (["parallel.pp=2", "parallel.sharding=full", "parallel.fsdp_reshard_last=true"], 4,
      "parallel.fsdp_reshard_last=true with parallel.pp=2"),
 ])

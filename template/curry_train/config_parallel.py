@@ -25,7 +25,7 @@ from .user_model import user_target
 def _check_expert_parallel(cfg, dp: int) -> None:
     """``parallel.ep > 1``: the reference GPT's MoE layers, experts divisible by ep, DDP, ZeRO-1 (the slices' state
     sharded over the ranks holding the same experts: ``primitives.zero1``) or FSDP2, plain or FSDP2 pipeline stages,
-    with or without cp (ep cut from each stage's dp x cp ranks; MoE with tp: ``check_parallel``; ep dividing dp x cp
+    with or without cp (ep cut from each stage's dp x cp ranks; not with tp: ``check_parallel``; ep dividing dp x cp
     is checked with the grid, ``ParallelState.sizes_from_config``). Checkpoints store the whole expert bank
     (``primitives.checkpoint_experts``, FSDP2-sharded slices included) and load at any layout."""
     p = cfg.parallel
@@ -46,11 +46,10 @@ def check_parallel(cfg, world_size: int, n_layer: int) -> None:
     dp = data_parallel_size(cfg, world_size)
     check_context_parallel_config(cfg)
     _check_expert_parallel(cfg, dp)
-    if user_target(cfg.model) is None and cfg.model.moe_experts:
-        if p.tp > 1:
-            raise ValueError(f"model.moe_experts={cfg.model.moe_experts} with parallel.tp={p.tp}: tensor parallelism "
-                             "shards dense MLPs (fc, proj), not expert banks; shard the experts with parallel.ep, or "
-                             "use parallel.tp=1")
+    if p.ep > 1 and p.tp > 1:
+        raise ValueError(f"parallel.ep={p.ep} with parallel.tp={p.tp}: expert parallelism is not combined with tensor "
+                         "parallelism (ep groups are cut from the dp x cp ranks of one tp rank, untested with tp > 1); "
+                         "use parallel.ep=1 (the experts then stay whole on every tp rank) or parallel.tp=1")
     check_batch_split(cfg.train.batch_size, dp, cfg.train.gradient_accumulation_steps)
     check_parallelize_config(cfg, world_size)
     if n_layer and normalize_sharding(p.sharding) in FSDP_MODES:  # the FSDP2 levers against the block count

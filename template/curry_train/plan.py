@@ -7,9 +7,9 @@ experts), pipeline schedule, sharding mode, recompute mode and micro-batch size,
   Rajbhandari et al. 2019) on the dense parameters the fullest rank holds over its ``dp`` ranks (``Psi_d / (tp
   pp)``; for the reference GPT's exact sizes ``Shape.rank_params``: replicated norms and row biases, embeddings on
   the first stage, the head on the last; within 1% of a dp2 x pp2 x tp2 run, tests/test_compose.py) over its ``dp x
-  cp`` ranks (ZeRO-1 and FSDP2 shard over the cp ranks too, which hold the same weights), plus the
-  expert ``Psi_e / (tp pp ep)`` over the ``dp / ep`` ranks holding the same experts (mixed precision: 2 + 2 + 12
-  bytes per parameter; ``--precision fp32``: 4 + 4 + 8, which is also what curry_train's bf16 keeps: fp32 shards).
+  cp`` ranks (ZeRO-1 and FSDP2 shard over the cp ranks too, which hold the same weights), plus the expert ``Psi_e /
+  (pp ep)`` (whole on every tp rank) over the ``dp / ep`` ranks holding the same experts (mixed precision: 2 + 2 +
+  12 bytes per parameter; ``--precision fp32``: 4 + 4 + 8, which is also what curry_train's bf16 keeps: fp32 shards).
   FSDP2's ``shard_grad_op`` shards the parameters at rest as well and holds them whole from forward to backward:
   ``16 Psi / N`` at rest + ``Psi`` parameter bytes at its peak; so does any FSDP2 pipeline stage; ``full`` with
   its default levers holds its last unit (2 of the layers). Checked against ``memory_report()`` on gloo ranks,
@@ -20,7 +20,8 @@ experts), pipeline schedule, sharding mode, recompute mode and micro-batch size,
   selective recompute (``primitives.recompute``'s policy keeps q, k, v, attention, out-proj, 4h up, down and the
   layer input = 11 values), ``2 s b h / t`` with full recompute (the layer input only); ``s = seq / cp``. In an MoE
   layer the MLP's share (19 of 34, 10 of 22) is scaled by ``top_k F / (4 h)`` (a token's values in ``top_k``
-  experts of width ``F`` against the dense ``4h``; not measured). Times the layers of a pipeline stage and the
+  experts of width ``F`` against the dense ``4h``; not measured) and not divided by ``t`` (the experts run whole
+  on every tp rank). Times the layers of a pipeline stage and the
   stages a rank holds in flight (``in_flight_stages``: the peak over the schedule's own action lists of forwards
   done minus backwards done, ``B`` or ``W`` freeing a stage: GPipe ``m``, 1F1B ``min(p, m)``, interleaved 1F1B
   ``(v-1) p + 2 (p-1) + 1`` stages of ``L / (p v)`` layers, ...), plus the final norm (``4 s b h``) and the fp32
@@ -31,8 +32,9 @@ experts), pipeline schedule, sharding mode, recompute mode and micro-batch size,
   ``bubble(m) = idle / (idle + 3 m)``;
 * **communication per step**, bytes one GPU sends (``DP_VOLUME``): DP ``k (d-1)/d`` times the rank's 2-byte gradients
   with ``k = 2`` for DDP's all-reduce, ZeRO-1's reduce-scatter + all-gather and FSDP ``shard_grad_op``, ``k = 3`` for
-  FSDP ``full``; TP four all-reduces of ``b s h`` per layer and micro-batch (+ two with full recompute); PP one
-  activation and one gradient of ``b s h`` per micro-batch; CP ``cp - 1`` K/V blocks forward, twice that backward;
+  FSDP ``full``; TP four all-reduces of ``b s h`` per layer and micro-batch (+ two with full recompute; half of it
+  in an MoE layer, whose MLP tp leaves whole); PP one activation and one gradient of ``b s h`` per micro-batch; CP
+  ``cp - 1`` K/V blocks forward, twice that backward;
   EP ``2 T top_k h`` values per MoE layer forward (dispatch + combine, the formula ``bench moe`` checks; ``T`` the
   rank's tokens), the same again backward, ``(ep-1)/ep`` of it leaving the rank;
 * **step time**: ``6 Psi_active tokens`` FLOPs (x 4/3 with full recompute) over ``gpus x peak x MFU``, stretched by
@@ -134,7 +136,7 @@ def estimate(shape: Shape, hw: Hardware, layout: Layout, global_batch_tokens: in
     est.excluded = next((why for bad, why in reasons if bad), None)
     if est.excluded:
         return est
-    est.unsupported = train_support(L, shape.experts)
+    est.unsupported = train_support(L)
     m = int(rows // (L.dp * L.micro_batch))
     est.microbatches = m
     if L.pp > 1:
@@ -159,12 +161,13 @@ def estimate(shape: Shape, hw: Hardware, layout: Layout, global_batch_tokens: in
     bsh = L.micro_batch * (shape.seq / L.cp) * shape.d_model * 2
     rank_layers = shape.n_layer // L.pp
     grad_bytes = 2 * (shape.params - shape.expert_params) / (L.tp * L.pp)
-    expert_grad_bytes = 2 * shape.expert_params / (L.tp * L.pp * L.ep)
+    expert_grad_bytes = 2 * shape.expert_params / (L.pp * L.ep)
     dp_experts = L.dp // L.ep
+    tp_layers = rank_layers - shape.moe_layers / L.pp / 2  # an MoE layer: the attention's all-reduces only
     est.comm_bytes = {
         "dp": DP_VOLUME[L.sharding] * ((L.dp - 1) / L.dp * grad_bytes
                                        + (dp_experts - 1) / dp_experts * expert_grad_bytes),
-        "tp": (6 if L.recompute == "full" else 4) * 2 * (L.tp - 1) / L.tp * bsh * rank_layers * m if L.tp > 1 else 0.0,
+        "tp": (6 if L.recompute == "full" else 4) * 2 * (L.tp - 1) / L.tp * bsh * tp_layers * m if L.tp > 1 else 0.0,
         "pp": 2 * bsh * m if L.pp > 1 else 0.0,
         "cp": 3 * (L.cp - 1) * 2 * bsh * rank_layers * m if L.cp > 1 else 0.0,
         "ep": 2 * 2 * bsh * shape.top_k * m * (L.ep - 1) / L.ep * shape.moe_layers / L.pp if L.ep > 1 else 0.0,
@@ -177,9 +180,9 @@ def estimate(shape: Shape, hw: Hardware, layout: Layout, global_batch_tokens: in
     return est
 
 
-def train_support(L: Layout, experts: int = 0) -> str | None:
+def train_support(L: Layout) -> str | None:
     """Why ``curry_train train`` refuses this layout today (the same rules as ``config.validate``), or None."""
-    rules = [(experts > 0 and L.tp > 1, "MoE with tp (tp shards dense MLPs)")]
+    rules = [(L.ep > 1 and L.tp > 1, "ep with tp (the experts stay whole on every tp rank; use ep=1)")]
     return next((why for bad, why in rules if bad), None)
 
 

@@ -41,10 +41,11 @@ class Shape:
         """Dense parameters (all but the expert banks, which split over ep) the fullest rank holds at tp x pp, for
         the exact sizes of ``from_model_config`` (``positions`` > 0; else ``(params - expert_params) / (tp pp)``), as
         ``parallelize`` lays them out: per block the linears' weights and the column biases split over tp, the two
-        LayerNorms (``4d``) and the row biases (``2d``) replicated (an MoE block's router unsplit: tp does not take
-        MoE); the token and position embeddings (``V d + positions d``) on the first stage, the final LayerNorm
-        (``2d``) and the head (``V d``: the tied weight's own copy when the stages differ) on the last, replicated
-        over tp when tied, split by vocabulary when untied. ``v_style``: the first and last stages share a rank."""
+        LayerNorms (``4d``) and the row biases (``2d``) replicated (an MoE block: its two LayerNorms, the attention's
+        row bias and its router, replicated: tp leaves the MoE whole); the token and position embeddings (``V d +
+        positions d``) on the first stage, the final LayerNorm (``2d``) and the head (``V d``: the tied weight's own
+        copy when the stages differ) on the last, replicated over tp when tied, split by vocabulary when untied.
+        ``v_style``: the first and last stages share a rank."""
         dense = self.params - self.expert_params
         if not self.positions:
             return dense / (tp * pp)
@@ -54,7 +55,7 @@ class Shape:
         blocks = dense - (V * d + self.positions * d + 2 * d + (0 if self.tied else V * d))
         routers = self.moe_layers * self.experts * d
         dense_layers = self.n_layer - self.moe_layers
-        replicated = 6 * d * dense_layers + routers
+        replicated = 6 * d * dense_layers + 5 * d * self.moe_layers + routers
         per_rank_blocks = ((blocks - replicated) / tp + replicated) / pp
         if pp == 1:
             return per_rank_blocks + embed + head - (V * d if self.tied else 0)  # one tied weight

@@ -18,9 +18,10 @@ def model_state_bytes(params: float, dp: int, sharding: str, precision: str = "m
     DeepSpeed's ZeRO-2) and under any FSDP2 mode with pp > 1 (stages keep their blocks gathered); under ``full``
     with the default levers, the last unit (2 of ``n_layer`` blocks from 4 blocks up, else 1; 0 when ``n_layer``
     is None). ``rank_params``: the dense parameters the fullest rank holds (``Shape.rank_params``: replicated norms
-    and embeddings, the ends of the pipeline) instead of ``(params - expert_params) / (tp pp)``."""
+    and embeddings, the ends of the pipeline) instead of ``(params - expert_params) / (tp pp)``. The experts,
+    ``expert_params / (pp ep)``, are whole on every tp rank (tensor parallelism leaves an MoE MLP whole)."""
     at_rest = "full" if sharding == "shard_grad_op" else sharding
-    dense_rank, expert_rank = (params - expert_params) / (tp * pp), expert_params / (tp * pp * ep)
+    dense_rank, expert_rank = (params - expert_params) / (tp * pp), expert_params / (pp * ep)
     if rank_params is not None:
         dense_rank = rank_params
     parts = zero_bytes_per_rank(dense_rank, dp, at_rest, precision)
@@ -39,7 +40,8 @@ def model_state_bytes(params: float, dp: int, sharding: str, precision: str = "m
 
 def activation_bytes_per_layer(shape: Shape, micro_batch: int, tp: int = 1, cp: int = 1, recompute: str = "none",
                                bytes_per_value: int = 2, attention: str = "sdpa", moe: bool = False) -> float:
-    """Bytes one layer keeps for backward per micro-batch (``plan``'s module docstring gives the terms)."""
+    """Bytes one layer keeps for backward per micro-batch (``plan``'s module docstring gives the terms; an MoE
+    layer's MLP share is not divided by ``tp``: the experts run whole on every tp rank)."""
     s, b, h, a = shape.seq / cp, micro_batch, shape.d_model, shape.n_head
     per_value = bytes_per_value / 2  # the coefficients count 2-byte activations
     mlp = {"full": 0, "selective": 10, "none": 19}[recompute]
@@ -47,7 +49,7 @@ def activation_bytes_per_layer(shape: Shape, micro_batch: int, tp: int = 1, cp: 
     if moe:
         mlp *= shape.top_k * shape.expert_hidden / (4 * h)
     scores = 5 * a * s * s * b if attention == "eager" and recompute == "none" else 0
-    return ((rest + mlp) * s * b * h + scores) / tp * per_value
+    return ((rest + (mlp if not moe else mlp * tp)) * s * b * h + scores) / tp * per_value
 
 
 def activation_bytes(shape: Shape, micro_batch: int, layers: int, in_flight: int = 1, tp: int = 1, cp: int = 1,

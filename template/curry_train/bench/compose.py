@@ -136,8 +136,8 @@ def predicted_bytes(overrides, world_size: int, base=BASE) -> dict:
     sharding = normalize_sharding(p.sharding)
     over = shard * sizes["cp"] if sharding != "no_shard" else sizes["dp"]
     shape = Shape.from_model_config(cfg.model, seq=cfg.train.seq_len)
-    return model_state_bytes(shape.params, over, sharding, "fp32", sizes["tp"], sizes["pp"],
-                             rank_params=shape.rank_params(sizes["tp"], sizes["pp"]))
+    return model_state_bytes(shape.params, over, sharding, "fp32", sizes["tp"], sizes["pp"], shape.expert_params,
+                             p.ep, rank_params=shape.rank_params(sizes["tp"], sizes["pp"]))
 
 
 def _step_seconds(history) -> float:

@@ -37,6 +37,8 @@ attention output              ``RowParallelLinear``     ``RowParallelLinear``, o
                               (all-reduce)              (reduce-scatter)
 MLP up, gate                  ``ColumnParallelLinear``  same
 MLP down                      ``RowParallelLinear``     ``RowParallelLinear``, output ``Shard(1)``
+MoE MLP (``MoEMLP``) and its  whole on every rank,      norm ``SequenceParallel``; the MoE all-gathers its
+norm                          plain tensors             input, hands back this rank's tokens (a slice)
 untied embedding              ``RowwiseParallel`` by    same, output ``Shard(1)`` where the model's forward
                               vocabulary, all-reduce    allows it (torchtitan), else split at the first block
 untied head                   ``ColumnParallelLinear``  input ``Shard(1)`` (all-gather); ``loss_parallel``:
@@ -44,6 +46,14 @@ untied head                   ``ColumnParallelLinear``  input ``Shard(1)`` (all-
 final norm                    replicated                ``SequenceParallel``
 tied embedding + head         replicated                replicated; the head's input all-gathered
 ============================  ========================  =================================================
+
+A mixture of experts (``primitives.moe.MoEMLP``, ``tp_layouts.replicated_mlp``) is not split: its input, after the
+attention's all-reduce (under SP: all-gathered), is the same on every rank, so every rank routes alike and computes
+the same expert outputs; backward, the gradient reaching its output is the whole one (the next column input
+all-reduces it; under SP the output slice all-gathers it), so its parameters' gradients are equal on every rank
+(plain tensors: FSDP2 shards them over dp like the norms). Capacity and the balancing loss see the same tokens as
+one process. Such a block makes one all-reduce per pass fewer (under SP one reduce-scatter; ``block_comm`` counts
+dense blocks).
 
 Each "output made a ``Replicate`` DTensor once" is ``PrepareModuleOutput`` on the norm: q, k and v (or gate and up)
 then share one DTensor input, so backward sums their partial input gradients and reduces once per sub-block
@@ -74,7 +84,8 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from .tp_layouts import HF_LLAMA_TYPES, TP_LAYOUTS, TPLayout, _blocks, _dropouts, _get, _tied, describe, tp_layout
+from .tp_layouts import (HF_LLAMA_TYPES, TP_LAYOUTS, TPLayout, _blocks, _dropouts, _get, _tied, describe,
+                         replicated_mlp, tp_layout)
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "apply_tensor_parallel", "check_tensor_parallel",
            "loss_parallel_context", "local_value", "block_comm", "norm_saved_bytes", "tp_layout", "describe",
@@ -168,15 +179,19 @@ def check_tensor_parallel(model: nn.Module, tp: int, sequence_parallel: bool = F
         if count % tp:
             raise ValueError(f"tp={tp} must divide the {what}: {type(model).__name__} has {count} ({source}); "
                              "each rank runs whole heads")
-    first = _blocks(model, layout.blocks)[0]
-    for path in (*layout.qkv, *layout.mlp_in, layout.attn_out, layout.mlp_out):
-        linear = _get(first[1], path)
+    blocks = _blocks(model, layout.blocks)
+    first = blocks[0]
+    dense = next((b for b in blocks if replicated_mlp(b[1], layout) is None), None)
+    checked = [(first, path) for path in (*layout.qkv, layout.attn_out)]
+    checked += [(dense, path) for path in (*layout.mlp_in, layout.mlp_out)] if dense else []
+    for (where, block), path in checked:
+        linear = _get(block, path)
         if not isinstance(linear, nn.Linear):
-            raise ValueError(f"tp={tp}: {first[0]}.{path} is a {type(linear).__name__}, not an nn.Linear: tensor "
+            raise ValueError(f"tp={tp}: {where}.{path} is a {type(linear).__name__}, not an nn.Linear: tensor "
                              "parallelism splits nn.Linear layers")
         features = linear.in_features if path in (layout.attn_out, layout.mlp_out) else linear.out_features
         if features % tp:
-            raise ValueError(f"tp={tp} must divide the width of {first[0]}.{path} ({features} features)")
+            raise ValueError(f"tp={tp} must divide the width of {where}.{path} ({features} features)")
     tied = _tied(model, layout)
     if not tied:
         vocab = _get(model, layout.embed).weight.shape[0]
@@ -237,11 +252,21 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = F
 
     out_layout = Shard(1) if sp else Replicate()
     for name, block in _blocks(model, layout.blocks):
+        moe = replicated_mlp(block, layout)
         norm_feeding_columns(_get(block, layout.attn_norm))
-        norm_feeding_columns(_get(block, layout.mlp_norm))
-        for path in (*layout.qkv, *layout.mlp_in):
+        if moe is None:
+            norm_feeding_columns(_get(block, layout.mlp_norm))
+        elif sp:  # the MoE takes the whole sequence (all-gather) and hands back this rank's tokens
+            parallelize_module(_get(block, layout.mlp_norm), tp_mesh, SequenceParallel(use_local_output=True))
+            parallelize_module(moe, tp_mesh, PrepareModuleInput(input_layouts=(Shard(1),),
+                                                                desired_input_layouts=(Replicate(),),
+                                                                use_local_output=True))
+            parallelize_module(moe, tp_mesh, PrepareModuleOutput(output_layouts=Replicate(),
+                                                                 desired_output_layouts=Shard(1),
+                                                                 use_local_output=True))
+        for path in (*layout.qkv, *(() if moe is not None else layout.mlp_in)):
             ColumnParallelLinear.from_linear(_get(block, path), tp_mesh, name=f"{name}.{path}")
-        for path in (layout.attn_out, layout.mlp_out):
+        for path in (layout.attn_out, *(() if moe is not None else (layout.mlp_out,))):
             RowParallelLinear.from_linear(_get(block, path), tp_mesh, output_layout=out_layout, name=f"{name}.{path}")
 
     embed, head = _get(model, layout.embed), _get(model, layout.head)

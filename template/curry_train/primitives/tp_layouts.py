@@ -42,6 +42,15 @@ class TPLayout:
     heads: tuple[tuple[int, str], tuple[int, str]]
 
 
+def replicated_mlp(block: nn.Module, layout: TPLayout):
+    """The block's MLP when it is a mixture of experts (``primitives.moe.MoEMLP``: router + expert bank), which
+    tensor parallelism leaves whole on every tp rank; None for a dense MLP (``mlp_in`` / ``mlp_out`` split)."""
+    from .moe import MoEMLP
+
+    mlp = _get(block, layout.mlp_out.rpartition(".")[0])
+    return mlp if isinstance(mlp, MoEMLP) else None
+
+
 def _get(module, path: str):
     for part in path.split("."):
         module = module._modules.get(part) if isinstance(module, nn.Module) else None
