@@ -15,6 +15,7 @@ from curry_train.distributed import launch
 from curry_train.model import GPT, GPTConfig
 from curry_train.primitives.moe import MoEMLP
 from curry_train.train import train
+from tiny_runs import train_keeping_model
 
 RUN = ["model=moe", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.moe_experts=4", "train.seq_len=32",
        "train.batch_size=4", "train.progress=false", "train.log_every=0", "data.max_bytes=50000"]
@@ -81,26 +82,12 @@ def test_moe_under_ddp_matches_one_process():
 def _train_keeping_experts(overrides, moments=False):
     """The run's metrics and its expert banks after training (this rank's shard under parallel.ep > 1); with
     ``moments``, AdamW's ``exp_avg`` / ``exp_avg_sq`` of each bank too (keys ``<name>.exp_avg`` ...)."""
-    import curry_train.train as train_module
-
-    kept = {}
-    run = train_module.run_training_steps
-
-    def spy(model, optimizer, *args, **kwargs):
-        kept["model"], kept["optimizer"] = model, optimizer
-        return run(model, optimizer, *args, **kwargs)
-
-    train_module.run_training_steps = spy
-    try:
-        history = train(load_config(overrides))
-    finally:
-        train_module.run_training_steps = run
-    model = getattr(kept["model"], "module", kept["model"])
+    history, model, optimizer = train_keeping_model(overrides)
     banks = {k: v.detach().clone() for k, v in model.state_dict().items() if ".experts.w" in k}
     if moments:
         for name, p in model.named_parameters():
             if name in banks:
-                banks.update({f"{name}.{m}": kept["optimizer"].state[p][m].clone() for m in ("exp_avg", "exp_avg_sq")})
+                banks.update({f"{name}.{m}": optimizer.state[p][m].clone() for m in ("exp_avg", "exp_avg_sq")})
     return [(m["loss"], m["grad_norm"]) for m in history], banks
 
 

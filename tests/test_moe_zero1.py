@@ -11,6 +11,7 @@ import torch
 from curry_train.config import load_config
 from curry_train.distributed import launch
 from curry_train.train import train
+from tiny_runs import train_keeping_model
 
 # no capacity limit, no balancing loss: the MoE parity tests' setting; grad_clip=0.5 clips every step
 BASE = ["model=moe", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.moe_experts=4",
@@ -30,25 +31,13 @@ COMPOSED = {  # world size 4, each against the same one process
 def _train_keeping_state(overrides):
     """The run's (step, loss, grad norm) and, per parameter name, the bytes of the AdamW moments this rank holds
     (``exp_avg`` + ``exp_avg_sq``; the scalar ``step`` aside)."""
-    import curry_train.train as train_module
     from curry_train.primitives.zero1 import local_optimizers
 
-    kept = {}
-    run = train_module.run_training_steps
-
-    def spy(model, optimizer, *args, **kwargs):
-        kept["model"], kept["optimizer"] = model, optimizer
-        return run(model, optimizer, *args, **kwargs)
-
-    train_module.run_training_steps = spy
-    try:
-        history = train(load_config(overrides))
-    finally:
-        train_module.run_training_steps = run
-    names = {id(p): n for n, p in getattr(kept["model"], "module", kept["model"]).named_parameters()}
+    history, model, optimizer = train_keeping_model(overrides)
+    names = {id(p): n for n, p in model.named_parameters()}
     held = {names[id(p)]: sum(v.numel() * v.element_size() for v in s.values() if torch.is_tensor(v) and v.dim())
-            for local in local_optimizers(kept["optimizer"]) for p, s in local.state.items()}
-    return [(m["step"], m["loss"], m["grad_norm"]) for m in history], held, type(kept["optimizer"]).__name__
+            for local in local_optimizers(optimizer) for p, s in local.state.items()}
+    return [(m["step"], m["loss"], m["grad_norm"]) for m in history], held, type(optimizer).__name__
 
 
 def _ep_zero1(rank, ws, tmp):

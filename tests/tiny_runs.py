@@ -27,3 +27,25 @@ def train_tiny(tmp_path: Path, name: str, *overrides: str, steps: int, every: in
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     lines = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     return code, lines
+
+
+def train_keeping_model(overrides: list[str]):
+    """``train`` on ``overrides`` in this process (a launched rank); returns ``(history, model, optimizer)``: the
+    model and optimizer ``train`` built and stepped (DDP's ``.module`` unwrapped), caught on their way into
+    ``run_training_steps``."""
+    import curry_train.train as train_module
+    from curry_train.config import load_config
+
+    kept = {}
+    run = train_module.run_training_steps
+
+    def spy(model, optimizer, *args, **kwargs):
+        kept["model"], kept["optimizer"] = model, optimizer
+        return run(model, optimizer, *args, **kwargs)
+
+    train_module.run_training_steps = spy
+    try:
+        history = train_module.train(load_config(overrides))
+    finally:
+        train_module.run_training_steps = run
+    return history, getattr(kept["model"], "module", kept["model"]), kept["optimizer"]
